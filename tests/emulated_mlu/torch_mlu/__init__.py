@@ -1,0 +1,64 @@
+"""An emulated Cambricon MLU for tests on machines without one.
+
+Importing this package does what the real ``torch_mlu`` plugin does to a
+stock torch, with host memory standing in for device memory:
+
+* renames PyTorch's PrivateUse1 backend to ``mlu`` and loads a small C++
+  library (built once, then cached) with the allocator, device guard, core
+  kernels, autocast registrations and a CPU fallback for every other op;
+* registers ``torch.mlu`` (:mod:`torch_mlu.mlu`) as the device module and
+  generates ``Tensor.mlu()``, ``Tensor.is_mlu``, ``Module.mlu()``, ...;
+* registers the ``cncl`` collective backend for ``mlu`` devices.
+
+Put the directory holding this package on ``PYTHONPATH`` of the processes
+that should see MLUs; ``EMULATED_MLU_DEVICE_COUNT`` (default 2) sets how
+many. See ``tests/emulated_mlu/README.md``.
+"""
+
+from __future__ import annotations
+
+import atexit
+import time
+
+import torch
+import torch.distributed as dist
+
+from torch_mlu import _extension
+
+__version__ = "1.22.0+emulated"
+__all__ = ["mlu"]
+
+
+def _register() -> None:
+    from torch_mlu import _cncl
+    from torch_mlu import mlu as device_module
+
+    ops = _extension.load()
+    ops.set_device_count(device_module.visible_device_count())
+    torch.utils.rename_privateuse1_backend("mlu")
+    torch._register_device_module("mlu", device_module)
+    torch.utils.generate_methods_for_privateuse1_backend(
+        for_tensor=True, for_module=True, for_packed_sequence=True, for_storage=True
+    )
+    if dist.is_available():
+        dist.Backend.register_backend("cncl", _cncl.create_process_group, devices=["mlu"])
+
+
+def _let_autograd_threads_settle() -> None:
+    """Give autograd's device threads the GIL once before the interpreter exits.
+
+    A backward on a non-CPU device runs on a per-device autograd thread that
+    drops its last reference to the finished graph task, whose saved
+    thread-local state holds a Python object, just after waking the caller. If
+    the caller exits first, that thread takes the GIL during finalisation and
+    the process dies with "terminate called without an active exception"
+    (seen in about one run in fifteen when a script ends right after
+    ``backward()``). Sleeping releases the GIL so the thread can finish.
+    """
+    time.sleep(0.02)
+
+
+_register()
+atexit.register(_let_autograd_threads_settle)
+
+from torch_mlu import mlu  # noqa: E402  (torch.mlu, after registration)

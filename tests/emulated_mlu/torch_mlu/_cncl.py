@@ -1,0 +1,317 @@
+"""The ``cncl`` collective backend of the emulated MLU.
+
+CNCL is Cambricon's NCCL. Here it is a Python ``ProcessGroup`` that owns a
+gloo group built on the same store: every collective stages mlu tensors to
+host memory, runs the gloo collective synchronously and copies the results
+back. CPU tensors pass straight through, which object collectives
+(``broadcast_object_list``, ``all_gather_object``, ...) rely on, since they
+pick the CPU for a Python process group. Gloo has no AVG and a partial
+reduce-scatter, so both are built from SUM all-reduces.
+"""
+
+from __future__ import annotations
+
+import datetime
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch.distributed import ReduceOp
+
+__all__ = ["ProcessGroupCNCL", "create_process_group"]
+
+Work = torch._C._distributed_c10d.Work
+
+
+class _CompletedWork(Work):
+    """Handle of a collective that already finished when it was returned.
+
+    Args:
+        result: Tensors the collective wrote; they are the future's value,
+            which DDP's reducer reads back as the reduced bucket.
+    """
+
+    def __init__(self, result: list[torch.Tensor]) -> None:
+        super().__init__()
+        self._result = result
+        self._future: torch.futures.Future[list[torch.Tensor]] = torch.futures.Future()
+        self._future.set_result(result)
+
+    def wait(self, timeout: datetime.timedelta | None = None) -> bool:
+        """Return True at once: the work is done."""
+        return True
+
+    def is_completed(self) -> bool:
+        """Return True."""
+        return True
+
+    def is_success(self) -> bool:
+        """Return True."""
+        return True
+
+    def result(self) -> list[torch.Tensor]:
+        """Return the tensors the collective wrote."""
+        return self._result
+
+    def get_future(self) -> torch.futures.Future[list[torch.Tensor]]:
+        """Return a future already holding :meth:`result`."""
+        return self._future
+
+    def synchronize(self) -> None:
+        """Nothing to synchronise."""
+
+
+def _to_host(tensor: torch.Tensor) -> torch.Tensor:
+    """Return ``tensor`` itself if on the CPU, else a contiguous host copy."""
+    if tensor.device.type == "cpu":
+        return tensor
+    return tensor.detach().to("cpu").contiguous()
+
+
+def _write_back(dst: torch.Tensor, host: torch.Tensor) -> None:
+    if host is not dst:
+        with torch.no_grad():
+            dst.copy_(host)
+
+
+def _sum_options(timeout: datetime.timedelta) -> dist.AllreduceOptions:
+    options = dist.AllreduceOptions()
+    options.reduceOp = ReduceOp.SUM
+    options.timeout = timeout
+    return options
+
+
+class ProcessGroupCNCL(dist.ProcessGroup):
+    """Emulated CNCL process group: gloo underneath, mlu tensors on top.
+
+    Args:
+        store: Rendezvous store of the group (shared with the gloo group).
+        rank: This process's rank in the group.
+        size: Number of processes in the group.
+        timeout: Timeout of every collective.
+    """
+
+    def __init__(
+        self, store: dist.Store, rank: int, size: int, timeout: datetime.timedelta
+    ) -> None:
+        super().__init__(rank, size)
+        self._timeout = timeout
+        self._gloo = dist.ProcessGroupGloo(dist.PrefixStore("cncl-gloo/", store), rank, size, timeout)
+
+    def getBackendName(self) -> str:  # noqa: N802  (C++ virtual's name)
+        """Return ``"cncl"``."""
+        return "cncl"
+
+    # ------------------------------------------------------------- helpers
+
+    def _average(self, host: torch.Tensor) -> None:
+        if host.is_floating_point() or host.is_complex():
+            host.div_(self.size())
+        else:
+            host.div_(self.size(), rounding_mode="floor")
+
+    def _allreduce_host(self, host: torch.Tensor, op: Any) -> None:
+        """All-reduce one host tensor in place with any ReduceOp, AVG included."""
+        average = op == ReduceOp.AVG
+        options = _sum_options(self._timeout)
+        if not average:
+            options.reduceOp = op
+        self._gloo.allreduce([host], options).wait()
+        if average:
+            self._average(host)
+
+    # --------------------------------------------------------- collectives
+
+    def allreduce(self, tensors: list[torch.Tensor], opts: Any = None) -> Work:
+        """All-reduce each tensor in place (SUM/AVG/MIN/MAX/PRODUCT...)."""
+        op = opts.reduceOp if opts is not None else ReduceOp.SUM
+        for tensor in tensors:
+            host = _to_host(tensor)
+            self._allreduce_host(host, op)
+            _write_back(tensor, host)
+        return _CompletedWork(tensors)
+
+    def allreduce_coalesced(self, tensors: list[torch.Tensor], opts: Any = None) -> Work:
+        """All-reduce several tensors (one collective each)."""
+        return self.allreduce(tensors, opts)
+
+    def broadcast(self, tensors: list[torch.Tensor], opts: Any) -> Work:
+        """Broadcast ``tensors`` from ``opts.rootRank``."""
+        hosts = [_to_host(t) for t in tensors]
+        self._gloo.broadcast(hosts, opts).wait()
+        for tensor, host in zip(tensors, hosts):
+            _write_back(tensor, host)
+        return _CompletedWork(tensors)
+
+    def reduce(self, tensors: list[torch.Tensor], opts: Any) -> Work:
+        """Reduce into ``opts.rootRank``'s tensors; others stay unchanged."""
+        for tensor in tensors:
+            # Reducing via all-reduce keeps non-root buffers intact, which
+            # gloo's reduce does not promise.
+            host = tensor.detach().to("cpu", copy=True).contiguous()
+            self._allreduce_host(host, opts.reduceOp)
+            if self.rank() == opts.rootRank:
+                with torch.no_grad():
+                    tensor.copy_(host)
+        return _CompletedWork(tensors)
+
+    def allgather(
+        self,
+        output_lists: list[list[torch.Tensor]],
+        inputs: list[torch.Tensor],
+        opts: Any = None,
+    ) -> Work:
+        """Gather every rank's input into each output list."""
+        host_outputs = [[_to_host(t) for t in outputs] for outputs in output_lists]
+        host_inputs = [_to_host(t) for t in inputs]
+        self._gloo.allgather(host_outputs, host_inputs).wait()
+        for outputs, hosts in zip(output_lists, host_outputs):
+            for tensor, host in zip(outputs, hosts):
+                _write_back(tensor, host)
+        return _CompletedWork([t for outputs in output_lists for t in outputs])
+
+    def allgather_coalesced(
+        self,
+        output_lists: list[list[torch.Tensor]],
+        inputs: list[torch.Tensor],
+        opts: Any = None,
+    ) -> Work:
+        """All-gather several inputs (one collective each)."""
+        for outputs, tensor in zip(output_lists, inputs):
+            self.allgather([outputs], [tensor], opts)
+        return _CompletedWork([t for outputs in output_lists for t in outputs])
+
+    def all_gather_single(self, output: torch.Tensor, input: torch.Tensor, opts: Any = None) -> Work:
+        """Gather every rank's input into one tensor (``all_gather_into_tensor``)."""
+        chunks = list(output.chunk(self.size()))
+        self.allgather([chunks], [input], opts)
+        return _CompletedWork([output])
+
+    _allgather_base = all_gather_single
+
+    def all_gather_single_coalesced(
+        self, outputs: list[torch.Tensor], inputs: list[torch.Tensor], opts: Any = None
+    ) -> Work:
+        """``all_gather_single`` over pairs of outputs and inputs."""
+        for output, tensor in zip(outputs, inputs):
+            self.all_gather_single(output, tensor, opts)
+        return _CompletedWork(outputs)
+
+    allgather_into_tensor_coalesced = all_gather_single_coalesced
+
+    def reduce_scatter(
+        self,
+        outputs: list[torch.Tensor],
+        input_lists: list[list[torch.Tensor]],
+        opts: Any,
+    ) -> Work:
+        """Reduce the inputs across ranks; rank r keeps the r-th result."""
+        for output, inputs in zip(outputs, input_lists):
+            stacked = torch.stack([t.detach().to("cpu") for t in inputs])
+            self._allreduce_host(stacked, opts.reduceOp)
+            with torch.no_grad():
+                output.copy_(stacked[self.rank()])
+        return _CompletedWork(outputs)
+
+    def reduce_scatter_single(self, output: torch.Tensor, input: torch.Tensor, opts: Any) -> Work:
+        """Reduce one flat input; rank r keeps the r-th slice (``reduce_scatter_tensor``)."""
+        host = input.detach().to("cpu", copy=True).contiguous()
+        self._allreduce_host(host, opts.reduceOp)
+        with torch.no_grad():
+            output.copy_(host.reshape(self.size(), *output.shape)[self.rank()])
+        return _CompletedWork([output])
+
+    _reduce_scatter_base = reduce_scatter_single
+
+    def reduce_scatter_single_coalesced(
+        self, outputs: list[torch.Tensor], inputs: list[torch.Tensor], opts: Any
+    ) -> Work:
+        """``reduce_scatter_single`` over pairs of outputs and inputs."""
+        for output, tensor in zip(outputs, inputs):
+            self.reduce_scatter_single(output, tensor, opts)
+        return _CompletedWork(outputs)
+
+    reduce_scatter_tensor_coalesced = reduce_scatter_single_coalesced
+
+    def gather(
+        self,
+        output_lists: list[list[torch.Tensor]],
+        inputs: list[torch.Tensor],
+        opts: Any,
+    ) -> Work:
+        """Gather every rank's input on ``opts.rootRank``."""
+        host_outputs = [[_to_host(t) for t in outputs] for outputs in output_lists]
+        host_inputs = [_to_host(t) for t in inputs]
+        self._gloo.gather(host_outputs, host_inputs, opts).wait()
+        for outputs, hosts in zip(output_lists, host_outputs):
+            for tensor, host in zip(outputs, hosts):
+                _write_back(tensor, host)
+        return _CompletedWork([t for outputs in output_lists for t in outputs])
+
+    def scatter(
+        self,
+        outputs: list[torch.Tensor],
+        input_lists: list[list[torch.Tensor]],
+        opts: Any,
+    ) -> Work:
+        """Scatter ``opts.rootRank``'s inputs, one per rank."""
+        host_outputs = [_to_host(t) for t in outputs]
+        host_inputs = [[_to_host(t) for t in inputs] for inputs in input_lists]
+        self._gloo.scatter(host_outputs, host_inputs, opts).wait()
+        for tensor, host in zip(outputs, host_outputs):
+            _write_back(tensor, host)
+        return _CompletedWork(outputs)
+
+    def alltoall(self, outputs: list[torch.Tensor], inputs: list[torch.Tensor], opts: Any = None) -> Work:
+        """Send input i to rank i, receive output j from rank j."""
+        host_outputs = [_to_host(t) for t in outputs]
+        self._gloo.alltoall(host_outputs, [_to_host(t) for t in inputs]).wait()
+        for tensor, host in zip(outputs, host_outputs):
+            _write_back(tensor, host)
+        return _CompletedWork(outputs)
+
+    def all_to_all_single(
+        self,
+        output: torch.Tensor,
+        input: torch.Tensor,
+        output_split_sizes: Sequence[int],
+        input_split_sizes: Sequence[int],
+        opts: Any = None,
+    ) -> Work:
+        """All-to-all over slices of one tensor."""
+        host = _to_host(output)
+        self._gloo.alltoall_base(
+            host, _to_host(input), list(output_split_sizes), list(input_split_sizes)
+        ).wait()
+        _write_back(output, host)
+        return _CompletedWork([output])
+
+    alltoall_base = all_to_all_single
+
+    def send(self, tensors: list[torch.Tensor], dst: int, tag: int = 0) -> Work:
+        """Send ``tensors`` to rank ``dst`` (completes when delivered)."""
+        self._gloo.send([_to_host(t) for t in tensors], dst, tag).wait()
+        return _CompletedWork(tensors)
+
+    def recv(self, tensors: list[torch.Tensor], src: int, tag: int = 0) -> Work:
+        """Receive into ``tensors`` from rank ``src``."""
+        hosts = [_to_host(t) for t in tensors]
+        self._gloo.recv(hosts, src, tag).wait()
+        for tensor, host in zip(tensors, hosts):
+            _write_back(tensor, host)
+        return _CompletedWork(tensors)
+
+    def barrier(self, opts: Any = None) -> Work:
+        """Wait until every rank reaches the barrier."""
+        options = dist.BarrierOptions()
+        options.timeout = self._timeout
+        self._gloo.barrier(options).wait()
+        return _CompletedWork([])
+
+
+def create_process_group(
+    store: dist.Store, rank: int, size: int, timeout: datetime.timedelta
+) -> ProcessGroupCNCL:
+    """Creator function given to ``Backend.register_backend("cncl", ...)``."""
+    return ProcessGroupCNCL(store, rank, size, timeout)

@@ -1,0 +1,346 @@
+// Emulated Cambricon MLU for tests: PyTorch's PrivateUse1 backend (renamed to
+// "mlu" from Python) backed by host memory. Only storage, views, copies and
+// the device guard are native; every other op runs through a boxed CPU
+// fallback, so numerics are exactly those of the CPU kernels.
+
+#include <ATen/EmptyTensor.h>
+#include <ATen/autocast_mode.h>
+#include <ATen/detail/PrivateUse1HooksInterface.h>
+#include <ATen/native/CPUFallback.h>
+#include <ATen/native/Resize.h>
+#include <ATen/ops/_reshape_alias_native.h>
+#include <ATen/ops/as_strided_native.h>
+#include <ATen/ops/resize_native.h>
+#include <ATen/ops/set_native.h>
+#include <ATen/ops/view_native.h>
+#include <c10/core/CPUAllocator.h>
+#include <c10/core/impl/DeviceGuardImplInterface.h>
+#include <c10/core/impl/alloc_cpu.h>
+#include <torch/library.h>
+
+#include <atomic>
+#include <chrono>
+
+namespace {
+
+constexpr c10::DeviceType kMlu = c10::DeviceType::PrivateUse1;
+constexpr int kMaxDevices = 16;
+
+// Set from Python (EMULATED_MLU_DEVICE_COUNT / *_VISIBLE_DEVICES) at import.
+std::atomic<int> g_device_count{2};
+// Per thread, like CUDA: autograd's per-device worker threads set their own.
+thread_local c10::DeviceIndex t_current_device = 0;
+
+std::atomic<int64_t> g_allocated[kMaxDevices];
+std::atomic<int64_t> g_peak[kMaxDevices];
+
+// ---------------------------------------------------------------- allocator
+
+struct Block {
+  void* ptr;
+  size_t nbytes;
+  c10::DeviceIndex device;
+};
+
+void free_block(void* ctx) {
+  auto* block = static_cast<Block*>(ctx);
+  g_allocated[block->device] -= static_cast<int64_t>(block->nbytes);
+  c10::free_cpu(block->ptr);
+  delete block;
+}
+
+// Host memory stands in for device memory. The byte counts make
+// torch.mlu.memory_allocated() report real numbers for the emulated device.
+struct MluAllocator final : c10::Allocator {
+  c10::DataPtr allocate(size_t nbytes) override {
+    const c10::DeviceIndex device = t_current_device;
+    void* ptr = nbytes ? c10::alloc_cpu(nbytes) : nullptr;
+    if (ptr == nullptr) {
+      return {nullptr, nullptr, &c10::detail::deleteNothing, c10::Device(kMlu, device)};
+    }
+    const int64_t now = g_allocated[device] += static_cast<int64_t>(nbytes);
+    int64_t peak = g_peak[device].load();
+    while (now > peak && !g_peak[device].compare_exchange_weak(peak, now)) {
+    }
+    return {ptr, new Block{ptr, nbytes, device}, &free_block,
+            c10::Device(kMlu, device)};
+  }
+  c10::DeleterFnPtr raw_deleter() const override {
+    return nullptr;  // the context (Block) is not the data pointer
+  }
+  void copy_data(void* dst, const void* src, std::size_t n) const override {
+    default_copy_data(dst, src, n);
+  }
+};
+
+MluAllocator g_allocator;
+// Storage constructors (torch.UntypedStorage(n, device="mlu"), torch.load)
+// look the allocator up by device type instead of going through empty().
+REGISTER_ALLOCATOR(kMlu, &g_allocator);
+
+// ------------------------------------------------------------- device guard
+
+struct MluGuardImpl final : c10::impl::DeviceGuardImplInterface {
+  c10::DeviceType type() const override { return kMlu; }
+  c10::Device exchangeDevice(c10::Device d) const override {
+    const c10::Device old = getDevice();
+    setDevice(d);
+    return old;
+  }
+  c10::Device getDevice() const override {
+    return c10::Device(kMlu, t_current_device);
+  }
+  void setDevice(c10::Device d) const override {
+    TORCH_CHECK(d.type() == kMlu, "expected an mlu device, got ", d);
+    TORCH_CHECK(d.index() < g_device_count.load(), "mlu:", int(d.index()),
+                " is out of range (device_count=", g_device_count.load(), ")");
+    if (d.index() >= 0) t_current_device = d.index();
+  }
+  void uncheckedSetDevice(c10::Device d) const noexcept override {
+    if (d.index() >= 0) t_current_device = d.index();
+  }
+  // Everything is synchronous, so one default stream per device suffices.
+  c10::Stream getStream(c10::Device d) const override {
+    return c10::Stream(c10::Stream::DEFAULT, d);
+  }
+  c10::Stream getDefaultStream(c10::Device d) const override { return getStream(d); }
+  c10::Stream getStreamFromGlobalPool(c10::Device d, bool) const override {
+    return getStream(d);
+  }
+  c10::Stream getNewStream(c10::Device d, int) const override { return getStream(d); }
+  c10::Stream exchangeStream(c10::Stream s) const override { return s; }
+  c10::DeviceIndex deviceCount() const noexcept override {
+    return static_cast<c10::DeviceIndex>(g_device_count.load());
+  }
+  // Events hold the host time at which they were recorded: with synchronous
+  // kernels that is when the preceding work finished, so timings are real.
+  void record(void** event, const c10::Stream&, const c10::DeviceIndex,
+              const c10::EventFlag) const override {
+    if (*event == nullptr) *event = new std::chrono::steady_clock::time_point();
+    *static_cast<std::chrono::steady_clock::time_point*>(*event) =
+        std::chrono::steady_clock::now();
+  }
+  void destroyEvent(void* event, const c10::DeviceIndex) const noexcept override {
+    delete static_cast<std::chrono::steady_clock::time_point*>(event);
+  }
+  void block(void*, const c10::Stream&) const override {}
+  bool queryEvent(void*) const override { return true; }
+  void synchronizeEvent(void*) const override {}
+  bool queryStream(const c10::Stream&) const override { return true; }
+  void synchronizeStream(const c10::Stream&) const override {}
+  void synchronizeDevice(const c10::DeviceIndex) const override {}
+  double elapsedTime(void* start, void* end, const c10::DeviceIndex) const override {
+    TORCH_CHECK(start && end, "both events must be recorded before elapsed_time()");
+    using TP = std::chrono::steady_clock::time_point;
+    return std::chrono::duration<double, std::milli>(*static_cast<TP*>(end) -
+                                                     *static_cast<TP*>(start))
+        .count();
+  }
+};
+
+C10_REGISTER_GUARD_IMPL(PrivateUse1, MluGuardImpl);
+
+// ------------------------------------------------------------------- hooks
+
+struct MluHooks final : at::PrivateUse1HooksInterface {
+  bool isBuilt() const override { return true; }
+  bool isAvailable() const override { return g_device_count.load() > 0; }
+  bool hasPrimaryContext(c10::DeviceIndex) const override { return true; }
+  at::Device getDeviceFromPtr(void*) const override {
+    return c10::Device(kMlu, t_current_device);
+  }
+  // Pinning has no meaning for host memory; hand out ordinary CPU memory.
+  c10::Allocator* getPinnedMemoryAllocator() const override {
+    return c10::GetCPUAllocator();
+  }
+  // Reached by UntypedStorage.resize_(); the CPU routine reallocates through
+  // the storage's own allocator, which is ours.
+  void resizePrivateUse1Bytes(const c10::Storage& storage, size_t n) const override {
+    c10::DeviceGuard guard(storage.device());
+    at::native::resize_bytes_cpu(storage.unsafeGetStorageImpl(), n);
+  }
+};
+
+// ----------------------------------------------------------------- kernels
+
+// A CPU tensor viewing the same bytes: device memory *is* host memory here.
+at::Tensor host_alias(const at::Tensor& t) {
+  if (t.device().is_cpu()) return t;
+  return at::from_blob(
+      t.data_ptr(), t.sizes(), t.strides(), [keep = t](void*) {},
+      t.options().device(at::kCPU));
+}
+
+at::Tensor empty_memory_format(c10::IntArrayRef size,
+                               std::optional<at::ScalarType> dtype,
+                               std::optional<at::Layout>,
+                               std::optional<at::Device> device,
+                               std::optional<bool>,
+                               std::optional<at::MemoryFormat> memory_format) {
+  const c10::OptionalDeviceGuard guard(device);
+  return at::detail::empty_generic(size, &g_allocator,
+                                   c10::DispatchKeySet(c10::DispatchKey::PrivateUse1),
+                                   c10::dtype_or_default(dtype), memory_format);
+}
+
+at::Tensor empty_strided(c10::IntArrayRef size, c10::IntArrayRef stride,
+                         std::optional<at::ScalarType> dtype,
+                         std::optional<at::Layout>,
+                         std::optional<at::Device> device, std::optional<bool>) {
+  const c10::OptionalDeviceGuard guard(device);
+  return at::detail::empty_strided_generic(
+      size, stride, &g_allocator, c10::DispatchKeySet(c10::DispatchKey::PrivateUse1),
+      c10::dtype_or_default(dtype));
+}
+
+at::Tensor copy_from(const at::Tensor& self, const at::Tensor& dst, bool) {
+  host_alias(dst).copy_(host_alias(self));
+  return dst;
+}
+
+at::Tensor copy_from_and_resize(const at::Tensor& self, const at::Tensor& dst) {
+  // The fallback uses this to write CPU results into out= arguments.
+  if (dst.sizes() != self.sizes()) dst.resize_(self.sizes());
+  return copy_from(self, dst, false);
+}
+
+const at::Tensor& resize_(const at::Tensor& self, c10::IntArrayRef size,
+                          std::optional<at::MemoryFormat> memory_format) {
+  // The CPU resize reallocates via the storage's allocator (ours); the guard
+  // makes the new block land on the tensor's own device index.
+  const c10::DeviceGuard guard(self.device());
+  return at::native::resize_(self, size, memory_format);
+}
+
+at::Tensor& set_storage(at::Tensor& self, at::Storage source, int64_t offset,
+                        c10::IntArrayRef size, c10::IntArrayRef stride) {
+  const c10::DeviceGuard guard(self.device());
+  return at::native::set_storage_cpu_(self, std::move(source), offset, size, stride);
+}
+
+at::Scalar local_scalar_dense(const at::Tensor& self) {
+  return at::_local_scalar_dense(host_alias(self));
+}
+
+// module.to("mlu") assigns param.data = moved; without this PyTorch refuses
+// to shallow-copy across cpu<->mlu and swaps in new Parameter objects, which
+// strands optimizers built before the move on the old CPU tensors.
+bool has_compatible_shallow_copy_type(const at::Tensor& self, const at::Tensor& from) {
+  auto host_like = [](const at::Tensor& t) {
+    return t.layout() == at::kStrided && (t.is_cpu() || t.device().type() == kMlu);
+  };
+  return host_like(self) && host_like(from);
+}
+
+// native_batch_norm updates running_mean/var in place although its schema
+// does not mark them mutable, so the boxed fallback would update host copies
+// and drop the result. Running the CPU kernel on aliases of the device memory
+// updates the real buffers.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> native_batch_norm(
+    const at::Tensor& input, const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& running_mean,
+    const std::optional<at::Tensor>& running_var, bool training, double momentum,
+    double eps) {
+  auto alias = [](const std::optional<at::Tensor>& t) -> std::optional<at::Tensor> {
+    if (!t.has_value() || !t->defined()) return t;
+    return host_alias(*t);
+  };
+  auto [out, mean, invstd] =
+      at::native_batch_norm(host_alias(input), alias(weight), alias(bias),
+                            alias(running_mean), alias(running_var), training, momentum, eps);
+  return {out.to(input.device()), mean.to(input.device()), invstd.to(input.device())};
+}
+
+void mlu_cpu_fallback(const c10::OperatorHandle& op, torch::jit::Stack* stack) {
+  at::native::cpu_fallback(op, stack);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(aten, PrivateUse1, m) {
+  m.impl("empty.memory_format", empty_memory_format);
+  m.impl("empty_strided", empty_strided);
+  m.impl("_copy_from", copy_from);
+  m.impl("_copy_from_and_resize", copy_from_and_resize);
+  m.impl("as_strided", at::native::as_strided_tensorimpl);
+  m.impl("view", at::native::view);
+  m.impl("_reshape_alias", at::native::_reshape_alias);
+  m.impl("resize_", resize_);
+  m.impl("set_.source_Storage", at::native::set_);
+  m.impl("set_.source_Storage_storage_offset", set_storage);
+  m.impl("set_.source_Tensor", at::native::set_tensor_);
+  m.impl("_local_scalar_dense", local_scalar_dense);
+  m.impl("_has_compatible_shallow_copy_type", has_compatible_shallow_copy_type);
+  m.impl("native_batch_norm", native_batch_norm);
+  // convolution's composite kernel would pick convolution_overrideable (which
+  // just throws) for an unknown device before any fallback is consulted.
+  m.impl("convolution",
+         torch::CppFunction::makeFromBoxedFunction<&mlu_cpu_fallback>());
+  m.impl("convolution_backward",
+         torch::CppFunction::makeFromBoxedFunction<&mlu_cpu_fallback>());
+}
+
+TORCH_LIBRARY_IMPL(_, PrivateUse1, m) {
+  m.fallback(torch::CppFunction::makeFromBoxedFunction<&mlu_cpu_fallback>());
+}
+
+// Torch registers autocast kernels for CPU/CUDA/XPU/MPS only. Without a
+// fallthrough every op (copy_ included) fails on the AutocastPrivateUse1 key
+// inside torch.autocast("mlu"); without the lists nothing is cast.
+TORCH_LIBRARY_IMPL(_, AutocastPrivateUse1, m) {
+  m.fallback(torch::CppFunction::makeFallthrough());
+}
+
+#define MLU_LOWER_PRECISION(...) KERNEL_PRIVATEUSEONE(__VA_ARGS__, lower_precision_fp)
+#define MLU_FP32(...) KERNEL_PRIVATEUSEONE(__VA_ARGS__, fp32)
+#define MLU_PROMOTE(...) KERNEL_PRIVATEUSEONE(__VA_ARGS__, promote)
+
+TORCH_LIBRARY_IMPL(aten, AutocastPrivateUse1, m) {
+  AT_FORALL_LOWER_PRECISION_FP(MLU_LOWER_PRECISION)
+  AT_FORALL_FP32(MLU_FP32)
+  AT_FORALL_PROMOTE(MLU_PROMOTE)
+}
+
+// ------------------------------------------------- control ops for Python
+// Exposed as torch.ops.emulated_mlu.* (no pybind11: keeps the cold build short).
+
+namespace {
+
+void check_index(int64_t device) {
+  TORCH_CHECK(device >= 0 && device < kMaxDevices, "bad mlu index ", device);
+}
+
+void set_device_count(int64_t n) {
+  TORCH_CHECK(n >= 0 && n <= kMaxDevices, "device count must be in [0, 16]");
+  g_device_count = static_cast<int>(n);
+}
+int64_t device_count() { return g_device_count.load(); }
+int64_t current_device() { return t_current_device; }
+void set_device(int64_t device) {
+  MluGuardImpl().setDevice(c10::Device(kMlu, static_cast<c10::DeviceIndex>(device)));
+}
+int64_t memory_allocated(int64_t d) { check_index(d); return g_allocated[d].load(); }
+int64_t max_memory_allocated(int64_t d) { check_index(d); return g_peak[d].load(); }
+void reset_peak_memory_stats(int64_t d) {
+  check_index(d);
+  g_peak[d] = g_allocated[d].load();
+}
+
+// Runs when the library is loaded, before Python renames PrivateUse1.
+const bool g_hooks_registered = [] {
+  static MluHooks hooks;
+  at::RegisterPrivateUse1HooksInterface(&hooks);
+  return true;
+}();
+
+}  // namespace
+
+TORCH_LIBRARY(emulated_mlu, m) {
+  m.def("set_device_count", set_device_count);
+  m.def("device_count", device_count);
+  m.def("current_device", current_device);
+  m.def("set_device", set_device);
+  m.def("memory_allocated", memory_allocated);
+  m.def("max_memory_allocated", max_memory_allocated);
+  m.def("reset_peak_memory_stats", reset_peak_memory_stats);
+}

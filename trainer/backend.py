@@ -1,0 +1,343 @@
+"""The one seam to the device: device type, process group, precision and device helpers.
+
+Everything that names a device type (`mlu`, `cuda`, ...), calls a `torch.<device>` module
+or picks a collective backend lives here, so that the same config and the same
+`accelerate launch` command run on Cambricon MLUs (torch_mlu + cncl), CUDA (nccl) and
+CPU (gloo). Accelerate does the device placement; this module makes sure it chose what
+the user asked for, and says why and how to fix it when it did not.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+import socket
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+# NOTE: order matters: `auto` takes the first available, MLU first as Accelerate does.
+DEVICE_TYPES = ("mlu", "cuda", "npu", "xpu", "mps", "cpu")
+PROCESS_GROUP_BACKENDS = {"mlu": "cncl", "cuda": "nccl", "npu": "hccl", "xpu": "xccl", "mps": "gloo", "cpu": "gloo"}
+DISTRIBUTED_TYPES = {"mlu": "MULTI_MLU", "cuda": "MULTI_GPU", "npu": "MULTI_NPU", "xpu": "MULTI_XPU", "cpu": "MULTI_CPU"}
+# Plugins that register an out-of-tree device with PyTorch on import.
+DEVICE_PLUGINS = {"mlu": "torch_mlu", "npu": "torch_npu"}
+# Visible-device variables in the order the runtime reads them (torch_mlu: CN_, then MLU_).
+VISIBLE_DEVICES_VARS = {
+    "mlu": ("CN_VISIBLE_DEVICES", "MLU_VISIBLE_DEVICES"),
+    "cuda": ("CUDA_VISIBLE_DEVICES",),
+    "npu": ("ASCEND_RT_VISIBLE_DEVICES",),
+    "xpu": ("ZE_AFFINITY_MASK",),
+}
+MIXED_PRECISION = {"fp32": "no", "fp16": "fp16", "bf16": "bf16"}
+
+
+class BackendError(RuntimeError):
+    """The device or process group is not what the run needs; the message says the fix."""
+
+
+def import_device_plugins() -> dict[str, str]:
+    """Import installed device plugins (torch_mlu, ...) before Accelerate builds its state.
+
+    Returns:
+        A map from plugin name to the import error, for plugins present but broken.
+    """
+    errors = {}
+    for plugin in DEVICE_PLUGINS.values():
+        if importlib.util.find_spec(plugin) is None:
+            continue
+        try:
+            importlib.import_module(plugin)
+        except Exception as err:  # noqa: BLE001 - a broken plugin must not hide the others
+            errors[plugin] = f"{type(err).__name__}: {err}"
+    return errors
+
+
+def device_module(device_type: str) -> Any:
+    """The `torch.<device>` module, or None when this torch has no such device."""
+    return getattr(torch, device_type, None) if device_type != "cpu" else None
+
+
+def is_device_available(device_type: str) -> bool:
+    if device_type == "cpu":
+        return True
+    if device_type == "mps":
+        return torch.backends.mps.is_available()
+    module = device_module(device_type)
+    try:
+        return bool(module is not None and module.is_available())
+    except Exception:  # noqa: BLE001 - a driver error means "not usable here"
+        return False
+
+
+def device_count(device_type: str) -> int:
+    if device_type in ("cpu", "mps"):
+        return 1
+    return device_module(device_type).device_count() if is_device_available(device_type) else 0
+
+
+def available_device_types() -> list[str]:
+    import_device_plugins()
+    return [d for d in DEVICE_TYPES if is_device_available(d)]
+
+
+def resolve_device_type(requested: str) -> str:
+    """Map `backend.device` (auto or a type) to an available device type.
+
+    Raises:
+        BackendError: when the requested type is not available, naming what was found.
+    """
+    errors = import_device_plugins()
+    found = available_device_types()
+    if requested == "auto":
+        return found[0]
+    if requested in found:
+        return requested
+    hint = ""
+    plugin = DEVICE_PLUGINS.get(requested)
+    if plugin and plugin in errors:
+        hint = f"; `import {plugin}` failed: {errors[plugin]}"
+    elif plugin and importlib.util.find_spec(plugin) is None:
+        hint = f"; {plugin} is not installed on {socket.gethostname()}"
+    elif requested in VISIBLE_DEVICES_VARS:
+        shown = {v: os.environ[v] for v in VISIBLE_DEVICES_VARS[requested] if v in os.environ}
+        hint = f"; visible-device settings: {shown}" if shown else ""
+    raise BackendError(f"backend.device={requested} is not available here (found: {', '.join(found)}){hint}")
+
+
+def is_bf16_supported(device_type: str) -> bool:
+    """Native bf16 support; on CPU, oneDNN's check for bf16 instructions."""
+    if device_type == "cpu":
+        try:
+            return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        except (AttributeError, RuntimeError):
+            return False
+    if device_type == "mps":
+        return False
+    module = device_module(device_type)
+    check = getattr(module, "is_bf16_supported", None)
+    return bool(check()) if check else False
+
+
+def resolve_precision(requested: str, device_type: str) -> str:
+    """Map `train.precision` to Accelerate's `mixed_precision` ("no", "fp16" or "bf16").
+
+    auto gives bf16 where the device has it natively; otherwise fp16 with a loss scaler
+    on accelerators (MLU370 has no bf16) and fp32 on CPU.
+    """
+    if requested == "auto":
+        if is_bf16_supported(device_type):
+            return "bf16"
+        return "fp16" if device_type not in ("cpu", "mps") else "no"
+    if requested == "bf16" and not is_bf16_supported(device_type):
+        raise BackendError(f"train.precision=bf16: this {device_type} has no native bf16; use fp16 or fp32 (or auto)")
+    if requested == "fp16" and device_type == "cpu":
+        raise BackendError("train.precision=fp16 needs an accelerator; on cpu use bf16 (if supported) or fp32")
+    return MIXED_PRECISION[requested]
+
+
+def visible_devices(device_type: str) -> dict[str, str]:
+    """The visible-device variables set for this device type, in the order read."""
+    return {v: os.environ[v] for v in VISIBLE_DEVICES_VARS.get(device_type, ()) if v in os.environ}
+
+
+def pitfalls(device_type: str) -> list[str]:
+    """Known misconfigurations that make a launch silently miss the MLU."""
+    warnings = []
+    mlu_vars = VISIBLE_DEVICES_VARS["mlu"]
+    if importlib.util.find_spec("torch_mlu") and "CUDA_VISIBLE_DEVICES" in os.environ and not any(v in os.environ for v in mlu_vars):
+        warnings.append("CUDA_VISIBLE_DEVICES is set but MLU_VISIBLE_DEVICES is not: torch_mlu only falls back to it; set MLU_VISIBLE_DEVICES to choose MLUs")
+    if os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true") and device_type != "cpu":
+        warnings.append(f"ACCELERATE_USE_CPU is set (a launch config with `use_cpu: true`, as `accelerate config default` writes on MLU-only hosts in Accelerate 1.5-1.15) although a {device_type} is available; use configs/accelerate/*mlu*.yaml or set use_cpu: false")
+    if device_type == "mlu" and importlib.util.find_spec("torch_mlu") is None:
+        warnings.append(f"torch_mlu is not installed on {socket.gethostname()}")
+    return warnings
+
+
+@dataclass
+class Backend:
+    """The resolved device picture, and the device helpers the trainer calls."""
+
+    device_type: str
+    device: torch.device
+    mixed_precision: str
+    num_processes: int
+    distributed_type: str
+    process_group_backend: str | None
+
+    # -- device helpers -------------------------------------------------------------
+    def _api(self) -> Any:
+        """`torch.accelerator` where it serves this device, else the `torch.<device>` module."""
+        acc = getattr(torch, "accelerator", None)
+        try:
+            current = acc.current_accelerator() if acc is not None else None
+        except RuntimeError:
+            current = None
+        if current is not None and current.type == self.device_type:
+            return acc
+        return device_module(self.device_type)
+
+    def synchronize(self) -> None:
+        """Wait for queued device work, so a host clock read after it is meaningful."""
+        if self.device_type != "cpu":
+            self._api().synchronize()
+
+    def peak_memory_bytes(self) -> int:
+        if self.device_type in ("cpu", "mps"):
+            return 0
+        api = self._api()
+        fn = getattr(api, "max_memory_allocated", None) or getattr(device_module(self.device_type), "max_memory_allocated", None)
+        return int(fn()) if fn else 0
+
+    def reset_peak_memory(self) -> None:
+        if self.device_type not in ("cpu", "mps"):
+            api = self._api()
+            fn = getattr(api, "reset_peak_memory_stats", None) or getattr(device_module(self.device_type), "reset_peak_memory_stats", None)
+            if fn:
+                fn()
+
+    def empty_cache(self) -> None:
+        if self.device_type not in ("cpu", "mps"):
+            self._api().empty_cache()
+
+    def timer(self) -> DeviceTimer:
+        return DeviceTimer(self)
+
+    def pin_memory_kwargs(self) -> dict[str, Any]:
+        """DataLoader pinning arguments: pinned host memory on accelerators only.
+
+        Torch before 2.9 pins for CUDA unless told otherwise, so other devices get an
+        explicit `pin_memory_device`; newer torch pins for the current accelerator and
+        deprecates the argument.
+        """
+        if self.device_type in ("cpu", "mps"):
+            return {"pin_memory": False}
+        if not _can_pin(self.device_type):
+            return {"pin_memory": False}
+        major, minor = (int(p) for p in torch.__version__.split(".")[:2])
+        if self.device_type != "cuda" and (major, minor) < (2, 9):
+            return {"pin_memory": True, "pin_memory_device": self.device_type}
+        return {"pin_memory": True}
+
+    def autocast_device_type(self) -> str:
+        return self.device_type
+
+    def grad_scaler(self) -> torch.amp.GradScaler:
+        """`torch.amp.GradScaler(<device>)`, not the deprecated `torch.<device>.amp` one."""
+        return torch.amp.GradScaler(self.device_type)
+
+
+def _can_pin(device_type: str) -> bool:
+    try:
+        torch.empty(1).pin_memory(device_type) if _pin_takes_device() else torch.empty(1).pin_memory()
+        return True
+    except (RuntimeError, NotImplementedError, TypeError):
+        return False
+
+
+def _pin_takes_device() -> bool:
+    major, minor = (int(p) for p in torch.__version__.split(".")[:2])
+    return (major, minor) < (2, 9)
+
+
+class DeviceTimer:
+    """Wall time of device work: syncs the device before reading the host clock."""
+
+    def __init__(self, backend: Backend) -> None:
+        self.backend = backend
+        self.start_s = 0.0
+
+    def __enter__(self) -> DeviceTimer:
+        self.backend.synchronize()
+        self.start_s = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.backend.synchronize()
+        self.elapsed_s = time.perf_counter() - self.start_s
+
+
+def create_accelerator(device: str, precision: str, **accelerator_kwargs: Any) -> tuple[Any, Backend]:
+    """Build the Accelerator on the requested device and check Accelerate agrees.
+
+    Args:
+        device: `backend.device` (auto, mlu, cuda, ..., cpu).
+        precision: `train.precision` (auto, fp32, fp16, bf16).
+        **accelerator_kwargs: passed to `accelerate.Accelerator`.
+
+    Raises:
+        BackendError: when the device is missing, the precision is unsupported, or
+            Accelerate chose another device or process group than the one resolved.
+    """
+    device_type = resolve_device_type(device)  # imports torch_mlu before Accelerate's state
+    mixed_precision = resolve_precision(precision, device_type)
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(cpu=device_type == "cpu", mixed_precision=mixed_precision, **accelerator_kwargs)
+    if mixed_precision == "fp16" and accelerator.scaler is not None:
+        # NOTE: Accelerate builds the deprecated `torch.mlu.amp.GradScaler` on MLU.
+        accelerator.scaler = torch.amp.GradScaler(device_type, **(accelerator.scaler_handler.to_kwargs() if accelerator.scaler_handler else {}))
+    state = accelerator.state
+    backend = Backend(
+        device_type=device_type,
+        device=accelerator.device,
+        mixed_precision=accelerator.mixed_precision,
+        num_processes=accelerator.num_processes,
+        distributed_type=str(state.distributed_type).split(".")[-1],
+        process_group_backend=getattr(state, "backend", None),
+    )
+    check_accelerator_state(backend, local_rank=accelerator.local_process_index)
+    return accelerator, backend
+
+
+def check_accelerator_state(backend: Backend, local_rank: int) -> None:
+    """Fail with cause and fix when Accelerate's device or process group is not ours."""
+    expected = backend.device_type
+    problems = []
+    if backend.device.type != expected:
+        problems.append(f"Accelerate placed this process on {backend.device}, not {expected}")
+    if backend.num_processes > 1:
+        want_dist = DISTRIBUTED_TYPES.get(expected)
+        want_pg = PROCESS_GROUP_BACKENDS.get(expected)
+        if want_dist and backend.distributed_type != want_dist:
+            problems.append(f"distributed type is {backend.distributed_type}, expected {want_dist}")
+        if want_pg and backend.process_group_backend != want_pg:
+            problems.append(f"process group backend is {backend.process_group_backend}, expected {want_pg}")
+        if expected != "cpu" and backend.device.index not in (None, local_rank % max(device_count(expected), 1)):
+            problems.append(f"device is {backend.device}, expected {expected}:{local_rank}")
+    if problems:
+        causes = pitfalls(expected) or [
+            "the launch config does not match this host; use the shipped configs/accelerate/ file for this device"
+        ]
+        raise BackendError("; ".join(problems) + ". Likely cause: " + " | ".join(causes))
+
+
+def environment_report(device: str = "auto", precision: str = "auto") -> dict[str, Any]:
+    """What `trainer env` prints: the resolved device picture, versions and pitfalls."""
+    plugin_errors = import_device_plugins()
+    found = available_device_types()
+    report: dict[str, Any] = {"host": socket.gethostname(), "available_devices": found}
+    try:
+        device_type = resolve_device_type(device)
+        report["device_type"] = device_type
+        report["device_count"] = device_count(device_type)
+        report["visible_devices"] = visible_devices(device_type)
+        report["process_group_backend"] = PROCESS_GROUP_BACKENDS.get(device_type)
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        report["processes"] = world
+        report["distributed_type"] = (DISTRIBUTED_TYPES.get(device_type) if world > 1 else "NO")
+        report["precision"] = {"no": "fp32"}.get(resolve_precision(precision, device_type), resolve_precision(precision, device_type))
+        report["bf16_supported"] = is_bf16_supported(device_type)
+    except BackendError as err:
+        device_type = device
+        report["error"] = str(err)
+    versions = {}
+    for name in ("torch", "torch_mlu", "accelerate", "timm", "datasets", "torchvision"):
+        module = importlib.import_module(name) if importlib.util.find_spec(name) else None
+        versions[name] = getattr(module, "__version__", "unknown") if module else None
+    report["versions"] = versions
+    report["warnings"] = pitfalls(device_type) + [f"import {k} failed: {v}" for k, v in plugin_errors.items()]
+    return report

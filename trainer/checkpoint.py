@@ -1,0 +1,132 @@
+"""Checkpoints: atomic save through Accelerate, keep-last-K plus best, resume, export.
+
+A checkpoint is `checkpoints/step_<N>/`, Accelerate's `save_state` files plus
+`trainer_state.json`, which is written last. Everything is first written to
+`checkpoints/.tmp-step_<N>/` and renamed into place only when complete, so a kill at any
+moment leaves either the whole checkpoint or none of it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+STATE_FILE = "trainer_state.json"
+PREFIX = "step_"
+TMP_PREFIX = ".tmp-"
+
+log = logging.getLogger(__name__)
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be written or read; the message names the path."""
+
+
+@dataclass
+class TrainState:
+    """Where training stands; everything resume needs besides Accelerate's state."""
+
+    epoch: int = 0  # epoch in progress
+    batches_done: int = 0  # micro-batches of this epoch already trained on
+    global_step: int = 0  # optimizer steps so far
+    best_val_top1: float = -1.0
+    best_checkpoint: str = ""
+    scheduler: dict = field(default_factory=dict)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class CheckpointManager:
+    """Saves, lists, prunes and loads the checkpoints of one run."""
+
+    def __init__(self, accelerator: Any, directory: Path, keep_last: int) -> None:
+        self.accelerator, self.directory, self.keep_last = accelerator, directory, keep_last
+
+    def checkpoints(self) -> list[Path]:
+        """Complete checkpoints, oldest first."""
+        if not self.directory.is_dir():
+            return []
+        found = [p for p in self.directory.iterdir() if p.name.startswith(PREFIX) and (p / STATE_FILE).is_file()]
+        return sorted(found, key=lambda p: int(p.name[len(PREFIX):]))
+
+    def save(self, state: TrainState, scheduler: torch.optim.lr_scheduler.LRScheduler) -> Path:
+        """Write a checkpoint of the current step atomically; every process must call it."""
+        acc = self.accelerator
+        name = f"{PREFIX}{state.global_step:08d}"
+        final, tmp = self.directory / name, self.directory / f"{TMP_PREFIX}{name}"
+        state.scheduler = scheduler.state_dict()
+        try:
+            if acc.is_main_process:
+                shutil.rmtree(tmp, ignore_errors=True)
+                tmp.mkdir(parents=True)
+            acc.wait_for_everyone()
+            acc.save_state(str(tmp), safe_serialization=True)
+            acc.wait_for_everyone()
+            if acc.is_main_process:
+                with open(tmp / STATE_FILE, "w") as f:
+                    json.dump(asdict(state), f)
+                    f.flush()
+                    os.fsync(f.fileno())
+                if final.exists():  # the same step saved again (end of epoch after a step save)
+                    shutil.rmtree(final)
+                os.replace(tmp, final)
+                _fsync_dir(self.directory)
+                self.prune(keep=state.best_checkpoint)
+        except OSError as err:
+            if acc.is_main_process:
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise CheckpointError(f"{tmp}: checkpoint write failed ({err.strerror or err}); earlier checkpoints are intact") from None
+        acc.wait_for_everyone()
+        return final
+
+    def prune(self, keep: str = "") -> None:
+        """Drop all but the newest `keep_last` checkpoints and the one named `keep` (the best)."""
+        complete = self.checkpoints()
+        for path in complete[: -self.keep_last]:
+            if path.name != keep:
+                shutil.rmtree(path, ignore_errors=True)
+        for path in self.directory.glob(f"{TMP_PREFIX}*"):  # left by a killed save
+            shutil.rmtree(path, ignore_errors=True)
+
+    def resolve(self, resume: str) -> list[Path]:
+        """Candidates for `train.resume`, best first: `auto` tries newest to oldest."""
+        if not resume:
+            return []
+        if resume == "auto":
+            return list(reversed(self.checkpoints()))
+        path = Path(resume).expanduser()
+        if not (path / STATE_FILE).is_file():
+            raise CheckpointError(f"train.resume: {path} is not a complete checkpoint (no {STATE_FILE})")
+        return [path]
+
+    def load(self, path: Path) -> TrainState:
+        """Restore model, optimizer, scaler and RNG states; return the trainer state."""
+        try:
+            state = TrainState(**json.loads((path / STATE_FILE).read_text()))
+            self.accelerator.load_state(str(path))
+        except (OSError, ValueError, TypeError, KeyError, RuntimeError) as err:
+            raise CheckpointError(f"{path}: unreadable checkpoint ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})") from None
+        return state
+
+
+def export_weights(model: torch.nn.Module, path: Path) -> Path:
+    """Save plain weights as safetensors that timm loads via pretrained_cfg_overlay=dict(file=...)."""
+    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file(tensors, str(tmp), metadata={"format": "pt"})
+    os.replace(tmp, path)
+    return path

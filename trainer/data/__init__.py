@@ -1,0 +1,1 @@
+"""Readers (folder, HF datasets), decode + transform, and loaders."""

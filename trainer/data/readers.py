@@ -1,0 +1,228 @@
+"""Sources of raw samples behind one small interface: an ImageNet folder or HF `datasets`.
+
+A reader hands out `Sample`s (raw bytes, label, name) and the class names. It never
+decodes: `ImageDataset` decodes and transforms, so both sources share one pipeline.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+
+from trainer.config import DataConfig
+
+IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+FOLDER_LAYOUT = "ROOT/train/<class>/*.JPEG and ROOT/val/<class>/*.JPEG (the ImageNet layout)"
+HF_LAYOUT = "a hub id in the local HF cache, a save_to_disk dir, or a dir of data/<split>-*.parquet shards"
+
+
+class DataError(ValueError):
+    """A dataset that cannot be read as configured; the message names the path and layout."""
+
+
+@dataclass(frozen=True)
+class Sample:
+    data: bytes | None  # None when the source row has no image
+    label: int
+    name: str  # file path or "split[row]", for error messages and skipped.txt
+
+
+@runtime_checkable
+class Reader(Protocol):
+    """Random-access source: `len()` samples, each read by index."""
+
+    classes: list[str]
+
+    def __len__(self) -> int: ...
+
+    def read(self, index: int) -> Sample: ...
+
+
+@runtime_checkable
+class StreamReader(Protocol):
+    """Sequential source for data that does not fit on local disk."""
+
+    classes: list[str]
+
+    def iter_samples(self, epoch: int) -> Iterator[Sample]: ...
+
+
+class FolderReader:
+    """`root/<class>/<file>` with classes indexed by sorted folder name, like torchvision's ImageFolder."""
+
+    def __init__(self, split_dir: Path, classes: list[str] | None = None) -> None:
+        if not split_dir.is_dir():
+            raise DataError(f"{split_dir}: split folder not found; expected {FOLDER_LAYOUT}")
+        found = sorted(e.name for e in os.scandir(split_dir) if e.is_dir())
+        if not found:
+            raise DataError(f"{split_dir}: no class folders; expected {FOLDER_LAYOUT} (a flat ImageNet val/ needs its images moved into val/<wnid>/)")
+        self.classes = classes if classes is not None else found
+        index = {name: i for i, name in enumerate(self.classes)}
+        unknown = [name for name in found if name not in index]
+        if unknown:
+            raise DataError(f"{split_dir}: {len(unknown)} class folders absent from the training split, e.g. {unknown[:3]}")
+        paths, labels = [], []
+        for name in found:
+            files = sorted(e.name for e in os.scandir(split_dir / name) if e.is_file() and e.name.lower().endswith(IMG_EXTENSIONS))
+            if not files:
+                raise DataError(f"{split_dir / name}: empty class folder (no {', '.join(IMG_EXTENSIONS)} files); expected {FOLDER_LAYOUT}")
+            paths.extend(f"{name}/{f}" for f in files)
+            labels.extend([index[name]] * len(files))
+        self.root = split_dir
+        # NOTE: numpy arrays, not lists of str: 1.28M paths pickle to workers in one buffer.
+        self._paths = np.array(paths, dtype=np.bytes_)
+        self._labels = np.array(labels, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self._paths)
+
+    def read(self, index: int) -> Sample:
+        path = self.root / self._paths[index].decode()
+        with open(path, "rb") as f:
+            return Sample(f.read(), int(self._labels[index]), str(path))
+
+
+def _hf_offline() -> Any:
+    """Import `datasets` with the hub switched off: nothing is fetched at run time."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    import datasets
+
+    return datasets
+
+
+def open_hf_split(cfg: DataConfig, split: str) -> Any:
+    """Open one split as a `datasets.Dataset` (or `IterableDataset` when streaming)."""
+    datasets = _hf_offline()
+    root = Path(cfg.root).expanduser()
+    cache_dir = cfg.hf_cache_dir or None
+    try:
+        if (root / "dataset_dict.json").is_file() or (root / "state.json").is_file():
+            loaded = datasets.load_from_disk(str(root))
+            if isinstance(loaded, datasets.DatasetDict):
+                if split not in loaded:
+                    raise DataError(f"{root}: no split '{split}' (has {', '.join(loaded)})")
+                loaded = loaded[split]
+            return loaded.to_iterable_dataset() if cfg.streaming else loaded
+        if root.is_dir():
+            files = sorted(glob.glob(str(root / "data" / f"{split}-*.parquet"))) or sorted(glob.glob(str(root / f"{split}-*.parquet")))
+            if not files:
+                raise DataError(f"{root}: no parquet shards for split '{split}'; expected {HF_LAYOUT}")
+            return datasets.load_dataset("parquet", data_files={split: files}, split=split, streaming=cfg.streaming, cache_dir=cache_dir)
+        if root.exists() or str(cfg.root).startswith((".", "/", "~")):
+            raise DataError(f"{cfg.root}: not a dataset directory; expected {HF_LAYOUT}")
+        return datasets.load_dataset(cfg.root, split=split, streaming=cfg.streaming, cache_dir=cache_dir)
+    except DataError:
+        raise
+    except (FileNotFoundError, ValueError, ConnectionError, OSError) as err:
+        raise DataError(f"{cfg.root} (split '{split}'): cannot open offline: {str(err).splitlines()[0]}; expected {HF_LAYOUT}") from None
+
+
+def _row_sample(row: dict, image_column: str, label_column: str, name: str) -> Sample:
+    image = row.get(image_column)
+    label = row.get(label_column)
+    data = None
+    if isinstance(image, dict):
+        data = image.get("bytes")
+        if data is None and image.get("path") and os.path.isfile(image["path"]):
+            with open(image["path"], "rb") as f:
+                data = f.read()
+    elif isinstance(image, (bytes, bytearray)):
+        data = bytes(image)
+    elif image is not None and hasattr(image, "save"):  # an already decoded PIL image
+        import io
+
+        buf = io.BytesIO()
+        image.save(buf, format="PNG")
+        data = buf.getvalue()
+    return Sample(data, -1 if label is None else int(label), name)
+
+
+def _class_names(features: Any, label_column: str, image_column: str, where: str) -> list[str] | None:
+    if features is None:
+        return None
+    for column in (image_column, label_column):
+        if column not in features:
+            raise DataError(f"{where}: no column '{column}' (columns: {', '.join(features)}); set data.image_column / data.label_column")
+    names = getattr(features[label_column], "names", None)
+    return list(names) if names else None
+
+
+class HFReader:
+    """A map-style `datasets.Dataset` split; images are read as bytes, undecoded."""
+
+    def __init__(self, cfg: DataConfig, split: str, classes: list[str] | None = None) -> None:
+        datasets = _hf_offline()
+        ds = open_hf_split(cfg, split)
+        where = f"{cfg.root} [{split}]"
+        names = _class_names(ds.features, cfg.label_column, cfg.image_column, where)
+        ds = ds.select_columns([cfg.image_column, cfg.label_column])
+        if isinstance(ds.features[cfg.image_column], datasets.Image):
+            ds = ds.cast_column(cfg.image_column, datasets.Image(decode=False))
+        if classes is None:
+            classes = names or [str(i) for i in range(int(max(ds[cfg.label_column])) + 1)]
+        self.classes, self.split, self._ds, self._cfg = classes, split, ds, cfg
+
+    def __len__(self) -> int:
+        return len(self._ds)
+
+    def read(self, index: int) -> Sample:
+        return _row_sample(self._ds[int(index)], self._cfg.image_column, self._cfg.label_column, f"{self.split}[{index}]")
+
+
+class HFStreamReader:
+    """A streamed split, sharded across processes; workers split its shards further."""
+
+    def __init__(self, cfg: DataConfig, split: str, rank: int, world_size: int, seed: int, shuffle: bool, classes: list[str] | None = None, num_classes: int = 0) -> None:
+        datasets = _hf_offline()
+        from datasets.distributed import split_dataset_by_node
+
+        ds = open_hf_split(cfg, split)
+        names = _class_names(ds.features, cfg.label_column, cfg.image_column, f"{cfg.root} [{split}]")
+        if isinstance(ds.features[cfg.image_column], datasets.Image):
+            ds = ds.cast_column(cfg.image_column, datasets.Image(decode=False))
+        if shuffle:
+            ds = ds.shuffle(seed=seed, buffer_size=10_000)
+        self._ds = split_dataset_by_node(ds, rank=rank, world_size=world_size)
+        self.classes = classes or names or [str(i) for i in range(num_classes)]
+        if not self.classes:
+            raise DataError(f"{cfg.root} [{split}]: streamed labels have no ClassLabel names; set model.num_classes")
+        self.split, self._cfg = split, cfg
+
+    def iter_samples(self, epoch: int) -> Iterator[Sample]:
+        self._ds.set_epoch(epoch)
+        for i, row in enumerate(self._ds):
+            yield _row_sample(row, self._cfg.image_column, self._cfg.label_column, f"{self.split}[stream {i}]")
+
+
+class SpreadSubset:
+    """`n` samples spread evenly over a reader, so a subset of a class-sorted folder keeps every class."""
+
+    def __init__(self, reader: Reader, n: int) -> None:
+        self.reader, self.n, self.classes = reader, n, reader.classes
+
+    @classmethod
+    def of(cls, reader: Reader, n: int) -> Reader:
+        return cls(reader, n) if 0 < n < len(reader) else reader
+
+    def __len__(self) -> int:
+        return self.n
+
+    def read(self, index: int) -> Sample:
+        return self.reader.read(index * len(self.reader) // self.n)
+
+
+def create_reader(cfg: DataConfig, split: str, classes: list[str] | None = None) -> Reader:
+    """A random-access reader for one split of the configured source."""
+    if cfg.source == "folder":
+        root = Path(cfg.root).expanduser()
+        if not root.is_dir():
+            raise DataError(f"data.root: {root} does not exist; expected {FOLDER_LAYOUT}")
+        return FolderReader(root / split, classes)
+    return HFReader(cfg, split, classes)

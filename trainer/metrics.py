@@ -1,0 +1,78 @@
+"""Top-k accuracy, on-device running sums, and the per-epoch metrics files."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+METRIC_KEYS = ("epoch", "step", "train_loss", "train_top1", "val_loss", "val_top1", "val_top5", "lr", "img_per_s", "epoch_time_s", "train_samples", "val_samples", "skipped")
+
+
+def topk_correct(logits: torch.Tensor, labels: torch.Tensor, ks: tuple[int, ...] = (1, 5)) -> list[torch.Tensor]:
+    """Per-sample 0/1 hits for each k (k is capped at the number of classes)."""
+    maxk = min(max(ks), logits.shape[1])
+    top = logits.topk(maxk, dim=1).indices
+    hits = top.eq(labels.unsqueeze(1))
+    return [hits[:, : min(k, maxk)].any(dim=1) for k in ks]
+
+
+class RunningSums:
+    """Sums kept on the device, so the training loop never waits for the host.
+
+    `add` queues device work only; `totals` is the one place that syncs.
+    """
+
+    def __init__(self, device: torch.device, names: tuple[str, ...]) -> None:
+        self.names = names
+        self.values = torch.zeros(len(names), dtype=torch.float64, device=device)
+
+    def add(self, *values: torch.Tensor) -> None:
+        self.values += torch.stack([v.detach().to(torch.float64) for v in values])
+
+    def totals(self) -> dict[str, float]:
+        return dict(zip(self.names, self.values.tolist()))
+
+    def reset(self) -> None:
+        self.values.zero_()
+
+
+def _clean(value: Any) -> Any:
+    # JSON has no NaN; a diverged loss is written as null rather than breaking readers.
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+class MetricsWriter:
+    """Appends one record per epoch to metrics.jsonl and metrics.csv in the run directory."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.jsonl = run_dir / "metrics.jsonl"
+        self.csv = run_dir / "metrics.csv"
+
+    def write(self, record: dict[str, Any]) -> None:
+        record = {k: _clean(v) for k, v in record.items()}
+        line = json.dumps(record)
+        # NOTE: a crash can leave a line without its newline; start on a fresh one.
+        prefix = ""
+        if self.jsonl.exists() and self.jsonl.stat().st_size:
+            with open(self.jsonl, "rb") as f:
+                f.seek(-1, os.SEEK_END)
+                prefix = "" if f.read(1) == b"\n" else "\n"
+        with open(self.jsonl, "a") as f:
+            f.write(prefix + line + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        columns = list(METRIC_KEYS)
+        new = not self.csv.exists() or self.csv.stat().st_size == 0
+        with open(self.csv, "a", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
+            if new:
+                writer.writeheader()
+            writer.writerow({k: ("" if record.get(k) is None else record.get(k)) for k in columns})

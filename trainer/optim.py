@@ -1,0 +1,47 @@
+"""create_optimizer and create_lr_scheduler: the recipe's SGD + step decay, or cosine with warmup."""
+
+from __future__ import annotations
+
+import math
+from functools import partial
+
+import torch
+from timm.optim import create_optimizer_v2
+
+from trainer.config import OptimConfig, ScheduleConfig
+
+
+def create_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
+    """timm's optimizer factory; like the reference script, weight decay applies to all parameters."""
+    kwargs = {}
+    if cfg.name in ("sgd", "momentum", "nesterov"):
+        kwargs = dict(momentum=cfg.momentum, nesterov=cfg.nesterov)
+    if cfg.implementation in ("foreach", "loop"):
+        kwargs["foreach"] = cfg.implementation == "foreach"
+    elif cfg.implementation == "fused":
+        kwargs["fused"] = True
+    return create_optimizer_v2(model, opt=cfg.name, lr=cfg.lr, weight_decay=cfg.weight_decay, filter_bias_and_bn=False, **kwargs)
+
+
+def lr_factor(step: int, cfg: ScheduleConfig, steps_per_epoch: int, epochs: int) -> float:
+    """The lr multiplier at optimizer step `step`, a pure function so resume needs no state.
+
+    1. warmup: linear from warmup_lr_ratio to 1 over warmup_epochs;
+    2. step: gamma ** (epoch // step_epochs), the reference recipe's StepLR per epoch;
+    3. cosine: from 1 to min_lr_ratio over the epochs after warmup.
+    """
+    warmup_steps = int(cfg.warmup_epochs * steps_per_epoch)
+    if step < warmup_steps:
+        return cfg.warmup_lr_ratio + (1 - cfg.warmup_lr_ratio) * step / warmup_steps
+    if cfg.name == "step":
+        return cfg.gamma ** ((step // steps_per_epoch) // cfg.step_epochs)
+    if cfg.name == "cosine":
+        total = max(epochs * steps_per_epoch - warmup_steps, 1)
+        progress = min((step - warmup_steps) / total, 1.0)
+        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+    return 1.0
+
+
+def create_lr_scheduler(optimizer: torch.optim.Optimizer, cfg: ScheduleConfig, steps_per_epoch: int, epochs: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """A per-optimizer-step LambdaLR over `lr_factor`."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, partial(lr_factor, cfg=cfg, steps_per_epoch=max(steps_per_epoch, 1), epochs=epochs))

@@ -1,0 +1,318 @@
+"""Trainer: setup, train_step, evaluate, fit, close, over Accelerate."""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate.data_loader import prepare_data_loader
+from accelerate.utils import DataLoaderConfiguration, set_seed
+
+from trainer.backend import create_accelerator
+from trainer.checkpoint import CheckpointError, CheckpointManager, TrainState, export_weights
+from trainer.config import Config, save_config
+from trainer.data.loader import create_datasets, create_loader
+from trainer.metrics import MetricsWriter, RunningSums, topk_correct
+from trainer.model import create_model
+from trainer.optim import create_lr_scheduler, create_optimizer
+from trainer.progress import EpochProgress
+
+log = logging.getLogger("trainer")
+
+
+class TrainingStopped(RuntimeError):
+    """Training cannot go on (e.g. the loss stayed non-finite); the last good checkpoint is kept."""
+
+
+class Normalizer:
+    """uint8 batches -> normalized float on the device; channels_last for conv nets."""
+
+    def __init__(self, mean: tuple, std: tuple, device: torch.device, channels_last: bool) -> None:
+        self.mean = torch.tensor(mean, device=device).view(1, 3, 1, 1) * 255
+        self.std = torch.tensor(std, device=device).view(1, 3, 1, 1) * 255
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        if images.dtype == torch.uint8:
+            images = images.float().sub_(self.mean).div_(self.std)
+        return images.contiguous(memory_format=self.memory_format)
+
+
+class Trainer:
+    """One training run: `Trainer(cfg).fit()` trains, validates, checkpoints and exports."""
+
+    def __init__(self, cfg: Config) -> None:
+        self.cfg, self.run_dir = cfg, cfg.run_dir
+        t = cfg.train
+        self.accelerator, self.backend = create_accelerator(
+            cfg.backend.device, t.precision, gradient_accumulation_steps=t.grad_accum_steps,
+            log_with=cfg.output.log_with or None, project_dir=str(self.run_dir),
+            dataloader_config=DataLoaderConfiguration(non_blocking=True),
+        )
+        acc = self.accelerator
+        set_seed(t.seed)
+        with acc.main_process_first():
+            self.data = create_datasets(cfg.data, cfg.model.name, t.seed, acc.process_index, acc.num_processes, cfg.model.num_classes)
+        num_classes = cfg.model.num_classes or len(self.data.classes)
+        model = create_model(cfg.model, num_classes)
+        if t.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        optimizer = create_optimizer(model, cfg.optim)
+        pin = self.backend.pin_memory_kwargs()
+        train_loader = create_loader(self.data.train, cfg.data, cfg.data.batch_size_per_device, pin, self.data.train_sampler, drop_last=True)
+        val_loader = create_loader(self.data.val, cfg.data, cfg.data.val_batch_size_per_device or cfg.data.batch_size_per_device, pin)
+        if t.compile:
+            model = torch.compile(model)
+        if self.data.train_sampler is not None:
+            self.model, self.optimizer, self.train_loader = acc.prepare(model, optimizer, train_loader)
+        else:  # streamed: the reader already shards by process, Accelerate only places batches
+            self.model, self.optimizer = acc.prepare(model, optimizer)
+            self.train_loader = prepare_data_loader(train_loader, acc.device, num_processes=1, process_index=0, put_on_device=True, non_blocking=True)
+        # NOTE: validation shards without padding (even_batches=False): each image is seen
+        # by exactly one process and per-process sums are reduced, so the metrics stay exact
+        # even when an undecodable image is skipped.
+        self.val_loader = prepare_data_loader(
+            val_loader, acc.device, num_processes=1 if self.data.train_sampler is None else acc.num_processes,
+            process_index=0 if self.data.train_sampler is None else acc.process_index,
+            even_batches=False, put_on_device=True, non_blocking=True,
+        )
+        self.steps_per_epoch = self._steps_per_epoch()
+        self.scheduler = create_lr_scheduler(self.optimizer, cfg.schedule, self.steps_per_epoch, t.epochs)
+        self.criterion = torch.nn.CrossEntropyLoss(label_smoothing=t.label_smoothing)
+        self.normalize = Normalizer(self.data.data_config["mean"], self.data.data_config["std"], acc.device, t.channels_last)
+        self.checkpoints = CheckpointManager(acc, self.run_dir / "checkpoints", t.keep_last_checkpoints)
+        self.metrics = MetricsWriter(self.run_dir)
+        self.state = TrainState()
+        self.stop_requested = False
+        self.nonfinite_streak = torch.zeros((), dtype=torch.int64, device=acc.device)
+        self.nonfinite_max = torch.zeros((), dtype=torch.int64, device=acc.device)
+
+    # -- setup helpers ---------------------------------------------------------------
+    def _steps_per_epoch(self) -> int:
+        t = self.cfg.train
+        if self.data.train_sampler is not None:
+            batches = len(self.train_loader)
+        else:
+            per_step = self.cfg.data.batch_size_per_device * self.accelerator.num_processes
+            batches = self.data.train_size // per_step if self.data.train_size else 0
+            if not batches and not t.max_steps_per_epoch:
+                raise TrainingStopped("data.streaming: the split size is unknown; set train.max_steps_per_epoch")
+        steps = math.ceil(batches / t.grad_accum_steps) if batches else t.max_steps_per_epoch
+        if steps == 0:
+            raise TrainingStopped(f"{self.cfg.data.root}: {self.data.train_size} training images give no full batch of {self.cfg.data.batch_size_per_device} per device on {self.accelerator.num_processes} processes")
+        return min(steps, t.max_steps_per_epoch) if t.max_steps_per_epoch else steps
+
+    def resume(self) -> None:
+        """Continue from `train.resume`: the newest complete checkpoint that loads."""
+        for path in self.checkpoints.resolve(self.cfg.train.resume):
+            try:
+                self.state = self.checkpoints.load(path)
+            except CheckpointError as err:
+                log.warning("skipping checkpoint: %s", err)
+                continue
+            self.scheduler.load_state_dict(self.state.scheduler)
+            log.info("resumed from %s (epoch %d, step %d)", path, self.state.epoch + 1, self.state.global_step)
+            return
+        if self.cfg.train.resume not in ("", "auto"):
+            raise CheckpointError(f"train.resume: {self.cfg.train.resume} could not be loaded")
+
+    # -- the loop --------------------------------------------------------------------
+    def train_step(self, batch: dict[str, Any], sums: RunningSums) -> None:
+        """One micro-batch: forward, backward and (at accumulation boundaries) the update."""
+        images, labels = self.normalize(batch["images"]), batch["labels"]
+        with self.accelerator.accumulate(self.model):
+            with self.accelerator.autocast():
+                logits = self.model(images)
+                loss = self.criterion(logits, labels)
+            self.accelerator.backward(loss)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        (top1,) = topk_correct(logits.detach(), labels, (1,))
+        n = torch.tensor(labels.numel(), device=labels.device)
+        sums.add(loss.detach() * n, top1.sum(), n)
+        # Consecutive non-finite losses, counted on the device: read only at log points.
+        finite = torch.isfinite(loss.detach())
+        self.nonfinite_streak = (self.nonfinite_streak + 1) * (~finite)
+        torch.maximum(self.nonfinite_max, self.nonfinite_streak, out=self.nonfinite_max)
+
+    def train_epoch(self, epoch: int) -> dict[str, float]:
+        acc, t = self.accelerator, self.cfg.train
+        loader = self.train_loader
+        if self.state.batches_done:
+            loader = acc.skip_first_batches(loader, self.state.batches_done)
+        loader.set_epoch(epoch)
+        if self.data.train_sampler is not None:
+            self.data.train_sampler.set_epoch(epoch)
+        step_in_epoch = math.ceil(self.state.batches_done / t.grad_accum_steps)
+        progress = EpochProgress(epoch, self.cfg.train.epochs, self.steps_per_epoch, step_in_epoch, acc.is_main_process, self.cfg.output.progress)
+        sums = RunningSums(acc.device, ("loss", "top1", "n"))
+        window = RunningSums(acc.device, ("loss", "top1", "n"))
+        skipped, start_s, window_s = 0, time.perf_counter(), time.perf_counter()
+        for batch in loader:
+            if batch["skipped"]:
+                skipped += self._record_skipped(batch["skipped"])
+            if batch["labels"].numel() == 0:
+                self.state.batches_done += 1
+                continue
+            self.train_step(batch, window)
+            self.state.batches_done += 1
+            if not acc.sync_gradients:
+                continue
+            self.state.global_step += 1
+            step_in_epoch += 1
+            self.scheduler.step()
+            stats = None
+            if step_in_epoch % t.log_every_steps == 0 or step_in_epoch == self.steps_per_epoch:
+                stats = self._read_window(window, sums, time.perf_counter() - window_s)
+                window_s = time.perf_counter()
+            progress.update(1, stats)
+            if t.checkpoint_every_steps and self.state.global_step % t.checkpoint_every_steps == 0 and step_in_epoch < self.steps_per_epoch:
+                self._fold(window, sums)
+                self._save_if_finite()
+            if self._preempted() or step_in_epoch >= self.steps_per_epoch:
+                break
+        progress.close()
+        self._fold(window, sums)
+        self._check_finite()
+        totals = sums.totals()
+        elapsed = time.perf_counter() - start_s
+        skipped_total = int(acc.reduce(torch.tensor(skipped, device=acc.device), "sum").item())
+        n = totals["n"]
+        return {
+            "train_loss": totals["loss"] / max(n, 1), "train_top1": totals["top1"] / max(n, 1),
+            "img_per_s": n * acc.num_processes / elapsed, "epoch_time_s": elapsed, "skipped": skipped_total,
+            "train_samples": int(n * acc.num_processes),
+        }
+
+    def _fold(self, window: RunningSums, sums: RunningSums) -> None:
+        sums.values += window.values
+        window.reset()
+
+    def _read_window(self, window: RunningSums, sums: RunningSums, elapsed_s: float) -> dict[str, float]:
+        """Read the loss at log intervals only: this is the loop's one host sync."""
+        w = window.totals()
+        self._fold(window, sums)
+        self._check_finite()
+        n = max(w["n"], 1)
+        return {"loss": w["loss"] / n, "top1": w["top1"] / n, "lr": self.scheduler.get_last_lr()[0], "img_per_s": w["n"] * self.accelerator.num_processes / max(elapsed_s, 1e-9)}
+
+    def _check_finite(self) -> None:
+        """Stop after too many consecutive non-finite losses; fp16's loss scaler skips them itself."""
+        limit = self.cfg.train.max_non_finite_steps
+        worst = int(self.nonfinite_max.item())
+        if self.accelerator.scaler is None and worst >= limit:
+            raise TrainingStopped(f"loss was non-finite for {worst} consecutive steps, up to step {self.state.global_step} (limit train.max_non_finite_steps={limit}); the last good checkpoint is kept in {self.checkpoints.directory}")
+
+    def _save_if_finite(self) -> None:
+        """Checkpoint unless the latest loss was non-finite: never overwrite good state with NaNs."""
+        self._check_finite()
+        if self.accelerator.scaler is None and int(self.nonfinite_streak.item()):
+            log.warning("step %d: loss is non-finite; checkpoint not saved", self.state.global_step)
+            return
+        self.checkpoints.save(self.state, self.scheduler)
+
+    def _record_skipped(self, lines: list[str]) -> int:
+        with open(self.run_dir / "skipped.txt", "a") as f:
+            f.write("".join(line + "\n" for line in lines))
+        return len(lines)
+
+    def _preempted(self) -> bool:
+        """True once SIGTERM/SIGINT arrived; processes agree every 10 steps, when they all ask."""
+        if self.accelerator.num_processes == 1:
+            return self.stop_requested
+        if self.state.global_step % 10:
+            return False
+        flag = torch.tensor(int(self.stop_requested), device=self.accelerator.device)
+        self.stop_requested = bool(self.accelerator.reduce(flag, "sum").item())
+        return self.stop_requested
+
+    @torch.no_grad()
+    def evaluate(self, num_classes_for_confusion: int = 0) -> dict[str, Any]:
+        """Val loss, top-1 and top-5 over every val image exactly once."""
+        acc = self.accelerator
+        model = acc.unwrap_model(self.model)  # NOTE: no DDP collectives, so uneven shards are fine
+        model.eval()
+        sums = RunningSums(acc.device, ("loss", "top1", "top5", "n"))
+        k = num_classes_for_confusion
+        confusion = torch.zeros(k * k, dtype=torch.int64, device=acc.device) if k else None
+        for batch in self.val_loader:
+            if batch["skipped"]:
+                self._record_skipped(batch["skipped"])
+            labels = batch["labels"]
+            if labels.numel() == 0:
+                continue
+            with acc.autocast():
+                logits = model(self.normalize(batch["images"]))
+                loss = torch.nn.functional.cross_entropy(logits.float(), labels, reduction="sum")
+            top1, top5 = topk_correct(logits, labels, (1, 5))
+            sums.add(loss, top1.sum(), top5.sum(), torch.tensor(labels.numel(), device=labels.device))
+            if confusion is not None:
+                confusion += torch.bincount(labels * k + logits.argmax(1), minlength=k * k)
+        model.train()
+        totals = dict(zip(sums.names, acc.reduce(sums.values, "sum").tolist()))
+        n = max(totals["n"], 1)
+        result = {"val_loss": totals["loss"] / n, "val_top1": totals["top1"] / n, "val_top5": totals["top5"] / n, "val_samples": int(totals["n"])}
+        if confusion is not None:
+            result["confusion"] = acc.reduce(confusion, "sum").view(k, k).cpu()
+        return result
+
+    def fit(self) -> dict[str, Any]:
+        """Train all epochs; returns the last epoch's metrics."""
+        self._prepare_run_dir()
+        self.resume()
+        previous = {"SIGTERM": signal.signal(signal.SIGTERM, self._request_stop), "SIGINT": signal.signal(signal.SIGINT, self._request_stop)}
+        record: dict[str, Any] = {}
+        try:
+            for epoch in range(self.state.epoch, self.cfg.train.epochs):
+                self.state.epoch = epoch
+                record = {"epoch": epoch, **self.train_epoch(epoch)}
+                if self.stop_requested:
+                    self._save_if_finite()
+                    log.warning("stop requested: checkpoint saved at step %d; resume with train.resume=auto", self.state.global_step)
+                    return record
+                last = epoch + 1 == self.cfg.train.epochs
+                if last or (epoch + 1) % self.cfg.train.eval_every_epochs == 0:
+                    record.update(self.evaluate())
+                record.update(step=self.state.global_step, lr=self.scheduler.get_last_lr()[0])
+                self.state.epoch, self.state.batches_done = epoch + 1, 0
+                name = f"step_{self.state.global_step:08d}"
+                if record.get("val_top1", -1) > self.state.best_val_top1:
+                    self.state.best_val_top1, self.state.best_checkpoint = record["val_top1"], name
+                self._save_if_finite()
+                self._log_epoch(record)
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(getattr(signal, sig), handler)
+        self._export()
+        return record
+
+    def _request_stop(self, signum: int, frame: Any) -> None:
+        self.stop_requested = True
+
+    def _prepare_run_dir(self) -> None:
+        if self.accelerator.is_main_process:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            save_config(self.cfg, self.run_dir / "config.yaml")
+        self.accelerator.wait_for_everyone()
+
+    def _log_epoch(self, record: dict[str, Any]) -> None:
+        if self.accelerator.is_main_process:
+            self.metrics.write(record)
+            self.accelerator.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=record["step"])
+            log.info("epoch %d: %s", record["epoch"] + 1, " ".join(f"{k} {v:.4g}" for k, v in record.items() if isinstance(v, float)))
+
+    def _export(self) -> Path:
+        path = self.run_dir / "model.safetensors"
+        if self.accelerator.is_main_process:
+            export_weights(self.accelerator.unwrap_model(self.model), path)
+        self.accelerator.wait_for_everyone()
+        return path
+
+    def close(self) -> None:
+        self.accelerator.end_training()
