@@ -9,6 +9,7 @@ whose message names the key and the file it came from.
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -16,6 +17,25 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that also reads `1e-4` as a float.
+
+    NOTE: PyYAML follows YAML 1.1, where a float needs a dot (`1.0e-4`), so `1e-4` -- the
+    usual way to write a weight decay or lr -- would load as a string and be rejected.
+    """
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def _load_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)
 
 
 class ConfigError(ValueError):
@@ -170,7 +190,7 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
         if isinstance(value, list):
             return value
         if isinstance(value, str) and "," in value:
-            return [yaml.safe_load(v) for v in value.split(",")]
+            return [_load_yaml(v) for v in value.split(",")]
     else:
         raise TypeError(f"unsupported config annotation {annotation!r}")
     raise ConfigError(f"{where}: expected {annotation.__name__}, got {value!r}")
@@ -192,8 +212,8 @@ def _set(cfg: Config, key: str, value: Any, origin: str) -> None:
     setattr(section, name, value)
 
 
-def _validate(cfg: Config) -> None:
-    """Reject values no run could use; each message names the key."""
+def _validate(cfg: Config, origins: dict[str, str]) -> None:
+    """Reject values no run could use; each message names the key and where its value came from."""
     d, o, s, t = cfg.data, cfg.optim, cfg.schedule, cfg.train
     checks = [
         ("data.batch_size_per_device", d.batch_size_per_device > 0, "must be > 0"),
@@ -232,7 +252,7 @@ def _validate(cfg: Config) -> None:
     for key, ok, why in checks:
         if not ok:
             section, name = key.split(".")
-            raise ConfigError(f"{cfg.source}: {key}: {why}, got {getattr(getattr(cfg, section), name)!r}")
+            raise ConfigError(f"{origins.get(key, cfg.source)}: {key}: {why}, got {getattr(getattr(cfg, section), name)!r}")
 
 
 def parse_overrides(items: list[str]) -> dict[str, Any]:
@@ -243,7 +263,7 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
         if not sep or not key:
             raise ConfigError(f"command line: '{item}' is not of the form key.sub=value")
         try:
-            overrides[key.strip()] = yaml.safe_load(raw) if raw.strip() else ""
+            overrides[key.strip()] = _load_yaml(raw) if raw.strip() else ""
         except yaml.YAMLError:
             overrides[key.strip()] = raw
     return overrides
@@ -261,10 +281,11 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
             impossible values; the message names the file and the key.
     """
     cfg = Config(source=str(path) if path else "<defaults>")
+    origins: dict[str, str] = {}  # key -> the file or "command line" that set it
     if path is not None:
         path = Path(path)
         try:
-            raw = yaml.safe_load(path.read_text()) or {}
+            raw = _load_yaml(path.read_text()) or {}
         except FileNotFoundError:
             raise ConfigError(f"{path}: config file not found") from None
         except yaml.YAMLError as err:
@@ -278,9 +299,11 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
                 raise ConfigError(f"{path}: section '{section}' must be a mapping of keys")
             for key, value in values.items():
                 _set(cfg, f"{section}.{key}", value, str(path))
+                origins[f"{section}.{key}"] = str(path)
     for key, value in parse_overrides(overrides or []).items():
         _set(cfg, key, value, "command line")
-    _validate(cfg)
+        origins[key] = "command line"  # NOTE: so `train.epochs=0` is not blamed on the file
+    _validate(cfg, origins)
     return cfg
 
 

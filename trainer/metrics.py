@@ -49,6 +49,19 @@ def _clean(value: Any) -> Any:
     return value
 
 
+def _fresh_line(path: Path) -> str:
+    """"\n" when `path` ends mid-line, else "".
+
+    NOTE: a crash can leave a line without its newline; the next record starts on a fresh
+    one instead of being glued to it (which would break both the jsonl and the csv reader).
+    """
+    if not path.exists() or not path.stat().st_size:
+        return ""
+    with open(path, "rb") as f:
+        f.seek(-1, os.SEEK_END)
+        return "" if f.read(1) == b"\n" else "\n"
+
+
 class MetricsWriter:
     """Appends one record per epoch to metrics.jsonl and metrics.csv in the run directory."""
 
@@ -59,19 +72,15 @@ class MetricsWriter:
     def write(self, record: dict[str, Any]) -> None:
         record = {k: _clean(v) for k, v in record.items()}
         line = json.dumps(record)
-        # NOTE: a crash can leave a line without its newline; start on a fresh one.
-        prefix = ""
-        if self.jsonl.exists() and self.jsonl.stat().st_size:
-            with open(self.jsonl, "rb") as f:
-                f.seek(-1, os.SEEK_END)
-                prefix = "" if f.read(1) == b"\n" else "\n"
         with open(self.jsonl, "a") as f:
-            f.write(prefix + line + "\n")
+            f.write(_fresh_line(self.jsonl) + line + "\n")
             f.flush()
             os.fsync(f.fileno())
         columns = list(METRIC_KEYS)
         new = not self.csv.exists() or self.csv.stat().st_size == 0
+        prefix = "" if new else _fresh_line(self.csv)
         with open(self.csv, "a", newline="") as f:
+            f.write(prefix)
             writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
             if new:
                 writer.writeheader()

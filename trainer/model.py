@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import difflib
 from pathlib import Path
 
 import timm
 import torch
+from safetensors import SafetensorError
 
 from trainer.config import ModelConfig
 
@@ -22,7 +24,9 @@ def create_model(cfg: ModelConfig, num_classes: int) -> torch.nn.Module:
     classifier when its size differs; nothing is fetched from a hub.
     """
     if not timm.is_model(cfg.name):
-        close = timm.list_models(f"*{cfg.name.split('.')[0][:8]}*")[:5]
+        base = cfg.name.split(".")[0]
+        # Substring matches catch a shortened name; difflib catches a typo (resnet5o).
+        close = timm.list_models(f"*{base[:8]}*")[:5] or difflib.get_close_matches(base, timm.list_models(), n=5)
         raise ModelError(f"model.name: unknown timm model '{cfg.name}'" + (f" (similar: {', '.join(close)})" if close else ""))
     kwargs = dict(num_classes=num_classes, drop_rate=cfg.drop_rate)
     if cfg.drop_path_rate:
@@ -32,7 +36,49 @@ def create_model(cfg: ModelConfig, num_classes: int) -> torch.nn.Module:
     path = Path(cfg.pretrained_file).expanduser()
     if not path.is_file():
         raise ModelError(f"model.pretrained_file: {path} does not exist")
+    classifiers = _classifier_names(cfg.name)
+    heads = {f"{c}.{suffix}" for c in classifiers for suffix in ("weight", "bias")}
     try:
-        return timm.create_model(cfg.name, pretrained=True, pretrained_cfg_overlay=dict(file=str(path)), **kwargs)
-    except (RuntimeError, OSError, KeyError, ValueError) as err:
+        shapes = _file_shapes(path)
+        overlay: dict = dict(file=str(path))
+        # NOTE: timm drops the file's classifier whenever num_classes differs from the
+        # pretrained_cfg's (1000 for ImageNet models), even when the file's own head fits;
+        # telling it the file's head size keeps a matching head and still adapts another.
+        head_shape = shapes.get(f"{classifiers[0]}.weight") if classifiers else None
+        if head_shape:
+            overlay["num_classes"] = head_shape[0]
+        model = timm.create_model(cfg.name, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs)
+    except (RuntimeError, OSError, KeyError, ValueError, SafetensorError) as err:
         raise ModelError(f"model.pretrained_file: {path} does not fit {cfg.name}: {str(err).splitlines()[0]}") from None
+    # NOTE: when it adapts a classifier timm loads with strict=False, so a file of another
+    # architecture would load nothing and leave a silently random model; check the names.
+    expected = set(model.state_dict())
+    missing, unexpected = sorted(expected - shapes.keys() - heads), sorted(shapes.keys() - expected - heads)
+    if missing or unexpected:
+        raise ModelError(
+            f"model.pretrained_file: {path} does not fit {cfg.name}: {len(missing)} weights missing "
+            f"(e.g. {missing[:3]}), {len(unexpected)} unexpected (e.g. {unexpected[:3]})"
+        )
+    return model
+
+
+def _classifier_names(model_name: str) -> tuple[str, ...]:
+    """The classifier module names timm adapts for this model, e.g. ('fc',)."""
+    pretrained_cfg = timm.models.get_pretrained_cfg(model_name)
+    classifier = pretrained_cfg.classifier if pretrained_cfg else None
+    if not classifier:
+        return ()
+    return (classifier,) if isinstance(classifier, str) else tuple(classifier)
+
+
+def _file_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """Tensor names and shapes in a weights file, named as timm's loader names them."""
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            shapes = {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
+    else:
+        shapes = {key: tuple(value.shape) for key, value in timm.models.load_state_dict(str(path)).items()}
+    # As timm's clean_state_dict: a DistributedDataParallel save prefixes `module.`.
+    return {key.removeprefix("module."): shape for key, shape in shapes.items()}

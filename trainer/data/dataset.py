@@ -70,14 +70,17 @@ class _SampleDecoder:
                 raise DecodeError(sample.name, f"label {sample.label} out of range [0, {self.num_classes})")
             image = decode_image(sample.data, sample.name, draft_size=self.draft_size)
             # Seed only this sample's augmentation; the caller's RNG state is put back.
-            py_state, torch_state = random.getstate(), torch.random.get_rng_state()
+            # NOTE: numpy too: timm's RandAugment picks its ops with np.random.choice.
+            py_state, np_state, torch_state = random.getstate(), np.random.get_state(), torch.random.get_rng_state()
             try:
                 s = sample_seed(self.seed, epoch, index)
                 random.seed(s)
+                np.random.seed([s & 0xFFFFFFFF, s >> 32])  # legacy seeding takes uint32 words
                 torch.random.default_generator.manual_seed(s)
                 return self.transform(image), sample.label
             finally:
                 random.setstate(py_state)
+                np.random.set_state(np_state)
                 torch.random.set_rng_state(torch_state)
         except DecodeError as err:
             if self.on_error == "raise":

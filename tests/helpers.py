@@ -1,0 +1,131 @@
+"""Tiny datasets built on the spot: an ImageNet-layout JPEG folder and HF parquet / save_to_disk dirs.
+
+Every factory draws its images from `jpeg_bytes`, so the folder and the HF copies of a
+dataset hold byte-identical files. Each class has its own colour (a model can learn
+it) and each image its own bright square (so every file, and every crop, differs).
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+# Far apart in RGB so even a 16-pixel crop tells the classes apart.
+PALETTE = [(220, 40, 40), (40, 180, 40), (40, 60, 220), (220, 200, 40), (200, 40, 200), (40, 200, 200)]
+
+
+def class_names(classes: int) -> list[str]:
+    """ImageNet-like wnid folder names, already in sorted order (so label i is names[i])."""
+    return [f"n{i:08d}" for i in range(classes)]
+
+
+def class_colour(label: int) -> tuple[int, int, int]:
+    if label < len(PALETTE):
+        return PALETTE[label]
+    rng = np.random.default_rng(label)
+    return tuple(int(v) for v in rng.integers(0, 256, 3))
+
+
+def make_image(label: int, index: int, size: tuple[int, int] = (40, 30)) -> Image.Image:
+    """Class colour with a horizontal brightness ramp, plus a square placed by `index`."""
+    width, height = size
+    base = np.array(class_colour(label), dtype=np.float32)
+    ramp = np.linspace(0.6, 1.0, width, dtype=np.float32)[None, :, None]
+    pixels = np.broadcast_to(base * ramp, (height, width, 3)).copy()
+    side = max(2, min(width, height) // 4)
+    x = (index * 7) % max(1, width - side)
+    y = (index * 5) % max(1, height - side)
+    pixels[y : y + side, x : x + side] = 255.0
+    return Image.fromarray(pixels.astype(np.uint8))  # HxWx3 uint8: RGB
+
+
+def jpeg_bytes(label: int, index: int, size: tuple[int, int] = (40, 30)) -> bytes:
+    buffer = io.BytesIO()
+    make_image(label, index, size).save(buffer, "JPEG", quality=90)
+    return buffer.getvalue()
+
+
+def split_rows(classes: int, per_class: int, size: tuple[int, int], offset: int) -> list[tuple[int, str, bytes]]:
+    """(label, file name, JPEG bytes), class by class; `offset` keeps train and val images distinct."""
+    rows = []
+    for label in range(classes):
+        for i in range(per_class):
+            index = offset + i
+            rows.append((label, f"{index:04d}.JPEG", jpeg_bytes(label, index, size)))
+    return rows
+
+
+def make_image_folder(
+    root: Path,
+    classes: int = 3,
+    train_per_class: int = 6,
+    val_per_class: int = 3,
+    size: tuple[int, int] = (40, 30),
+    names: list[str] | None = None,
+) -> Path:
+    """Write `root/train/<class>/*.JPEG` and `root/val/<class>/*.JPEG`; return `root`.
+
+    Args:
+        names: Class folder names, one per class (label i -> names[i] in writing order);
+            default `class_names(classes)`.
+    """
+    names = names or class_names(classes)
+    assert len(names) == classes
+    for split, per_class, offset in (("train", train_per_class, 0), ("val", val_per_class, 1000)):
+        for label, file_name, data in split_rows(classes, per_class, size, offset):
+            folder = root / split / names[label]
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / file_name).write_bytes(data)
+    return root
+
+
+def _hf_split(rows: list[tuple[int, str, bytes]], names: list[str], image_column: str, label_column: str):
+    import datasets
+
+    ds = datasets.Dataset.from_dict({
+        image_column: [{"bytes": data, "path": f"{names[label]}/{file_name}"} for label, file_name, data in rows],
+        label_column: [label for label, _, _ in rows],
+    })
+    ds = ds.cast_column(image_column, datasets.Image())
+    return ds.cast_column(label_column, datasets.ClassLabel(names=names))
+
+
+def make_hf_splits(
+    classes: int = 3,
+    train_per_class: int = 6,
+    val_per_class: int = 3,
+    size: tuple[int, int] = (40, 30),
+    image_column: str = "image",
+    label_column: str = "label",
+    train_split: str = "train",
+    val_split: str = "validation",
+):
+    """A `datasets.DatasetDict` with the same images, names and order as `make_image_folder`."""
+    import datasets
+
+    names = class_names(classes)
+    return datasets.DatasetDict({
+        train_split: _hf_split(split_rows(classes, train_per_class, size, 0), names, image_column, label_column),
+        val_split: _hf_split(split_rows(classes, val_per_class, size, 1000), names, image_column, label_column),
+    })
+
+
+def make_hf_parquet(root: Path, **kwargs) -> Path:
+    """Write the hub layout `root/data/<split>-00000-of-00001.parquet`; return `root`.
+
+    Takes `make_hf_splits`'s arguments.
+    """
+    (root / "data").mkdir(parents=True, exist_ok=True)
+    for split, ds in make_hf_splits(**kwargs).items():
+        ds.to_parquet(str(root / "data" / f"{split}-00000-of-00001.parquet"))
+    return root
+
+
+def make_hf_saved(root: Path, single_split: str | None = None, **kwargs) -> Path:
+    """`save_to_disk` of the DatasetDict, or of one split alone as a plain Dataset; return `root`."""
+    splits = make_hf_splits(**kwargs)
+    (splits[single_split] if single_split else splits).save_to_disk(str(root))
+    return root

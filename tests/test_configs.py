@@ -1,0 +1,169 @@
+"""Every YAML under configs/ loads; the ResNet50 recipe is the migration guide's, checked through real objects."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from torchvision.transforms import CenterCrop, InterpolationMode, Normalize, RandomHorizontalFlip, Resize
+
+from trainer.config import Config, load_config, save_config
+from trainer.data.loader import create_transforms, resolve_input_config
+from trainer.optim import create_optimizer, lr_factor
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+ACCELERATE = CONFIGS / "accelerate"
+RUN_CONFIGS = sorted(p for p in CONFIGS.rglob("*.yaml") if ACCELERATE not in p.parents)
+ACCELERATE_CONFIGS = sorted(ACCELERATE.glob("*.yaml"))
+RECIPE = CONFIGS / "resnet50_imagenet.yaml"
+
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def test_there_are_configs_to_check():
+    assert RECIPE in RUN_CONFIGS and CONFIGS / "demo.yaml" in RUN_CONFIGS
+    assert ACCELERATE_CONFIGS, f"no Accelerate launch configs in {ACCELERATE}"
+
+
+@pytest.mark.parametrize("path", RUN_CONFIGS, ids=lambda p: p.name)
+def test_every_run_config_loads(path, tmp_path):
+    cfg = load_config(path)
+    assert isinstance(cfg, Config) and cfg.source == str(path)
+    saved = tmp_path / "resolved.yaml"
+    save_config(cfg, saved)
+    assert load_config(saved) == cfg
+    # Each key in the file was read, not silently dropped: the loaded value equals the file's.
+    for section, values in yaml.safe_load(path.read_text()).items():
+        for key, value in values.items():
+            loaded = getattr(getattr(cfg, section), key)
+            assert loaded == value or loaded == pytest.approx(value), f"{section}.{key}"
+
+
+@pytest.fixture(scope="module")
+def recipe() -> Config:
+    return load_config(RECIPE)
+
+
+def test_recipe_model_batch_epochs_and_workers(recipe):
+    assert recipe.model.name == "resnet50" and recipe.model.pretrained_file == ""
+    assert recipe.data.source == "folder"
+    assert recipe.data.batch_size_per_device == 128
+    assert recipe.data.val_batch_size_per_device in (0, 128)
+    assert recipe.data.workers == 40
+    assert recipe.train.epochs == 90
+    assert recipe.train.grad_accum_steps == 1 and recipe.train.label_smoothing == 0.0
+    assert recipe.train.precision == "fp32"
+    assert recipe.data.color_jitter == 0.0 and recipe.data.auto_augment == ""
+
+
+def test_recipe_optimizer_is_plain_sgd(recipe):
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
+    optimizer = create_optimizer(model, recipe.optim)
+    assert type(optimizer) is torch.optim.SGD
+    assert len(optimizer.param_groups) == 1
+    group = optimizer.param_groups[0]
+    assert group["lr"] == 0.1
+    assert group["momentum"] == 0.9
+    assert group["weight_decay"] == 1e-4
+    assert group["nesterov"] is False
+    assert group["dampening"] == 0
+    assert len(group["params"]) == len(list(model.parameters()))  # decay on every parameter, as the guide
+
+
+def test_recipe_schedule_is_x01_every_30_epochs(recipe):
+    steps = 7
+    at = lambda epoch: lr_factor(epoch * steps, recipe.schedule, steps, recipe.train.epochs)  # noqa: E731
+    assert [at(e) for e in (0, 29)] == [1.0, 1.0]
+    assert at(30) == pytest.approx(0.1) and at(59) == pytest.approx(0.1)
+    assert at(60) == pytest.approx(0.01) and at(89) == pytest.approx(0.01)
+    assert recipe.schedule.warmup_epochs == 0
+
+
+@pytest.fixture(scope="module")
+def input_cfg(recipe) -> dict:
+    return resolve_input_config(recipe.data, recipe.model.name)
+
+
+def test_recipe_input_config(input_cfg):
+    assert input_cfg["input_size"] == (3, 224, 224)
+    assert input_cfg["crop_pct"] == 0.875
+    assert input_cfg["interpolation"] == "bilinear"
+    assert tuple(input_cfg["mean"]) == IMAGENET_MEAN and tuple(input_cfg["std"]) == IMAGENET_STD
+
+
+def test_recipe_train_transform_is_random_resized_crop_224_and_flip(recipe, input_cfg):
+    train, _ = create_transforms(recipe.data, input_cfg)
+    steps = list(train.transforms)
+    crop = steps[0]
+    assert type(crop).__name__ == "RandomResizedCropAndInterpolation"
+    assert tuple(crop.size) == (224, 224)
+    assert tuple(crop.scale) == (0.08, 1.0)
+    assert crop.ratio == pytest.approx((3 / 4, 4 / 3))
+    assert crop.interpolation == InterpolationMode.BILINEAR
+    flips = [t for t in steps if isinstance(t, RandomHorizontalFlip)]
+    assert len(flips) == 1 and flips[0].p == 0.5
+    names = [type(t).__name__ for t in steps]
+    assert not any("Jitter" in n or "Augment" in n or "Erasing" in n for n in names), names
+    assert names[:2] == ["RandomResizedCropAndInterpolation", "RandomHorizontalFlip"]
+
+
+def test_recipe_val_transform_is_resize_256_then_center_crop_224(recipe, input_cfg):
+    _, val = create_transforms(recipe.data, input_cfg)
+    steps = list(val.transforms)
+    resize, crop = steps[0], steps[1]
+    assert isinstance(resize, Resize) and resize.size in (256, [256])  # shorter side to 256
+    assert resize.interpolation == InterpolationMode.BILINEAR
+    assert isinstance(crop, CenterCrop) and tuple(crop.size) == (224, 224)
+
+
+def test_recipe_normalization_is_imagenet_mean_std(recipe, input_cfg):
+    # The trainer normalizes on the device by default: the host transform ends in uint8.
+    train, val = create_transforms(recipe.data, input_cfg)
+    assert not any(isinstance(t, Normalize) for t in list(train.transforms) + list(val.transforms))
+    from PIL import Image
+
+    out = val(Image.new("RGB", (300, 400), (10, 200, 30)))
+    assert out.dtype == torch.uint8 and out.shape == (3, 224, 224)
+    # With host normalization the same transforms carry ImageNet mean/std.
+    recipe.data.normalize_on_device = False
+    try:
+        for transform in create_transforms(recipe.data, input_cfg):
+            (normalize,) = [t for t in transform.transforms if isinstance(t, Normalize)]
+            assert tuple(torch.as_tensor(normalize.mean).tolist()) == pytest.approx(IMAGENET_MEAN)
+            assert tuple(torch.as_tensor(normalize.std).tolist()) == pytest.approx(IMAGENET_STD)
+    finally:
+        recipe.data.normalize_on_device = True
+
+
+# --- Accelerate launch configs (Accelerate's format, not ours) ----------------------------
+
+
+ACCELERATE_KEYS = ("compute_environment", "distributed_type", "num_processes", "num_machines", "machine_rank", "mixed_precision", "use_cpu")
+
+
+@pytest.mark.parametrize("path", ACCELERATE_CONFIGS, ids=lambda p: p.name)
+def test_accelerate_launch_config_is_valid(path):
+    from accelerate.commands.config.config_args import ClusterConfig, load_config_from_file
+    from accelerate.utils import DistributedType
+
+    raw = yaml.safe_load(path.read_text())
+    assert isinstance(raw, dict)
+    missing = [k for k in ACCELERATE_KEYS if k not in raw]
+    assert not missing, f"{path.name} lacks {missing}"
+    assert raw["compute_environment"] == "LOCAL_MACHINE"
+    assert raw["mixed_precision"] == "no"  # train.precision decides, not Accelerate
+    # Accelerate's own reader: rejects unknown keys and bad enum values.
+    cfg = load_config_from_file(str(path))
+    assert isinstance(cfg, ClusterConfig)
+    distributed = DistributedType(cfg.distributed_type)
+    assert cfg.num_processes >= 1 and cfg.num_machines >= 1 and 0 <= cfg.machine_rank < cfg.num_machines
+    assert cfg.num_processes % cfg.num_machines == 0
+    if distributed == DistributedType.NO:
+        assert cfg.num_processes == 1 and cfg.num_machines == 1
+    else:
+        assert cfg.num_processes > 1
+    if cfg.num_machines > 1:
+        assert cfg.main_process_ip and cfg.main_process_port
+    assert cfg.use_cpu is (distributed in (DistributedType.NO, DistributedType.MULTI_CPU) and "cpu" in path.name)
