@@ -293,13 +293,21 @@ TORCH_LIBRARY_IMPL(_, AutocastPrivateUse1, m) {
 
 #define MLU_LOWER_PRECISION(...) KERNEL_PRIVATEUSEONE(__VA_ARGS__, lower_precision_fp)
 #define MLU_FP32(...) KERNEL_PRIVATEUSEONE(__VA_ARGS__, fp32)
+#define MLU_FP32_SET_OPT_DTYPE(...) KERNEL_PRIVATEUSEONE(__VA_ARGS__, fp32_set_opt_dtype)
 #define MLU_PROMOTE(...) KERNEL_PRIVATEUSEONE(__VA_ARGS__, promote)
 
+// The op-list macros name Tensor, Scalar, ... unqualified.
+namespace at {
+namespace {
 TORCH_LIBRARY_IMPL(aten, AutocastPrivateUse1, m) {
   AT_FORALL_LOWER_PRECISION_FP(MLU_LOWER_PRECISION)
   AT_FORALL_FP32(MLU_FP32)
+  AT_FORALL_FP32_SET_OPT_DTYPE(MLU_FP32_SET_OPT_DTYPE)
+  AT_FORALL_DIFFERENT_REDISPATCH_SIGNATURE(KERNEL_DIFFERENT_REDISPATCH_SIGNATURE_PRIVATEUSEONE)
   AT_FORALL_PROMOTE(MLU_PROMOTE)
 }
+}  // namespace
+}  // namespace at
 
 // ------------------------------------------------- control ops for Python
 // Exposed as torch.ops.emulated_mlu.* (no pybind11: keeps the cold build short).

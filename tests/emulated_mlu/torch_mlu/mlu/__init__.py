@@ -54,6 +54,7 @@ __all__ = [
     "set_rng_state_all",
     "stream",
     "synchronize",
+    "visible_device_count",
 ]
 
 DeviceLike = torch.device | str | int | None
@@ -368,6 +369,9 @@ class Stream:
 
     def __hash__(self) -> int:
         return hash(self.device)
+
+    def __repr__(self) -> str:
+        return f"<torch.mlu.Stream device={self.device} (emulated, synchronous)>"
 
 
 def current_stream(device: DeviceLike = None) -> Stream:
