@@ -18,6 +18,8 @@ from typing import Any
 
 import yaml
 
+from trainer.backend import DEVICE_TYPES
+
 
 class _Loader(yaml.SafeLoader):
     """SafeLoader that also reads `1e-4` as a float.
@@ -131,7 +133,7 @@ class TrainConfig:
 
 @dataclass
 class BackendConfig:
-    device: str = _field("auto", "device type; auto picks mlu, then cuda and the others, then cpu", ("auto", "mlu", "cuda", "npu", "xpu", "mps", "cpu"))
+    device: str = _field("auto", "device type; auto picks mlu, then cuda and the others, then cpu", ("auto", *DEVICE_TYPES))
 
 
 @dataclass
@@ -327,3 +329,16 @@ def describe_sections() -> str:
             choices = f" [{'|'.join(shown)}]" if shown else ""
             lines.append(f"  {name}.{f.name} = {default!r}{choices}: {f.metadata['help']}")
     return "\n".join(lines)
+
+
+def reference_markdown() -> str:
+    """The README's config reference, generated so it cannot drift from the code."""
+    lines = []
+    for name, section_type in SECTIONS.items():
+        lines += [f"**{name}**", "", "| key | default | description |", "| --- | --- | --- |"]
+        for f in dataclasses.fields(section_type):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            choices = f" One of: {', '.join(repr(c) for c in f.metadata['choices'])}." if f.metadata["choices"] else ""
+            lines.append(f"| `{name}.{f.name}` | `{default!r}` | {f.metadata['help'].replace('|', '/')}.{choices} |")
+        lines.append("")
+    return "\n".join(lines).rstrip() + "\n"

@@ -61,3 +61,20 @@ class EpochProgress:
 def _hms(seconds: float) -> str:
     seconds = int(max(seconds, 0))
     return f"{seconds // 3600:d}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+TRACKER_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}
+
+
+def check_trackers(names: list[str], source: str) -> None:
+    """Fail early, in one line, for a tracker that is unknown or not installed."""
+    import importlib.util
+
+    from trainer.config import ConfigError
+
+    for name in names:
+        package = TRACKER_PACKAGES.get(name)
+        if package is None:
+            raise ConfigError(f"{source}: output.log_with: unknown tracker '{name}' (choose from {', '.join(TRACKER_PACKAGES)})")
+        if importlib.util.find_spec(package) is None:
+            raise ConfigError(f"{source}: output.log_with: '{name}' needs the {package} package: pip install {package}")

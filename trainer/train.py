@@ -16,12 +16,13 @@ from accelerate.utils import DataLoaderConfiguration, set_seed
 
 from trainer.backend import create_accelerator
 from trainer.checkpoint import CheckpointError, CheckpointManager, TrainState, export_weights
-from trainer.config import Config, save_config
+from trainer.config import Config, ConfigError, config_to_dict, save_config
 from trainer.data.loader import create_datasets, create_loader
 from trainer.metrics import MetricsWriter, RunningSums, topk_correct
 from trainer.model import create_model
 from trainer.optim import create_lr_scheduler, create_optimizer
-from trainer.progress import EpochProgress
+from trainer.plots import write_plots
+from trainer.progress import EpochProgress, check_trackers
 
 log = logging.getLogger("trainer")
 
@@ -50,6 +51,7 @@ class Trainer:
     def __init__(self, cfg: Config) -> None:
         self.cfg, self.run_dir = cfg, cfg.run_dir
         t = cfg.train
+        check_trackers(cfg.output.log_with, cfg.source)
         self.accelerator, self.backend = create_accelerator(
             cfg.backend.device, t.precision, gradient_accumulation_steps=t.grad_accum_steps,
             log_with=cfg.output.log_with or None, project_dir=str(self.run_dir),
@@ -266,6 +268,10 @@ class Trainer:
         """Train all epochs; returns the last epoch's metrics."""
         self._prepare_run_dir()
         self.resume()
+        if self.cfg.output.log_with:
+            self.accelerator.init_trackers(self.run_dir.name, config=_flat(config_to_dict(self.cfg)))
+        self._log_start()
+        fit_start_s, history = time.perf_counter(), []
         previous = {"SIGTERM": signal.signal(signal.SIGTERM, self._request_stop), "SIGINT": signal.signal(signal.SIGINT, self._request_stop)}
         record: dict[str, Any] = {}
         try:
@@ -286,10 +292,12 @@ class Trainer:
                     self.state.best_val_top1, self.state.best_checkpoint = record["val_top1"], name
                 self._save_if_finite()
                 self._log_epoch(record)
+                history.append(record)
         finally:
             for sig, handler in previous.items():
                 signal.signal(getattr(signal, sig), handler)
-        self._export()
+        weights = self._export()
+        self._log_end(history, time.perf_counter() - fit_start_s, weights)
         return record
 
     def _request_stop(self, signum: int, frame: Any) -> None:
@@ -297,8 +305,11 @@ class Trainer:
 
     def _prepare_run_dir(self) -> None:
         if self.accelerator.is_main_process:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            save_config(self.cfg, self.run_dir / "config.yaml")
+            try:
+                self.run_dir.mkdir(parents=True, exist_ok=True)
+                save_config(self.cfg, self.run_dir / "config.yaml")
+            except OSError as err:
+                raise ConfigError(f"{self.cfg.source}: output.dir: cannot write {self.run_dir} ({err.strerror or err})") from None
         self.accelerator.wait_for_everyone()
 
     def _log_epoch(self, record: dict[str, Any]) -> None:
@@ -306,6 +317,40 @@ class Trainer:
             self.metrics.write(record)
             self.accelerator.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=record["step"])
             log.info("epoch %d: %s", record["epoch"] + 1, " ".join(f"{k} {v:.4g}" for k, v in record.items() if isinstance(v, float)))
+            if self.cfg.output.plots:
+                write_plots(self.run_dir)
+
+    def _log_start(self) -> None:
+        """The one-screen summary people check before walking away from a long run."""
+        if not self.accelerator.is_main_process:
+            return
+        b, d, t = self.backend, self.data, self.cfg.train
+        global_batch = self.cfg.data.batch_size_per_device * b.num_processes * t.grad_accum_steps
+        rows = [
+            ("run", str(self.run_dir)), ("model", f"{self.cfg.model.name} ({len(d.classes)} classes)"),
+            ("device", f"{b.device} x {b.num_processes} process(es), {b.distributed_type}, process group {b.process_group_backend or '-'}"),
+            ("precision", {"no": "fp32"}.get(b.mixed_precision, b.mixed_precision) + (" + loss scaler" if self.accelerator.scaler else "")),
+            ("data", f"{self.cfg.data.source} {self.cfg.data.root}: {d.train_size} train / {d.val_size} val images"),
+            ("input", f"{d.data_config['input_size'][-1]}px, {d.data_config['interpolation']}, crop_pct {d.data_config['crop_pct']}"),
+            ("batch", f"{self.cfg.data.batch_size_per_device}/device, global {global_batch}, {self.steps_per_epoch} steps/epoch"),
+            ("schedule", f"{t.epochs} epochs, {self.cfg.optim.name} lr {self.cfg.optim.lr}, {self.cfg.schedule.name}"),
+            ("start", f"epoch {self.state.epoch + 1}, step {self.state.global_step}" + (" (resumed)" if self.state.global_step else "")),
+        ]
+        log.info("\n" + "\n".join(f"  {k:>9}: {v}" for k, v in rows))
+
+    def _log_end(self, history: list[dict[str, Any]], total_s: float, weights: Path) -> None:
+        if not self.accelerator.is_main_process or not history:
+            return
+        last = history[-1]
+        best = max((r for r in history if r.get("val_top1") is not None), key=lambda r: r["val_top1"], default=last)
+        mean_img_s = sum(r["train_samples"] for r in history) / max(sum(r["epoch_time_s"] for r in history), 1e-9)
+        rows = [
+            ("best val", f"top-1 {best.get('val_top1', float('nan')):.4f} top-5 {best.get('val_top5', float('nan')):.4f} (epoch {best['epoch'] + 1})"),
+            ("final val", f"top-1 {last.get('val_top1', float('nan')):.4f} top-5 {last.get('val_top5', float('nan')):.4f}"),
+            ("time", f"{total_s:.1f} s, {mean_img_s:.1f} img/s mean"),
+            ("weights", str(weights)), ("checkpoints", str(self.checkpoints.directory)),
+        ]
+        log.info("done\n" + "\n".join(f"  {k:>11}: {v}" for k, v in rows))
 
     def _export(self) -> Path:
         path = self.run_dir / "model.safetensors"
@@ -316,3 +361,8 @@ class Trainer:
 
     def close(self) -> None:
         self.accelerator.end_training()
+
+
+def _flat(sections: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Tracker-friendly config: `section.key` -> scalar (lists as strings)."""
+    return {f"{k}.{n}": (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, d in sections.items() for n, v in d.items()}

@@ -1,0 +1,117 @@
+"""The backend adapter: device/precision resolution, Accelerate agreement, and the one-seam rule."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from trainer import backend
+from trainer.backend import Backend, BackendError, check_accelerator_state, resolve_precision
+
+PACKAGE = Path(backend.__file__).resolve().parent
+
+# A device type or collective backend named as a string, or a call into a device module.
+FORBIDDEN = re.compile(r"""torch\.(cuda|mlu|npu|xpu|mps)\b|\.(cuda|mlu|npu|xpu)\(|['"](cuda|mlu|npu|xpu|mps|nccl|cncl|hccl|xccl|gloo)(:\d+)?['"]""")
+
+
+def test_no_module_outside_backend_names_a_device():
+    offenders = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        if path.name == "backend.py":
+            continue
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            if FORBIDDEN.search(line):
+                offenders.append(f"{path.relative_to(PACKAGE.parent)}:{number}: {line.strip()}")
+    assert not offenders, "device-specific code outside trainer/backend.py:\n" + "\n".join(offenders)
+
+
+def test_scanner_catches_device_names():
+    # The rule above must not pass vacuously: each pattern it exists for is caught.
+    for line in ['x = torch.cuda.synchronize()', "t.mlu(0)", "dist.init_process_group('cncl')", 'd = "cuda:0"', "torch.mlu.set_device(1)"]:
+        assert FORBIDDEN.search(line), line
+    assert not FORBIDDEN.search("accelerator.device")
+
+
+def test_auto_resolves_to_cpu_here():
+    assert backend.resolve_device_type("auto") in backend.available_device_types()
+    assert backend.resolve_device_type("cpu") == "cpu"
+
+
+def test_missing_device_names_what_was_found():
+    with pytest.raises(BackendError, match=r"backend.device=mlu is not available here \(found: .*cpu.*torch_mlu is not installed"):
+        backend.resolve_device_type("mlu")
+
+
+def test_process_group_mapping():
+    assert backend.PROCESS_GROUP_BACKENDS == {"mlu": "cncl", "cuda": "nccl", "npu": "hccl", "xpu": "xccl", "mps": "gloo", "cpu": "gloo"}
+
+
+@pytest.mark.parametrize(
+    ("requested", "device", "bf16", "expected"),
+    [
+        ("auto", "mlu", False, "fp16"),  # MLU370: no bf16, fp16 + loss scaler
+        ("auto", "cuda", True, "bf16"),
+        ("auto", "cpu", False, "no"),
+        ("auto", "cpu", True, "bf16"),
+        ("fp32", "mlu", False, "no"),
+        ("fp16", "mlu", False, "fp16"),
+    ],
+)
+def test_precision_per_device(monkeypatch, requested, device, bf16, expected):
+    monkeypatch.setattr(backend, "is_bf16_supported", lambda d: bf16)
+    assert resolve_precision(requested, device) == expected
+
+
+def test_bf16_without_support_is_a_clear_error(monkeypatch):
+    monkeypatch.setattr(backend, "is_bf16_supported", lambda d: False)
+    with pytest.raises(BackendError, match="no native bf16"):
+        resolve_precision("bf16", "mlu")
+    with pytest.raises(BackendError, match="fp16 needs an accelerator"):
+        resolve_precision("fp16", "cpu")
+
+
+def _state(**kw):
+    base = dict(device_type="mlu", device=torch.device("cpu"), mixed_precision="fp16", num_processes=2, distributed_type="MULTI_CPU", process_group_backend="gloo")
+    base.update(kw)
+    return Backend(**base)
+
+
+def test_disagreeing_accelerate_state_names_cause_and_fix(monkeypatch):
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "true")
+    with pytest.raises(BackendError) as err:
+        check_accelerator_state(_state(), local_rank=0)
+    text = str(err.value)
+    assert "expected MULTI_MLU" in text and "expected cncl" in text and "use_cpu: true" in text
+
+
+def test_cuda_visible_devices_on_mlu_host_is_flagged(monkeypatch):
+    monkeypatch.setattr(backend.importlib.util, "find_spec", lambda name: object() if name == "torch_mlu" else None)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
+    monkeypatch.delenv("MLU_VISIBLE_DEVICES", raising=False)
+    monkeypatch.delenv("CN_VISIBLE_DEVICES", raising=False)
+    assert any("MLU_VISIBLE_DEVICES" in w for w in backend.pitfalls("mlu"))
+
+
+def test_agreeing_state_passes():
+    check_accelerator_state(_state(device_type="cpu", distributed_type="MULTI_CPU", process_group_backend="gloo"), local_rank=1)
+
+
+def test_cpu_accelerator_and_helpers():
+    accelerator, b = backend.create_accelerator("cpu", "fp32")
+    assert b.device_type == "cpu" and b.mixed_precision == "no" and accelerator.device.type == "cpu"
+    assert b.pin_memory_kwargs() == {"pin_memory": False}
+    with b.timer() as t:
+        torch.ones(4).sum()
+    assert t.elapsed_s >= 0
+    assert b.peak_memory_bytes() == 0
+
+
+def test_environment_report_has_the_picture():
+    report = backend.environment_report("cpu", "fp32")
+    for key in ("device_type", "device_count", "visible_devices", "process_group_backend", "distributed_type", "precision", "versions", "warnings"):
+        assert key in report
+    assert report["process_group_backend"] == "gloo" and report["precision"] == "fp32"
+    assert set(report["versions"]) >= {"torch", "torch_mlu", "accelerate", "timm", "datasets"}

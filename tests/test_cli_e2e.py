@@ -1,0 +1,161 @@
+"""End to end through the real CLI: folder and parquet data, exact resume, 2-process exact validation."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+import yaml
+from safetensors.torch import load_file
+
+import helpers
+
+REPO = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.slow
+
+
+def tiny_config(tmp_path: Path, data: dict, **sections: dict) -> Path:
+    """A seconds-long recipe: timm's test_resnet at 32 px, batch 4, fp32, no workers."""
+    cfg = {
+        "model": {"name": "test_resnet"},
+        "data": {"img_size": 32, "batch_size_per_device": 4, "workers": 0, **data},
+        "optim": {"lr": 0.05},
+        "schedule": {"name": "cosine", "warmup_epochs": 0.5},
+        "train": {"epochs": 2, "precision": "fp32", "log_every_steps": 2},
+        "output": {"dir": str(tmp_path / "runs"), "plots": False},
+    }
+    for name, values in sections.items():
+        cfg.setdefault(name, {}).update(values)
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def run_cli(*args: str, launcher: list[str] | None = None, check: bool = True) -> subprocess.CompletedProcess:
+    cmd = (launcher or [sys.executable, "-m"]) + ["trainer", *args]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=env, timeout=600)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n{proc.stderr[-4000:]}")
+    return proc
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def assert_same_weights(a: Path, b: Path) -> None:
+    wa, wb = load_file(str(a)), load_file(str(b))
+    assert wa.keys() == wb.keys()
+    different = [k for k in wa if not torch.equal(wa[k], wb[k])]
+    assert not different, f"{len(different)} tensors differ, e.g. {different[:3]}"
+
+
+def test_train_on_image_folder_writes_the_run_directory(tmp_path):
+    root = helpers.make_image_folder(tmp_path / "imagenet")
+    config = tiny_config(tmp_path, {"root": str(root)})
+    run_cli("train", "--config", str(config))
+    run_dir = tmp_path / "runs" / "tiny"
+    records = read_metrics(run_dir)
+    assert [r["epoch"] for r in records] == [0, 1]
+    for key in ("epoch", "step", "train_loss", "train_top1", "val_loss", "val_top1", "val_top5", "lr", "img_per_s", "epoch_time_s"):
+        assert records[-1][key] is not None, key
+    assert records[-1]["step"] == 8 and records[-1]["val_samples"] == 9  # 18 train images // 4 per step, x 2 epochs
+    saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert saved["model"]["name"] == "test_resnet" and saved["train"]["epochs"] == 2
+    assert (run_dir / "metrics.csv").read_text().count("\n") == 3
+    checkpoints = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+    assert checkpoints == ["step_00000004", "step_00000008"]
+    # The exported weights load through timm's own local-file path. NOTE: timm re-initialises
+    # the classifier unless the overlay says the file's class count (its default is 1000).
+    weights = str(run_dir / "model.safetensors")
+    model = timm.create_model("test_resnet", pretrained=True, pretrained_cfg_overlay=dict(file=weights, num_classes=3), num_classes=3)
+    exported = load_file(weights)
+    assert all(torch.equal(value, exported[key]) for key, value in model.state_dict().items())
+
+
+def test_train_on_hf_parquet_shards(tmp_path):
+    root = helpers.make_hf_parquet(tmp_path / "parquet")
+    config = tiny_config(tmp_path, {"source": "hf", "root": str(root), "val_split": "validation"}, train={"epochs": 1})
+    run_cli("train", "--config", str(config))
+    (record,) = read_metrics(tmp_path / "runs" / "tiny")
+    assert record["val_samples"] == 9 and record["train_samples"] == 16
+
+
+def test_resume_mid_epoch_matches_uninterrupted_run_bit_for_bit(tmp_path):
+    root = helpers.make_image_folder(tmp_path / "imagenet")
+    config = tiny_config(tmp_path, {"root": str(root)}, train={"checkpoint_every_steps": 3, "keep_last_checkpoints": 100})
+    run_cli("train", "--config", str(config))
+    full = tmp_path / "runs" / "tiny"
+    # step 3 is inside epoch 1, step 6 inside epoch 2: both resume at an exact batch.
+    for step in (3, 6):
+        name = f"resumed_{step}"
+        # NOTE: two loader workers on resume, none before: augmentation is keyed by sample, not by worker.
+        run_cli("train", "--config", str(config), f"output.run_name={name}", f"train.resume={full / 'checkpoints' / f'step_{step:08d}'}", "data.workers=2")
+        assert_same_weights(full / "model.safetensors", tmp_path / "runs" / name / "model.safetensors")
+        assert read_metrics(tmp_path / "runs" / name)[-1]["val_top1"] == read_metrics(full)[-1]["val_top1"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_validate_every_image_exactly_once(tmp_path):
+    # 3 classes x 3 val images = 9: not divisible by 2 processes, so padding would show.
+    root = helpers.make_image_folder(tmp_path / "imagenet", train_per_class=8)
+    config = tiny_config(tmp_path, {"root": str(root), "val_batch_size_per_device": 2})
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(REPO / "configs/accelerate/cpu_2proc.yaml"), "--main_process_port", str(_free_port()), "-m"]
+    run_cli("train", "--config", str(config), launcher=launcher)
+    run_dir = tmp_path / "runs" / "tiny"
+    last = read_metrics(run_dir)[-1]
+    assert last["val_samples"] == 9
+    proc = run_cli("eval", "--config", str(config), "--checkpoint", str(run_dir / "model.safetensors"))
+    single = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert single["val_samples"] == 9
+    assert single["val_top1"] == pytest.approx(last["val_top1"], abs=1e-9)
+    assert single["val_top5"] == pytest.approx(last["val_top5"], abs=1e-9)
+    assert single["val_loss"] == pytest.approx(last["val_loss"], rel=1e-5)
+    assert (run_dir / "eval" / "confusion.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    rows = (run_dir / "eval" / "per_class.csv").read_text().splitlines()
+    assert len(rows) == 4 and rows[0].startswith("class_index,class_name,samples,correct,accuracy")
+
+
+def test_help_lists_options_and_config_sections():
+    for command in ("train", "eval", "bench", "check-data"):
+        out = run_cli(command, "--help").stdout
+        for section in ("model.name", "data.root", "optim.lr", "schedule.name", "train.epochs", "backend.device", "output.dir"):
+            assert section in out, (command, section)
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("data.batch_size_per_device=0", "command line|data.batch_size_per_device: must be > 0"),
+        ("train.epochs=many", "command line: train.epochs: expected int"),
+        ("optim.nosuch=1", "command line: unknown key 'optim.nosuch'"),
+    ],
+)
+def test_bad_config_is_one_line_naming_the_key(tmp_path, override, expected):
+    config = tiny_config(tmp_path, {"root": str(tmp_path)})
+    proc = run_cli("train", "--config", str(config), override, check=False)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("trainer: error:"), proc.stderr
+    assert any(part in lines[0] for part in expected.split("|"))
+    assert str(config) in lines[0] or "command line" in lines[0]
+
+
+def test_missing_data_root_names_path_and_layout(tmp_path):
+    config = tiny_config(tmp_path, {"root": str(tmp_path / "nowhere")})
+    proc = run_cli("train", "--config", str(config), check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "nowhere" in proc.stderr and "ROOT/train/<class>" in proc.stderr
