@@ -83,7 +83,7 @@ def test_train_on_image_folder_writes_the_run_directory(tmp_path):
 
 def test_train_on_hf_parquet_shards(tmp_path):
     root = helpers.make_hf_parquet(tmp_path / "parquet")
-    config = tiny_config(tmp_path, {"source": "hf", "root": str(root), "val_split": "validation"}, train={"epochs": 1})
+    config = tiny_config(tmp_path, {"source": "hf", "root": str(root)}, train={"epochs": 1})
     run_cli("train", "--config", str(config))
     (record,) = read_metrics(tmp_path / "runs" / "tiny")
     assert record["val_samples"] == 9 and record["train_samples"] == 16

@@ -188,12 +188,14 @@ def test_hf_reader_over_save_to_disk_dataset_dict(hf_saved_dir, image_folder):
     assert len(HFReader(hf_cfg(hf_saved_dir), "validation")) == 9
 
 
-def test_hf_reader_over_save_to_disk_single_dataset(tmp_path, image_folder):
+def test_save_to_disk_single_dataset_is_refused_not_read_as_every_split(tmp_path):
+    # A lone Dataset has no split names: reading it for train and val alike would
+    # validate on the training images without a word.
     root = helpers.make_hf_saved(tmp_path / "one", single_split="train")
     assert (root / "state.json").is_file() and not (root / "dataset_dict.json").exists()
-    reader = HFReader(hf_cfg(root), "train")
-    assert reader.classes == helpers.class_names(3)
-    assert_same_as_folder(reader, FolderReader(image_folder / "train"))
+    with pytest.raises(DataError, match="single Dataset without splits") as err:
+        HFReader(hf_cfg(root), "train")
+    assert str(root) in str(err.value)
 
 
 def test_hf_reader_with_renamed_columns_and_splits(tmp_path, image_folder):
@@ -229,7 +231,7 @@ def test_hf_row_without_image_has_no_data(tmp_path):
     ds = datasets.Dataset.from_dict({
         "image": [{"bytes": helpers.jpeg_bytes(0, 0), "path": None}, None], "label": [0, 1],
     }).cast_column("image", datasets.Image()).cast_column("label", datasets.ClassLabel(names=["a", "b"]))
-    ds.save_to_disk(str(tmp_path / "holes"))
+    datasets.DatasetDict({"train": ds}).save_to_disk(str(tmp_path / "holes"))
     reader = HFReader(hf_cfg(tmp_path / "holes"), "train")
     assert reader.read(0).data == helpers.jpeg_bytes(0, 0)
     assert reader.read(1) == Sample(None, 1, "train[1]")

@@ -60,7 +60,7 @@ class CheckpointManager:
         """Complete checkpoints, oldest first."""
         if not self.directory.is_dir():
             return []
-        found = [p for p in self.directory.iterdir() if p.name.startswith(PREFIX) and (p / STATE_FILE).is_file()]
+        found = [p for p in self.directory.iterdir() if p.name.startswith(PREFIX) and p.name[len(PREFIX):].isdigit() and (p / STATE_FILE).is_file()]
         return sorted(found, key=lambda p: int(p.name[len(PREFIX):]))
 
     def save(self, state: TrainState, scheduler: torch.optim.lr_scheduler.LRScheduler) -> Path:

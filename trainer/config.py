@@ -65,7 +65,7 @@ class DataConfig:
     root: str = _field("", "folder: ImageNet root with train/ and val/; hf: hub id in the local cache, parquet dir or save_to_disk dir")
     create_if_missing: str = _field("", "write a built-in dataset into `root` when it does not exist", ("", "digits"))
     train_split: str = _field("train", "training split: sub-folder (folder) or split name (hf)")
-    val_split: str = _field("val", "validation split: sub-folder (folder) or split name (hf, e.g. validation)")
+    val_split: str = _field("", "validation split: sub-folder (folder) or split name (hf); empty: val (folder), validation (hf)")
     image_column: str = _field("image", "hf: column holding the image ({bytes, path} or a decoded image)")
     label_column: str = _field("label", "hf: column holding the integer class label")
     streaming: bool = _field(False, "hf: stream rows instead of loading the split, sharded across processes")
@@ -191,8 +191,8 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
     elif annotation is list:
         if isinstance(value, list):
             return value
-        if isinstance(value, str) and "," in value:
-            return [_load_yaml(v) for v in value.split(",")]
+        if isinstance(value, str):  # `output.log_with=tensorboard` or `a,b`
+            return [_load_yaml(v) for v in value.split(",")] if value else []
     else:
         raise TypeError(f"unsupported config annotation {annotation!r}")
     raise ConfigError(f"{where}: expected {annotation.__name__}, got {value!r}")
