@@ -105,10 +105,13 @@ def open_hf_split(cfg: DataConfig, split: str) -> Any:
     try:
         if (root / "dataset_dict.json").is_file() or (root / "state.json").is_file():
             loaded = datasets.load_from_disk(str(root))
-            if isinstance(loaded, datasets.DatasetDict):
-                if split not in loaded:
-                    raise DataError(f"{root}: no split '{split}' (has {', '.join(loaded)})")
-                loaded = loaded[split]
+            if not isinstance(loaded, datasets.DatasetDict):
+                # NOTE: one saved Dataset has no split names; reading it for both train and
+                # val would validate on the training images without a word.
+                raise DataError(f"{root}: holds a single Dataset without splits; save a DatasetDict with '{split}' (DatasetDict({{...}}).save_to_disk)")
+            if split not in loaded:
+                raise DataError(f"{root}: no split '{split}' (has {', '.join(loaded)})")
+            loaded = loaded[split]
             return loaded.to_iterable_dataset() if cfg.streaming else loaded
         if root.is_dir():
             files = sorted(glob.glob(str(root / "data" / f"{split}-*.parquet"))) or sorted(glob.glob(str(root / f"{split}-*.parquet")))
@@ -166,7 +169,9 @@ class HFReader:
         if isinstance(ds.features[cfg.image_column], datasets.Image):
             ds = ds.cast_column(cfg.image_column, datasets.Image(decode=False))
         if classes is None:
-            classes = names or [str(i) for i in range(int(max(ds[cfg.label_column])) + 1)]
+            # A missing label (None) is skipped by the dataset; it must not break max().
+            labels = [label for label in ds[cfg.label_column] if label is not None] if not names else []
+            classes = names or [str(i) for i in range(int(max(labels, default=-1)) + 1)]
         self.classes, self.split, self._ds, self._cfg = classes, split, ds, cfg
 
     def __len__(self) -> int:
