@@ -43,7 +43,13 @@ class DecodeError(ValueError):
         reason: Short reason, e.g. "truncated JPEG" or "empty file".
     """
 
-    def __init__(self, name: str, reason: str) -> None:
+    def __init__(self, name: str, reason: str | None = None) -> None:
+        if reason is None:
+            # NOTE: a DataLoader worker re-raises as DecodeError(<worker traceback text>), whose
+            # last line is "...DecodeError: name: reason"; keep that line so the CLI still
+            # prints one line naming the file rather than a wall of traceback.
+            last = name.rstrip().rsplit("\n", 1)[-1]
+            name, _, reason = last.partition("DecodeError: ")[2].partition(": ") if "DecodeError: " in last else ("", "", last)
         super().__init__(f"{name}: {reason}")
         self.name = name
         self.reason = reason

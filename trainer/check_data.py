@@ -1,0 +1,180 @@
+"""`trainer check-data`: scan both splits before a long run and report what would go wrong.
+
+Every image is fully decoded by `inspect_image`, the same code the training pipeline
+runs, so a file reported clean here decodes in training, and one reported unreadable is
+one training would skip (or stop at, with data.on_error=raise).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import multiprocessing
+import os
+import sys
+import time
+from argparse import Namespace
+from pathlib import Path
+
+from trainer.config import Config, DataConfig
+from trainer.data.decode import inspect_image
+from trainer.data.readers import FOLDER_LAYOUT, IMG_EXTENSIONS, DataError, Reader, Sample, create_reader
+
+PROGRESS_EVERY = 5000  # files between progress lines
+BLOCKING = ("unreadable files", "label problems", "class mismatches", "empty classes")
+
+
+class _FolderSplit:
+    """A folder split listed like `FolderReader`, but empty class folders are recorded, not raised.
+
+    NOTE: FolderReader stops at the first empty class folder; check-data must list them all.
+    """
+
+    def __init__(self, split_dir: Path) -> None:
+        if not split_dir.is_dir():
+            raise DataError(f"{split_dir}: split folder not found; expected {FOLDER_LAYOUT}")
+        self.classes = sorted(e.name for e in os.scandir(split_dir) if e.is_dir())
+        if not self.classes:
+            raise DataError(f"{split_dir}: no class folders; expected {FOLDER_LAYOUT}")
+        self.files: list[tuple[str, int]] = []
+        self.empty: list[str] = []
+        for label, name in enumerate(self.classes):
+            files = sorted(e.name for e in os.scandir(split_dir / name) if e.is_file() and e.name.lower().endswith(IMG_EXTENSIONS))
+            self.files.extend((str(split_dir / name / f), label) for f in files)
+            if not files:
+                self.empty.append(name)
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def read(self, index: int) -> Sample:
+        path, label = self.files[index]
+        with open(path, "rb") as f:
+            return Sample(f.read(), label, path)
+
+
+class Findings:
+    """Counts and the first `examples` names of each (category, kind) found."""
+
+    def __init__(self, examples: int) -> None:
+        self.examples = examples
+        self.kinds: dict[str, dict[str, list]] = {}  # category -> kind -> [count, names]
+
+    def add(self, category: str, kind: str, name: str) -> None:
+        entry = self.kinds.setdefault(category, {}).setdefault(kind, [0, []])
+        entry[0] += 1
+        if len(entry[1]) < self.examples:
+            entry[1].append(name)
+
+    def count(self, category: str) -> int:
+        return sum(count for count, _ in self.kinds.get(category, {}).values())
+
+    def report(self) -> str:
+        lines = []
+        for category in (*BLOCKING, "conversions"):
+            title = "conversions needed (decoded fine, converted on the fly)" if category == "conversions" else category
+            lines.append(f"{title}: {self.count(category)}")
+            for kind, (count, names) in sorted(self.kinds.get(category, {}).items(), key=lambda kv: -kv[1][0]):
+                lines.append(f"  {kind}: {count}")
+                lines.extend(f"    {name}" for name in names)
+        return "\n".join(lines)
+
+
+def _open_split(cfg: DataConfig, split: str, classes: list[str] | None) -> tuple[Reader, list[str]]:
+    """The split's reader and its empty classes (folder source only)."""
+    if cfg.source == "folder":
+        reader = _FolderSplit(Path(cfg.root).expanduser() / split)
+        return reader, reader.empty
+    return create_reader(cfg, split, classes), []
+
+
+_worker_reader: Reader | None = None
+
+
+def _init_worker(reader: Reader) -> None:
+    global _worker_reader
+    _worker_reader = reader
+
+
+def _inspect(index: int) -> tuple[str, int, str | None, tuple[str, ...]]:
+    """(name, label, problem, conversions) of one sample; never raises for bad data."""
+    try:
+        sample = _worker_reader.read(index)
+    except OSError as err:
+        return getattr(err, "filename", None) or f"sample {index}", -1, f"unreadable: {err.strerror or err}", ()
+    if sample.data is None:
+        return sample.name, sample.label, "row has no image", ()
+    info = inspect_image(sample.data, sample.name)
+    return sample.name, sample.label, info.problem, info.conversions
+
+
+def _scan(reader: Reader, split: str, count: int, workers: int, num_classes: int | None, findings: Findings) -> set[int]:
+    """Inspect the first `count` samples; returns the labels seen. `num_classes` None: no label check."""
+    seen: set[int] = set()
+    start = time.perf_counter()
+    pool = multiprocessing.Pool(workers, _init_worker, (reader,)) if workers > 0 else None
+    _init_worker(reader)
+    results = pool.imap(_inspect, range(count), chunksize=32) if pool else map(_inspect, range(count))
+    try:
+        for done, (name, label, problem, conversions) in enumerate(results, 1):
+            if problem is not None:
+                # "corrupt JPEG (OSError: ...)" -> "corrupt JPEG": group by cause, not message.
+                findings.add("unreadable files", problem.split(" (")[0], f"{name}: {problem}")
+            elif num_classes is not None and not 0 <= label < num_classes:
+                # NOTE: the HF reader gives -1 for a missing label, as datasets' ClassLabel does.
+                kind = "label missing (-1)" if label == -1 else f"label out of range [0, {num_classes})"
+                findings.add("label problems", kind, f"{name}: label {label}")
+            else:
+                seen.add(label)
+            for kind in conversions:
+                findings.add("conversions", kind, name)
+            if done % PROGRESS_EVERY == 0:
+                rate = done / (time.perf_counter() - start)
+                print(f"check-data: {split} {done}/{count} ({rate:.0f} files/s)", file=sys.stderr, flush=True)
+    finally:
+        if pool:
+            pool.terminate()
+    return seen
+
+
+def check_data_command(cfg: Config, args: Namespace) -> int:
+    """Scan train and val of `cfg.data`; print a summary; 0 if nothing blocks a run, else 1.
+
+    Args:
+        cfg: The run config; only `data` (and `model.num_classes`) are used.
+        args: `limit` (first N samples per split, 0 for all) and `examples` (names shown per kind).
+    """
+    d = dataclasses.replace(cfg.data, streaming=False)  # every row is read once, by index
+    findings = Findings(max(args.examples, 0))
+    val_split = d.val_split or ("val" if d.source == "folder" else "validation")
+    workers = min(d.workers, os.cpu_count() or 1)
+    train, empty_train = _open_split(d, d.train_split, None)
+    val, empty_val = _open_split(d, val_split, train.classes if d.source == "hf" else None)
+    num_classes = cfg.model.num_classes or len(train.classes)
+    if d.source == "folder" and num_classes < len(train.classes):  # folder labels are in range by construction
+        findings.add("label problems", "model.num_classes below the class folders", f"model.num_classes={num_classes} < {len(train.classes)} classes")
+    counts, seen = {}, {}
+    for split, reader, empty in ((d.train_split, train, empty_train), (val_split, val, empty_val)):
+        for name in empty:
+            findings.add("empty classes", f"empty {split} class folders", f"{split}/{name}")
+        counts[split] = (min(args.limit, len(reader)) if args.limit > 0 else len(reader), len(reader))
+        seen[split] = _scan(reader, split, counts[split][0], workers, num_classes if d.source == "hf" else None, findings)
+    if d.source == "folder":  # a class is its folder name, whatever the labels
+        names = {d.train_split: set(train.classes) - set(empty_train), val_split: set(val.classes) - set(empty_val)}
+    else:
+        names = {split: {train.classes[i] if i < len(train.classes) else str(i) for i in labels} for split, labels in seen.items()}
+    complete = d.source == "folder" or all(done == total for done, total in counts.values())
+    if complete:  # a partial HF scan sees only some labels: no mismatch can be told from it
+        for a, b in ((val_split, d.train_split), (d.train_split, val_split)):
+            for name in sorted(names[a] - names[b]):
+                findings.add("class mismatches", f"{a} classes absent from {b}", name)
+    scanned = ", ".join(f"{split} {done} of {total}" for split, (done, total) in counts.items())
+    print(f"check-data: {d.root} ({d.source}): {scanned} images, {len(train.classes)} classes")
+    print(findings.report())
+    if not complete:
+        print(f"note: class mismatches are not checked on a partial scan (--limit {args.limit})")
+    blocking = [c for c in BLOCKING if findings.count(c)]
+    if blocking:
+        print(f"result: problems found ({', '.join(blocking)}); fix them before a long run")
+        return 1
+    print("result: ok" + (" (conversions are done on the fly)" if findings.count("conversions") else ""))
+    return 0
