@@ -14,6 +14,7 @@ import importlib.util
 import os
 import socket
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -276,7 +277,10 @@ def create_accelerator(device: str, precision: str, **accelerator_kwargs: Any) -
     mixed_precision = resolve_precision(precision, device_type)
     from accelerate import Accelerator
 
-    accelerator = Accelerator(cpu=device_type == "cpu", mixed_precision=mixed_precision, **accelerator_kwargs)
+    with warnings.catch_warnings():
+        # Accelerate builds the deprecated `torch.mlu.amp.GradScaler`; it is replaced below.
+        warnings.filterwarnings("ignore", message=r".*amp\.GradScaler.*deprecated")
+        accelerator = Accelerator(cpu=device_type == "cpu", mixed_precision=mixed_precision, **accelerator_kwargs)
     if mixed_precision == "fp16" and accelerator.scaler is not None:
         # NOTE: Accelerate builds the deprecated `torch.mlu.amp.GradScaler` on MLU.
         accelerator.scaler = torch.amp.GradScaler(device_type, **(accelerator.scaler_handler.to_kwargs() if accelerator.scaler_handler else {}))

@@ -14,8 +14,8 @@ def setup_logging(is_main_process: bool, debug: bool = False) -> None:
     """Rank 0 logs at INFO; other ranks only warnings, unless --debug."""
     level = logging.DEBUG if debug else (logging.INFO if is_main_process else logging.WARNING)
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S", stream=sys.stderr, force=True)
-    for noisy in ("PIL", "matplotlib", "urllib3", "filelock", "fsspec"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    for noisy in ("PIL", "matplotlib", "urllib3", "filelock", "fsspec", "accelerate"):
+        logging.getLogger(noisy).setLevel(logging.DEBUG if debug else logging.WARNING)
 
 
 def use_bar(mode: str, stream: TextIO) -> bool:
