@@ -271,7 +271,6 @@ def test_hf_missing_label_without_class_names_is_skipped(tmp_path: Path) -> None
     assert isinstance(item, Skipped) and item.reason == "label -1 out of range [0, 2)", item
 
 
-@pytest.mark.xfail(strict=True, reason="loader.create_datasets checks labels against len(classes), not model.num_classes: a label >= model.num_classes reaches the loss as an IndexError")
 def test_label_beyond_model_num_classes_is_skipped(tmp_path: Path) -> None:
     root = write_parquet(tmp_path / "data", {3: {"label": 5}}, train_size=4, class_names=False)
     cfg = load_config(write_config(tmp_path, root, "hf"), ["model.num_classes=2"])

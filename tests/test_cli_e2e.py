@@ -81,6 +81,14 @@ def test_train_on_image_folder_writes_the_run_directory(tmp_path):
     assert all(torch.equal(value, exported[key]) for key, value in model.state_dict().items())
 
 
+def test_tensorboard_through_accelerate_log_with(tmp_path):
+    root = helpers.make_image_folder(tmp_path / "imagenet")
+    config = tiny_config(tmp_path, {"root": str(root)}, train={"epochs": 1}, output={"log_with": ["tensorboard"]})
+    run_cli("train", "--config", str(config))
+    events = list((tmp_path / "runs" / "tiny").rglob("events.out.tfevents.*"))
+    assert events and events[0].stat().st_size > 0
+
+
 def test_train_on_hf_parquet_shards(tmp_path):
     root = helpers.make_hf_parquet(tmp_path / "parquet")
     config = tiny_config(tmp_path, {"source": "hf", "root": str(root)}, train={"epochs": 1})

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 
 STATE_FILE = "trainer_state.json"
@@ -118,7 +119,9 @@ class CheckpointManager:
         try:
             state = TrainState(**json.loads((path / STATE_FILE).read_text()))
             self.accelerator.load_state(str(path))
-        except (OSError, ValueError, TypeError, KeyError, RuntimeError) as err:
+        # NOTE: safetensors raises its own SafetensorError for a truncated file, and
+        # torch.load an EOFError for an empty pickle.
+        except (OSError, ValueError, TypeError, KeyError, RuntimeError, EOFError, SafetensorError) as err:
             raise CheckpointError(f"{path}: unreadable checkpoint ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})") from None
         return state
 

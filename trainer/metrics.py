@@ -69,6 +69,24 @@ class MetricsWriter:
         self.jsonl = run_dir / "metrics.jsonl"
         self.csv = run_dir / "metrics.csv"
 
+    def drop_from_epoch(self, epoch: int) -> None:
+        """Forget the records of `epoch` and later (a resumed run writes them again)."""
+        if not self.jsonl.exists():
+            return
+        records = []
+        for line in self.jsonl.read_text().splitlines():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:  # a line cut short by a kill
+                continue
+        kept = [r for r in records if r.get("epoch", -1) < epoch]
+        if len(kept) == len(records):
+            return
+        self.jsonl.unlink()
+        self.csv.unlink(missing_ok=True)
+        for record in kept:
+            self.write(record)
+
     def write(self, record: dict[str, Any]) -> None:
         record = {k: _clean(v) for k, v in record.items()}
         line = json.dumps(record)

@@ -61,6 +61,8 @@ class Trainer:
         set_seed(t.seed)
         with acc.main_process_first():
             self.data = create_datasets(cfg.data, cfg.model.name, t.seed, acc.process_index, acc.num_processes, cfg.model.num_classes)
+        if self.data.val_size and self.data.val_size < acc.num_processes:
+            raise ConfigError(f"{cfg.source}: {acc.num_processes} processes but only {self.data.val_size} validation images in {cfg.data.root}; launch fewer processes")
         num_classes = cfg.model.num_classes or len(self.data.classes)
         model = create_model(cfg.model, num_classes)
         if t.channels_last:
@@ -112,7 +114,8 @@ class Trainer:
 
     def resume(self) -> None:
         """Continue from `train.resume`: the newest complete checkpoint that loads."""
-        for path in self.checkpoints.resolve(self.cfg.train.resume):
+        candidates = self.checkpoints.resolve(self.cfg.train.resume)
+        for path in candidates:
             try:
                 self.state = self.checkpoints.load(path)
             except CheckpointError as err:
@@ -120,9 +123,13 @@ class Trainer:
                 continue
             self.scheduler.load_state_dict(self.state.scheduler)
             log.info("resumed from %s (epoch %d, step %d)", path, self.state.epoch + 1, self.state.global_step)
+            if self.accelerator.is_main_process:
+                self.metrics.drop_from_epoch(self.state.epoch)  # the resumed run writes them again
             return
-        if self.cfg.train.resume not in ("", "auto"):
-            raise CheckpointError(f"train.resume: {self.cfg.train.resume} could not be loaded")
+        if candidates:
+            # NOTE: a failed load may already have put its weights in the model (Accelerate
+            # loads the model before the optimizer): never train on from those as if fresh.
+            raise CheckpointError(f"train.resume={self.cfg.train.resume}: none of the {len(candidates)} checkpoints in {self.checkpoints.directory} could be loaded; move them away to start fresh")
 
     # -- the loop --------------------------------------------------------------------
     def train_step(self, batch: dict[str, Any], sums: RunningSums) -> None:
@@ -290,8 +297,10 @@ class Trainer:
                 name = f"step_{self.state.global_step:08d}"
                 if record.get("val_top1", -1) > self.state.best_val_top1:
                     self.state.best_val_top1, self.state.best_checkpoint = record["val_top1"], name
-                self._save_if_finite()
+                # NOTE: record first, checkpoint second: a kill between them re-runs the epoch
+                # and resume() drops the record; the other way round it was lost for good.
                 self._log_epoch(record)
+                self._save_if_finite()
                 history.append(record)
         finally:
             for sig, handler in previous.items():

@@ -255,6 +255,33 @@ void mlu_cpu_fallback(const c10::OperatorHandle& op, torch::jit::Stack* stack) {
   at::native::cpu_fallback(op, stack);
 }
 
+// Convolutions with fp16 operands: the CPU has no fast fp16 convolution (its
+// reference kernel is tens of times slower than fp32), while a real MLU runs
+// them natively and accumulates in fp32. Computing in fp32 and rounding the
+// results to fp16 keeps the device's numerics and the test suite's runtime.
+void mlu_conv_fallback(const c10::OperatorHandle& op, torch::jit::Stack* stack) {
+  const auto num_args = op.schema().arguments().size();
+  bool half = false;
+  for (auto i = stack->size() - num_args; i < stack->size(); ++i) {
+    auto& value = (*stack)[i];
+    if (value.isTensor() && value.toTensor().defined() &&
+        value.toTensor().scalar_type() == at::kHalf) {
+      half = true;
+      value = value.toTensor().to(at::kFloat);
+    }
+  }
+  at::native::cpu_fallback(op, stack);
+  if (!half) return;
+  const auto num_returns = op.schema().returns().size();
+  for (auto i = stack->size() - num_returns; i < stack->size(); ++i) {
+    auto& value = (*stack)[i];
+    if (value.isTensor() && value.toTensor().defined() &&
+        value.toTensor().scalar_type() == at::kFloat) {
+      value = value.toTensor().to(at::kHalf);
+    }
+  }
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(aten, PrivateUse1, m) {
@@ -275,9 +302,9 @@ TORCH_LIBRARY_IMPL(aten, PrivateUse1, m) {
   // convolution's composite kernel would pick convolution_overrideable (which
   // just throws) for an unknown device before any fallback is consulted.
   m.impl("convolution",
-         torch::CppFunction::makeFromBoxedFunction<&mlu_cpu_fallback>());
+         torch::CppFunction::makeFromBoxedFunction<&mlu_conv_fallback>());
   m.impl("convolution_backward",
-         torch::CppFunction::makeFromBoxedFunction<&mlu_cpu_fallback>());
+         torch::CppFunction::makeFromBoxedFunction<&mlu_conv_fallback>());
 }
 
 TORCH_LIBRARY_IMPL(_, PrivateUse1, m) {
