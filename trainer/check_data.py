@@ -17,39 +17,10 @@ from pathlib import Path
 
 from trainer.config import Config, DataConfig
 from trainer.data.decode import inspect_image
-from trainer.data.readers import FOLDER_LAYOUT, IMG_EXTENSIONS, DataError, Reader, Sample, create_reader
+from trainer.data.readers import FolderReader, Reader, create_reader
 
 PROGRESS_EVERY = 5000  # files between progress lines
 BLOCKING = ("unreadable files", "label problems", "class mismatches", "empty classes")
-
-
-class _FolderSplit:
-    """A folder split listed like `FolderReader`, but empty class folders are recorded, not raised.
-
-    NOTE: FolderReader stops at the first empty class folder; check-data must list them all.
-    """
-
-    def __init__(self, split_dir: Path) -> None:
-        if not split_dir.is_dir():
-            raise DataError(f"{split_dir}: split folder not found; expected {FOLDER_LAYOUT}")
-        self.classes = sorted(e.name for e in os.scandir(split_dir) if e.is_dir())
-        if not self.classes:
-            raise DataError(f"{split_dir}: no class folders; expected {FOLDER_LAYOUT}")
-        self.files: list[tuple[str, int]] = []
-        self.empty: list[str] = []
-        for label, name in enumerate(self.classes):
-            files = sorted(e.name for e in os.scandir(split_dir / name) if e.is_file() and e.name.lower().endswith(IMG_EXTENSIONS))
-            self.files.extend((str(split_dir / name / f), label) for f in files)
-            if not files:
-                self.empty.append(name)
-
-    def __len__(self) -> int:
-        return len(self.files)
-
-    def read(self, index: int) -> Sample:
-        path, label = self.files[index]
-        with open(path, "rb") as f:
-            return Sample(f.read(), label, path)
 
 
 class Findings:
@@ -82,8 +53,8 @@ class Findings:
 def _open_split(cfg: DataConfig, split: str, classes: list[str] | None) -> tuple[Reader, list[str]]:
     """The split's reader and its empty classes (folder source only)."""
     if cfg.source == "folder":
-        reader = _FolderSplit(Path(cfg.root).expanduser() / split)
-        return reader, reader.empty
+        reader = FolderReader(Path(cfg.root).expanduser() / split, allow_empty_classes=True)
+        return reader, reader.empty_classes
     return create_reader(cfg, split, classes), []
 
 

@@ -56,7 +56,9 @@ class StreamReader(Protocol):
 class FolderReader:
     """`root/<class>/<file>` with classes indexed by sorted folder name, like torchvision's ImageFolder."""
 
-    def __init__(self, split_dir: Path, classes: list[str] | None = None) -> None:
+    def __init__(self, split_dir: Path, classes: list[str] | None = None, allow_empty_classes: bool = False) -> None:
+        """Scan `split_dir`; an empty class folder is an error unless `allow_empty_classes`
+        (check-data lists them all), in which case it is recorded in `empty_classes`."""
         if not split_dir.is_dir():
             raise DataError(f"{split_dir}: split folder not found; expected {FOLDER_LAYOUT}")
         found = sorted(e.name for e in os.scandir(split_dir) if e.is_dir())
@@ -67,10 +69,12 @@ class FolderReader:
         unknown = [name for name in found if name not in index]
         if unknown:
             raise DataError(f"{split_dir}: {len(unknown)} class folders absent from the training split, e.g. {unknown[:3]}")
-        paths, labels = [], []
+        paths, labels, self.empty_classes = [], [], []
         for name in found:
             files = sorted(e.name for e in os.scandir(split_dir / name) if e.is_file() and e.name.lower().endswith(IMG_EXTENSIONS))
-            if not files:
+            if not files and allow_empty_classes:
+                self.empty_classes.append(name)
+            elif not files:
                 raise DataError(f"{split_dir / name}: empty class folder (no {', '.join(IMG_EXTENSIONS)} files); expected {FOLDER_LAYOUT}")
             paths.extend(f"{name}/{f}" for f in files)
             labels.extend([index[name]] * len(files))
