@@ -129,3 +129,28 @@ def make_hf_saved(root: Path, single_split: str | None = None, **kwargs) -> Path
     splits = make_hf_splits(**kwargs)
     (splits[single_split] if single_split else splits).save_to_disk(str(root))
     return root
+
+
+def make_hf_hub_cache(cache_dir: Path, repo_id: str = "ILSVRC/imagenet-1k", **kwargs) -> Path:
+    """Lay out `repo_id` in a datasets cache as an earlier online `load_dataset(repo_id)` leaves it.
+
+    `<cache>/<namespace>___<name>/default/0.0.0/<hash>/<name>-<split>.arrow` plus its
+    dataset_info.json is what `load_dataset(repo_id)` reads when the hub is offline.
+    Takes `make_hf_splits`'s arguments; returns `cache_dir`.
+    """
+    import shutil
+
+    from datasets.packaged_modules.parquet.parquet import Parquet
+
+    namespace, name = repo_id.split("/")
+    source = make_hf_parquet(cache_dir / "_source", **kwargs)
+    files = {split.name.split("-")[0]: [str(split)] for split in sorted((source / "data").glob("*.parquet"))}
+    builder = Parquet(cache_dir=str(cache_dir / "_build"), dataset_name=name, data_files=files, hash="0" * 16)
+    builder.download_and_prepare()
+    (config_dir,) = (cache_dir / "_build" / name).iterdir()  # default-<data files hash>
+    target = cache_dir / f"{namespace}___{name}" / "default"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.move(str(config_dir), str(target))
+    shutil.rmtree(cache_dir / "_build")
+    shutil.rmtree(source)
+    return cache_dir

@@ -97,6 +97,27 @@ def test_train_on_hf_parquet_shards(tmp_path):
     assert record["val_samples"] == 9 and record["train_samples"] == 16
 
 
+def test_train_on_a_hub_id_from_the_local_hf_cache(tmp_path):
+    cache = helpers.make_hf_hub_cache(tmp_path / "hf-cache", "ILSVRC/imagenet-1k")
+    data = {"source": "hf", "root": "ILSVRC/imagenet-1k", "hf_cache_dir": str(cache)}
+    config = tiny_config(tmp_path, data, train={"epochs": 1})
+    run_cli("train", "--config", str(config))
+    (record,) = read_metrics(tmp_path / "runs" / "tiny")
+    assert record["val_samples"] == 9 and record["train_samples"] == 16
+    # The hub is never asked: an id that is not cached is a one-line error, not a download.
+    proc = run_cli("train", "--config", str(config), "data.root=ILSVRC/not-cached", check=False)
+    assert proc.returncode == 2 and "ILSVRC/not-cached" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_streaming_parquet_trains_sharded(tmp_path):
+    root = helpers.make_hf_parquet(tmp_path / "parquet", train_per_class=8)
+    data = {"source": "hf", "root": str(root), "streaming": True}
+    config = tiny_config(tmp_path, data, train={"epochs": 1, "max_steps_per_epoch": 3})
+    run_cli("train", "--config", str(config))
+    (record,) = read_metrics(tmp_path / "runs" / "tiny")
+    assert record["train_samples"] == 12 and record["val_samples"] == 9
+
+
 def test_resume_mid_epoch_matches_uninterrupted_run_bit_for_bit(tmp_path):
     root = helpers.make_image_folder(tmp_path / "imagenet")
     config = tiny_config(tmp_path, {"root": str(root)}, train={"checkpoint_every_steps": 3, "keep_last_checkpoints": 100})
