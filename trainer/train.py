@@ -188,14 +188,13 @@ class Trainer:
         progress.close()
         self._fold(window, sums)
         self._check_finite()
-        totals = sums.totals()
         elapsed = time.perf_counter() - start_s
-        skipped_total = int(acc.reduce(torch.tensor(skipped, device=acc.device), "sum").item())
-        n = totals["n"]
+        # One collective for the epoch: every process's sums and skip count, added up.
+        local = torch.cat([sums.values, torch.tensor([skipped], dtype=sums.values.dtype, device=acc.device)])
+        loss, top1, n, skipped_total = acc.reduce(local, "sum").tolist()
         return {
-            "train_loss": totals["loss"] / max(n, 1), "train_top1": totals["top1"] / max(n, 1),
-            "img_per_s": n * acc.num_processes / elapsed, "epoch_time_s": elapsed, "skipped": skipped_total,
-            "train_samples": int(n * acc.num_processes),
+            "train_loss": loss / max(n, 1), "train_top1": top1 / max(n, 1), "img_per_s": n / elapsed,
+            "epoch_time_s": elapsed, "skipped": int(skipped_total), "train_samples": int(n),
         }
 
     def _fold(self, window: RunningSums, sums: RunningSums) -> None:
