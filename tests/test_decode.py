@@ -276,3 +276,51 @@ def test_inspect_reports_source_format_mode_and_size() -> None:
     info = inspect_image(random.Random(1).randbytes(100), "x.JPEG")
     assert (info.format, info.mode, info.size) == (None, None, None)
     assert info.problem is not None and info.problem.startswith("not an image")
+
+
+# --- decode_image_array: the tensor pipeline's decoder -------------------------------------
+
+
+def array_cases() -> list[tuple[str, bytes]]:
+    """One file per decoder branch: simplejpeg's (RGB, progressive, grey) and PIL's (the rest)."""
+    rgb = photo((120, 90))
+    return [
+        ("rgb.JPEG", encode(rgb, "JPEG", quality=90)),
+        ("progressive.JPEG", encode(rgb, "JPEG", quality=90, progressive=True)),
+        ("gray.JPEG", encode(rgb.convert("L"), "JPEG")),
+        ("cmyk.JPEG", encode(rgb.convert("CMYK"), "JPEG", quality=95)),
+        ("rgba.png", encode(rgb.convert("RGBA"), "PNG")),
+        ("turned.JPEG", oriented_jpeg(6)),
+    ]
+
+
+@pytest.mark.parametrize("simplejpeg", [True, False], ids=["simplejpeg", "pil-only"])
+def test_array_decode_equals_pil_decode_pixel_for_pixel(simplejpeg: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    import trainer.data.decode as decode
+
+    if simplejpeg and decode._simplejpeg is None:
+        pytest.skip("simplejpeg is not installed")
+    if not simplejpeg:
+        monkeypatch.setattr(decode, "_simplejpeg", None)
+    for name, data in array_cases():
+        array = decode.decode_image_array(data, name)
+        assert array.dtype == np.uint8 and array.flags.writeable, name
+        np.testing.assert_array_equal(array, np.asarray(decode_image(data, name)), err_msg=name)
+
+
+def test_array_decode_drafts_like_decode_image(rgb_jpeg: bytes) -> None:
+    from trainer.data.decode import decode_image_array
+
+    array = decode_image_array(rgb_jpeg, "big.JPEG", draft_size=160)  # 375 >= 2 * 160: half scale
+    assert array.shape == (188, 250, 3)
+    np.testing.assert_array_equal(array, np.asarray(decode_image(rgb_jpeg, "big.JPEG", draft_size=160)))
+
+
+@pytest.mark.parametrize("format_", ["JPEG", "PNG"])
+def test_array_decode_names_a_truncated_file(format_: str) -> None:
+    from trainer.data.decode import decode_image_array
+
+    data = encode(photo((300, 200)), format_)
+    with pytest.raises(DecodeError) as caught:
+        decode_image_array(data[: len(data) // 2], "cut.img")
+    assert caught.value.reason == f"truncated {format_}"

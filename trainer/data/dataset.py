@@ -17,8 +17,9 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, IterableDataset, Sampler
 
-from trainer.data.decode import DecodeError, decode_image
+from trainer.data.decode import DecodeError, decode_image, decode_image_array
 from trainer.data.readers import Reader, Sample, StreamReader
+from trainer.data.tensor_transform import run_plan, tensor_plan
 
 
 @dataclass(frozen=True)
@@ -56,11 +57,16 @@ class EpochSampler(Sampler):
 
 
 class _SampleDecoder:
-    """Bytes -> transformed image, or a `Skipped` (on_error=skip) naming the sample."""
+    """Bytes -> transformed image, or a `Skipped` (on_error=skip) naming the sample.
+
+    A transform with uint8 output runs on tensors (`tensor_plan`): the image is decoded
+    straight to an array and never becomes a PIL image.
+    """
 
     def __init__(self, transform: Callable, num_classes: int, draft_size: int | None, on_error: str, seed: int) -> None:
         self.transform, self.num_classes, self.draft_size = transform, num_classes, draft_size
         self.on_error, self.seed = on_error, seed
+        self.plan = tensor_plan(transform)
 
     def __call__(self, sample: Sample, epoch: int, index: int) -> tuple[Any, int] | Skipped:
         try:
@@ -68,7 +74,11 @@ class _SampleDecoder:
                 raise DecodeError(sample.name, "row has no image")
             if not 0 <= sample.label < self.num_classes:
                 raise DecodeError(sample.name, f"label {sample.label} out of range [0, {self.num_classes})")
-            image = decode_image(sample.data, sample.name, draft_size=self.draft_size)
+            if self.plan is not None:
+                # (H, W, 3) memory viewed as (3, H, W): the layout torch's uint8 resize is fastest on.
+                image = torch.from_numpy(decode_image_array(sample.data, sample.name, draft_size=self.draft_size)).permute(2, 0, 1)
+            else:
+                image = decode_image(sample.data, sample.name, draft_size=self.draft_size)
             # Seed only this sample's augmentation; the caller's RNG state is put back.
             # NOTE: numpy too: timm's RandAugment picks its ops with np.random.choice.
             py_state, np_state, torch_state = random.getstate(), np.random.get_state(), torch.random.get_rng_state()
@@ -77,6 +87,8 @@ class _SampleDecoder:
                 random.seed(s)
                 np.random.seed([s & 0xFFFFFFFF, s >> 32])  # legacy seeding takes uint32 words
                 torch.random.default_generator.manual_seed(s)
+                if self.plan is not None:
+                    return run_plan(self.plan, image), sample.label
                 return self.transform(image), sample.label
             finally:
                 random.setstate(py_state)
