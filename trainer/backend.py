@@ -34,6 +34,8 @@ VISIBLE_DEVICES_VARS = {
     "xpu": ("ZE_AFFINITY_MASK",),
 }
 MIXED_PRECISION = {"fp32": "no", "fp16": "fp16", "bf16": "bf16"}
+# NOTE: torch 2.9 made pinning follow the current accelerator and deprecated naming it.
+_PIN_NAMES_DEVICE = tuple(int(p) for p in torch.__version__.split(".")[:2]) < (2, 9)
 
 
 class BackendError(RuntimeError):
@@ -186,19 +188,20 @@ class Backend:
         if self.device_type != "cpu":
             self._api().synchronize()
 
-    def peak_memory_bytes(self) -> int:
+    def _memory_fn(self, name: str) -> Any:
+        """A memory-stats function from `torch.accelerator` or the device module, if any."""
         if self.device_type in ("cpu", "mps"):
-            return 0
-        api = self._api()
-        fn = getattr(api, "max_memory_allocated", None) or getattr(device_module(self.device_type), "max_memory_allocated", None)
+            return None
+        return getattr(self._api(), name, None) or getattr(device_module(self.device_type), name, None)
+
+    def peak_memory_bytes(self) -> int:
+        fn = self._memory_fn("max_memory_allocated")
         return int(fn()) if fn else 0
 
     def reset_peak_memory(self) -> None:
-        if self.device_type not in ("cpu", "mps"):
-            api = self._api()
-            fn = getattr(api, "reset_peak_memory_stats", None) or getattr(device_module(self.device_type), "reset_peak_memory_stats", None)
-            if fn:
-                fn()
+        fn = self._memory_fn("reset_peak_memory_stats")
+        if fn:
+            fn()
 
     def empty_cache(self) -> None:
         if self.device_type not in ("cpu", "mps"):
@@ -218,8 +221,7 @@ class Backend:
             return {"pin_memory": False}
         if not _can_pin(self.device_type):
             return {"pin_memory": False}
-        major, minor = (int(p) for p in torch.__version__.split(".")[:2])
-        if self.device_type != "cuda" and (major, minor) < (2, 9):
+        if self.device_type != "cuda" and _PIN_NAMES_DEVICE:
             return {"pin_memory": True, "pin_memory_device": self.device_type}
         return {"pin_memory": True}
 
@@ -233,15 +235,10 @@ class Backend:
 
 def _can_pin(device_type: str) -> bool:
     try:
-        torch.empty(1).pin_memory(device_type) if _pin_takes_device() else torch.empty(1).pin_memory()
+        torch.empty(1).pin_memory(device_type) if _PIN_NAMES_DEVICE else torch.empty(1).pin_memory()
         return True
     except (RuntimeError, NotImplementedError, TypeError):
         return False
-
-
-def _pin_takes_device() -> bool:
-    major, minor = (int(p) for p in torch.__version__.split(".")[:2])
-    return (major, minor) < (2, 9)
 
 
 class DeviceTimer:
@@ -333,7 +330,8 @@ def environment_report(device: str = "auto", precision: str = "auto") -> dict[st
         world = int(os.environ.get("WORLD_SIZE", "1"))
         report["processes"] = world
         report["distributed_type"] = (DISTRIBUTED_TYPES.get(device_type) if world > 1 else "NO")
-        report["precision"] = {"no": "fp32"}.get(resolve_precision(precision, device_type), resolve_precision(precision, device_type))
+        mixed = resolve_precision(precision, device_type)
+        report["precision"] = "fp32" if mixed == "no" else mixed
         report["bf16_supported"] = is_bf16_supported(device_type)
     except BackendError as err:
         device_type = device

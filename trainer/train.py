@@ -72,17 +72,17 @@ class Trainer:
         val_loader = create_loader(self.data.val, cfg.data, cfg.data.val_batch_size_per_device or cfg.data.batch_size_per_device, pin)
         if t.compile:
             model = torch.compile(model)
-        if self.data.train_sampler is not None:
+        streamed = self.data.train_sampler is None  # the reader already shards by process
+        if not streamed:
             self.model, self.optimizer, self.train_loader = acc.prepare(model, optimizer, train_loader)
-        else:  # streamed: the reader already shards by process, Accelerate only places batches
+        else:  # Accelerate only places the batches
             self.model, self.optimizer = acc.prepare(model, optimizer)
             self.train_loader = prepare_data_loader(train_loader, acc.device, num_processes=1, process_index=0, put_on_device=True, non_blocking=True)
         # NOTE: validation shards without padding (even_batches=False): each image is seen
         # by exactly one process and per-process sums are reduced, so the metrics stay exact
         # even when an undecodable image is skipped.
         self.val_loader = prepare_data_loader(
-            val_loader, acc.device, num_processes=1 if self.data.train_sampler is None else acc.num_processes,
-            process_index=0 if self.data.train_sampler is None else acc.process_index,
+            val_loader, acc.device, num_processes=1 if streamed else acc.num_processes, process_index=0 if streamed else acc.process_index,
             even_batches=False, put_on_device=True, non_blocking=True,
         )
         self.steps_per_epoch = self._steps_per_epoch()
