@@ -166,4 +166,7 @@ def test_accelerate_launch_config_is_valid(path):
         assert cfg.num_processes > 1
     if cfg.num_machines > 1:
         assert cfg.main_process_ip and cfg.main_process_port
-    assert cfg.use_cpu is (distributed in (DistributedType.NO, DistributedType.MULTI_CPU) and "cpu" in path.name)
+    # CPU configs run on the CPU; cpu_2proc says MULTI_GPU only to get the torchrun launcher.
+    assert cfg.use_cpu is ("cpu" in path.name)
+    if "cpu" in path.name and cfg.num_processes > 1:
+        assert distributed == DistributedType.MULTI_GPU, "MULTI_CPU would launch one process without mpirun"

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 from accelerate.data_loader import prepare_data_loader
-from accelerate.utils import DataLoaderConfiguration, set_seed
+from accelerate.utils import DataLoaderConfiguration, broadcast, set_seed
 
 from trainer.backend import create_accelerator
 from trainer.checkpoint import CheckpointError, CheckpointManager, TrainState, export_weights
@@ -244,6 +244,12 @@ class Trainer:
         """Val loss, top-1 and top-5 over every val image exactly once."""
         acc = self.accelerator
         model = acc.unwrap_model(self.model)  # NOTE: no DDP collectives, so uneven shards are fine
+        if acc.num_processes > 1:
+            # DDP syncs buffers at the start of each forward, so after the last step each
+            # process holds BatchNorm statistics of its own batch: validate rank 0's, the
+            # ones that are exported and checkpointed.
+            for buffer in model.buffers():
+                buffer.copy_(broadcast(buffer.clone(), from_process=0))
         model.eval()
         sums = RunningSums(acc.device, ("loss", "top1", "top5", "n"))
         k = num_classes_for_confusion
