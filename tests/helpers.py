@@ -154,3 +154,12 @@ def make_hf_hub_cache(cache_dir: Path, repo_id: str = "ILSVRC/imagenet-1k", **kw
     shutil.rmtree(cache_dir / "_build")
     shutil.rmtree(source)
     return cache_dir
+
+
+def free_port() -> int:
+    """A loopback port nobody listens on now, for an `accelerate launch` rendezvous."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -132,17 +131,11 @@ def test_resume_mid_epoch_matches_uninterrupted_run_bit_for_bit(tmp_path):
         assert read_metrics(tmp_path / "runs" / name)[-1]["val_top1"] == read_metrics(full)[-1]["val_top1"]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_processes_validate_every_image_exactly_once(tmp_path):
     # 3 classes x 3 val images = 9: not divisible by 2 processes, so padding would show.
     root = helpers.make_image_folder(tmp_path / "imagenet", train_per_class=8)
     config = tiny_config(tmp_path, {"root": str(root), "val_batch_size_per_device": 2})
-    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(REPO / "configs/accelerate/cpu_2proc.yaml"), "--main_process_port", str(_free_port()), "-m"]
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(REPO / "configs/accelerate/cpu_2proc.yaml"), "--main_process_port", str(helpers.free_port()), "-m"]
     run_cli("train", "--config", str(config), launcher=launcher)
     run_dir = tmp_path / "runs" / "tiny"
     last = read_metrics(run_dir)[-1]

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -37,15 +36,9 @@ def run(cmd: list[str], mlu: bool, check: bool = True) -> subprocess.CompletedPr
     return proc
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def launch(config_file: str, *args: str, mlu: bool) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(REPO / "configs/accelerate" / config_file),
-           "--main_process_port", str(free_port()), "-m", "trainer", "train", *args]
+           "--main_process_port", str(helpers.free_port()), "-m", "trainer", "train", *args]
     return run(cmd, mlu)
 
 

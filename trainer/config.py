@@ -318,13 +318,17 @@ def save_config(cfg: Config, path: Path) -> None:
     path.write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
 
 
+def _default(f: dataclasses.Field) -> Any:
+    return f.default if f.default is not dataclasses.MISSING else f.default_factory()
+
+
 def describe_sections() -> str:
     """One line per field, by section: the text of `--help` and the README's reference."""
     lines = []
     for name, section_type in SECTIONS.items():
         lines.append(f"{name}:")
         for f in dataclasses.fields(section_type):
-            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            default = _default(f)
             shown = [c or '""' for c in f.metadata["choices"]]
             choices = f" [{'|'.join(shown)}]" if shown else ""
             lines.append(f"  {name}.{f.name} = {default!r}{choices}: {f.metadata['help']}")
@@ -337,7 +341,7 @@ def reference_markdown() -> str:
     for name, section_type in SECTIONS.items():
         lines += [f"**{name}**", "", "| key | default | description |", "| --- | --- | --- |"]
         for f in dataclasses.fields(section_type):
-            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            default = _default(f)
             choices = f" One of: {', '.join(repr(c) for c in f.metadata['choices'])}." if f.metadata["choices"] else ""
             lines.append(f"| `{name}.{f.name}` | `{default!r}` | {f.metadata['help'].replace('|', '/')}.{choices} |")
         lines.append("")
