@@ -6,29 +6,31 @@ What runs (see benchmarks/README.md for results and for why the defaults are sma
    thread and no workers, batch by batch in turn: the reference's ImageFolder and
    transforms, the trainer's recipe pipeline (float output), its fast path (uint8,
    tensor transforms, simplejpeg when installed) and the fast path without simplejpeg;
-2. end to end, ResNet50 at --img-size, --batch-size, --workers: three loops, each in its
+2. end to end, ResNet50 at --img-size, --batch-size, --workers: four loops, each in its
    own process (one Accelerate state each), taking turns of --steps steps for --rounds
-   rounds (A B C, B C A, ...): "reference" (imagenet/main.py's train loop: ImageFolder,
+   rounds (A B C D, B C D A, ...): "reference" (imagenet/main.py's train loop: ImageFolder,
    RandomResizedCrop + flip + ToTensor + Normalize, fp32, contiguous, torch.optim.SGD),
    "trainer recipe" (configs/resnet50_imagenet.yaml: fp32, contiguous, host normalize,
-   no draft) and "trainer fast path" (channels_last, normalize on device, draft decode,
-   foreach SGD, precision auto: bf16 only where native);
+   no draft), "trainer fast path" (channels_last, normalize on device, draft decode,
+   foreach SGD, precision auto: bf16 only where native) and "reference, memory retained"
+   (the reference with glibc keeping freed memory, as the trainer does on the CPU, to
+   show how much of the difference that is; --no-retained-reference leaves it out);
 3. trainer overhead: `Trainer.train_step` vs a bare loop (same model, optimizer,
    precision and pre-built batches; no Accelerate), step by step in turn.
 
-    python benchmarks/bench_vs_reference.py              # 6-10 minutes on 2 cores
+    python benchmarks/bench_vs_reference.py              # 7-12 minutes on 2 cores
     python benchmarks/bench_vs_reference.py --batch-size 64 --steps 8 --workers 8  # bigger machines
 """
 
 from __future__ import annotations
 
 import argparse
-import io
 import itertools
 import json
 import multiprocessing as mp
 import os
 import platform
+import resource
 import statistics
 import subprocess
 import sys
@@ -159,7 +161,11 @@ def trainer_loop(args: argparse.Namespace, setting: str):
 
 def arm_main(name: str, args: argparse.Namespace, conn) -> None:
     """One loop in its own process: build, warm up, then run turns of steps on request."""
-    step, device = reference_loop(args) if name == "reference" else trainer_loop(args, SETTINGS[name])
+    if name == "reference, memory retained":
+        from trainer.backend import retain_freed_host_memory
+
+        retain_freed_host_memory()  # what the trainer does on the CPU; for the reference, MALLOC_MMAP_MAX_=0 does it
+    step, device = reference_loop(args) if name.startswith("reference") else trainer_loop(args, SETTINGS[name])
     for _ in range(args.warmup):
         step()
     conn.send("ready")
@@ -167,10 +173,11 @@ def arm_main(name: str, args: argparse.Namespace, conn) -> None:
         times = []
         for _ in range(request):
             sync(device)
-            start = time.perf_counter()
+            start, usage = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF)
             step()
             sync(device)
-            times.append(time.perf_counter() - start)
+            end = resource.getrusage(resource.RUSAGE_SELF)
+            times.append((time.perf_counter() - start, end.ru_utime - usage.ru_utime, end.ru_stime - usage.ru_stime, end.ru_minflt - usage.ru_minflt))
         conn.send(times)
 
 
@@ -271,8 +278,18 @@ def end_to_end(args: argparse.Namespace, names: list[str]) -> dict[str, dict]:
             if process.is_alive():
                 conn.send("stop")
             process.join(60)
-    figures = {name: {"img_per_s": args.batch_size / statistics.median(sum(t, [])), "step_s": t,
-                      "round_img_per_s": [args.batch_size / statistics.median(x) for x in t]} for name, t in times.items()}
+    figures = {}
+    for name, turns in times.items():
+        steps = sum(turns, [])
+        wall = [[s[0] for s in turn] for turn in turns]
+        figures[name] = {
+            "img_per_s": args.batch_size / statistics.median(s[0] for s in steps), "step_s": wall,
+            "round_img_per_s": [args.batch_size / statistics.median(w) for w in wall],
+            # The main process only (loader workers are not counted): user and system CPU
+            # seconds and minor page faults per step, to tell compute from allocator cost.
+            "user_s_per_step": statistics.median(s[1] for s in steps), "sys_s_per_step": statistics.median(s[2] for s in steps),
+            "page_faults_per_step": statistics.median(s[3] for s in steps),
+        }
     reference = figures[names[0]]
     for f in figures.values():
         # NOTE: a ratio within each round (turns adjacent in time), then their median:
@@ -324,32 +341,40 @@ def main() -> int:
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--img-size", type=int, default=224)
     p.add_argument("--steps", type=int, default=1, help="timed steps per loop per turn")
-    p.add_argument("--rounds", type=int, default=8, help="turns per loop")
-    p.add_argument("--warmup", type=int, default=1, help="untimed steps per loop before its first turn")
+    p.add_argument("--rounds", type=int, default=10, help="turns per loop")
+    p.add_argument("--warmup", type=int, default=4, help="untimed steps per loop before its first turn (glibc's malloc settles over several)")
     p.add_argument("--pipeline-batches", type=int, default=4, help="pipeline batches per arm per round")
     p.add_argument("--overhead-img-size", type=int, default=64, help="smaller than 224 on purpose: a shorter step shows a fixed cost more")
     p.add_argument("--overhead-pairs", type=int, default=12)
     p.add_argument("--device", default="cpu")
     p.add_argument("--json", default=None, help="also write the figures here")
+    p.add_argument("--retained-reference", action=argparse.BooleanOptionalAction, default=True,
+                   help="also run the reference with freed host memory retained, as the trainer does on the CPU")
+    p.add_argument("--parts", default="pipeline,e2e,overhead", type=lambda v: set(v.split(",")), help="which measurements to run (comma-separated)")
     args = p.parse_args()
     args.data = str(Path(args.data).expanduser())
     start = time.perf_counter()
     make_dataset(Path(args.data), args.images, args.classes)
-    report: dict = {"machine": machine(), "args": vars(args)}
-    pipe = report["pipeline_img_per_s_per_core"] = pipeline_per_core(args)
-    e2e = report["end_to_end"] = end_to_end(args, ["reference", *SETTINGS])
-    over = report["overhead"] = overhead(args)
+    report: dict = {"machine": machine(), "args": {**vars(args), "parts": sorted(args.parts)}}
+    pipe = report["pipeline_img_per_s_per_core"] = pipeline_per_core(args) if "pipeline" in args.parts else {}
+    e2e = report["end_to_end"] = end_to_end(args, ["reference", *SETTINGS, *(["reference, memory retained"] if args.retained_reference else [])]) if "e2e" in args.parts else {}
+    over = report["overhead"] = overhead(args) if "overhead" in args.parts else {}
     report["wall_s"] = time.perf_counter() - start
     print(f"{report['machine']}\nResNet50 {args.img_size}px, batch {args.batch_size}, {args.workers} workers, "
-          f"{args.rounds} rounds x {args.steps} steps per loop, {report['wall_s']:.0f} s\n")
-    print(f"{'end to end':<34}{'img/s':>8}{'vs ref':>8}  vs ref per round (vs ref: their median)")
-    for name, f in e2e.items():
-        print(f"{name:<34}{f['img_per_s']:>8.2f}{f['vs_reference']:>8.2f}  {' '.join(f'{x:.2f}' for x in f['round_vs_reference'])}")
-    print(f"\n{'input pipeline, 1 core':<34}{'img/s':>8}{'vs ref':>8}")
-    for name, v in pipe.items():
-        print(f"{name:<34}{v:>8.1f}{v / pipe['reference']:>8.2f}")
-    print(f"\ntrainer overhead at {args.overhead_img_size}px ({over['precision']}): {over['overhead']:+.1%} "
-          f"(train_step {over['trainer_step_s'] * 1e3:.0f} ms vs bare {over['bare_step_s'] * 1e3:.0f} ms, median of {over['pairs']} pairs)")
+          f"{args.rounds} rounds x {args.steps} steps per loop, {report['wall_s']:.0f} s")
+    if e2e:
+        print(f"\n{'end to end':<28}{'img/s':>7}{'vs ref':>7}{'user s':>8}{'sys s':>7}{'faults':>8}  vs ref per round (vs ref: their median)")
+        for name, f in e2e.items():
+            print(f"{name:<28}{f['img_per_s']:>7.2f}{f['vs_reference']:>7.2f}{f['user_s_per_step']:>8.2f}{f['sys_s_per_step']:>7.2f}"
+                  f"{f['page_faults_per_step'] / 1e3:>7.0f}k  {' '.join(f'{x:.2f}' for x in f['round_vs_reference'])}")
+        print("(user s, sys s, faults: CPU seconds and minor page faults per step in the loop's main process, medians)")
+    if pipe:
+        print(f"\n{'input pipeline, 1 core':<34}{'img/s':>8}{'vs ref':>8}")
+        for name, v in pipe.items():
+            print(f"{name:<34}{v:>8.1f}{v / pipe['reference']:>8.2f}")
+    if over:
+        print(f"\ntrainer overhead at {args.overhead_img_size}px ({over['precision']}): {over['overhead']:+.1%} "
+              f"(train_step {over['trainer_step_s'] * 1e3:.0f} ms vs bare {over['bare_step_s'] * 1e3:.0f} ms, median of {over['pairs']} pairs)")
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
     return 0

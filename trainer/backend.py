@@ -9,9 +9,11 @@ the user asked for, and says why and how to fix it when it did not.
 
 from __future__ import annotations
 
+import ctypes
 import importlib
 import importlib.util
 import os
+import platform
 import socket
 import time
 import warnings
@@ -170,6 +172,8 @@ class Backend:
     num_processes: int
     distributed_type: str
     process_group_backend: str | None
+    host_memory: str = "release"
+    """"retain" when glibc keeps freed host memory for reuse (`retain_freed_host_memory`)."""
 
     # -- device helpers -------------------------------------------------------------
     def _api(self) -> Any:
@@ -258,12 +262,37 @@ class DeviceTimer:
         self.elapsed_s = time.perf_counter() - self.start_s
 
 
-def create_accelerator(device: str, precision: str, **accelerator_kwargs: Any) -> tuple[Any, Backend]:
+def retain_freed_host_memory() -> bool:
+    """Make glibc keep freed memory for reuse instead of handing it back to the kernel.
+
+    A training step on the CPU allocates and frees its activations, gigabytes for a
+    ResNet50 at 224 px. With glibc's defaults the large blocks are mmap'd and unmapped
+    every step, so each step page-faults its activations in again as fresh zeroed pages
+    (measured on 2 cores, ResNet50 at batch 16: 0.3-0.7 million faults and 1-2.5 s of
+    system time per step). Serving them from a heap that is never trimmed costs none of
+    that; the process keeps its peak footprint, as a training process does anyway.
+
+    Returns whether it took effect: False off glibc (musl, macOS, Windows).
+    """
+    if platform.libc_ver()[0] != "glibc":
+        return False
+    m_trim_threshold, m_mmap_max = -1, -4  # from glibc's malloc.h
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return False
+    return bool(mallopt(m_mmap_max, 0)) and bool(mallopt(m_trim_threshold, 2**31 - 1))
+
+
+def create_accelerator(device: str, precision: str, host_memory: str = "auto", **accelerator_kwargs: Any) -> tuple[Any, Backend]:
     """Build the Accelerator on the requested device and check Accelerate agrees.
 
     Args:
         device: `backend.device` (auto, mlu, cuda, ..., cpu).
         precision: `train.precision` (auto, fp32, fp16, bf16).
+        host_memory: `backend.host_memory`: `retain` keeps freed host memory for reuse
+            (`retain_freed_host_memory`), `release` leaves the C library's defaults, and
+            `auto` retains when the model runs on the CPU, where the activations live.
         **accelerator_kwargs: passed to `accelerate.Accelerator`.
 
     Raises:
@@ -272,6 +301,8 @@ def create_accelerator(device: str, precision: str, **accelerator_kwargs: Any) -
     """
     device_type = resolve_device_type(device)  # imports torch_mlu before Accelerate's state
     mixed_precision = resolve_precision(precision, device_type)
+    retained = host_memory == "retain" or (host_memory == "auto" and device_type == "cpu")
+    retained = retained and retain_freed_host_memory()
     from accelerate import Accelerator
 
     with warnings.catch_warnings():
@@ -289,6 +320,7 @@ def create_accelerator(device: str, precision: str, **accelerator_kwargs: Any) -
         num_processes=accelerator.num_processes,
         distributed_type=str(state.distributed_type).split(".")[-1],
         process_group_backend=getattr(state, "backend", None),
+        host_memory="retain" if retained else "release",
     )
     check_accelerator_state(backend, local_rank=accelerator.local_process_index)
     return accelerator, backend

@@ -134,6 +134,9 @@ class TrainConfig:
 @dataclass
 class BackendConfig:
     device: str = _field("auto", "device type; auto picks mlu, then cuda and the others, then cpu", ("auto", *DEVICE_TYPES))
+    host_memory: str = _field(
+        "auto", "retain: the C library keeps freed host memory for reuse (no page faults for each step's activations); "
+        "release: its defaults; auto: retain when the model runs on the cpu", ("auto", "retain", "release"))
 
 
 @dataclass

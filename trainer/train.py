@@ -52,7 +52,7 @@ class Trainer:
         t = cfg.train
         check_trackers(cfg.output.log_with, cfg.source)
         self.accelerator, self.backend = create_accelerator(
-            cfg.backend.device, t.precision, gradient_accumulation_steps=t.grad_accum_steps,
+            cfg.backend.device, t.precision, cfg.backend.host_memory, gradient_accumulation_steps=t.grad_accum_steps,
             log_with=cfg.output.log_with or None, project_dir=str(self.run_dir),
             dataloader_config=DataLoaderConfiguration(non_blocking=True),
         )
@@ -341,7 +341,8 @@ class Trainer:
         global_batch = self.cfg.data.batch_size_per_device * b.num_processes * t.grad_accum_steps
         rows = [
             ("run", str(self.run_dir)), ("model", f"{self.cfg.model.name} ({len(d.classes)} classes)"),
-            ("device", f"{b.device} x {b.num_processes} process(es), {b.distributed_type}, process group {b.process_group_backend or '-'}"),
+            ("device", f"{b.device} x {b.num_processes} process(es), {b.distributed_type}, process group {b.process_group_backend or '-'}"
+             + (", freed host memory retained" if b.host_memory == "retain" else "")),
             ("precision", {"no": "fp32"}.get(b.mixed_precision, b.mixed_precision) + (" + loss scaler" if self.accelerator.scaler else "")),
             ("data", f"{self.cfg.data.source} {self.cfg.data.root}: {d.train_size} train / {d.val_size} val images"),
             ("input", f"{d.data_config['input_size'][-1]}px, {d.data_config['interpolation']}, crop_pct {d.data_config['crop_pct']}"),
