@@ -190,3 +190,13 @@ def test_plot_command_malformed_metrics(tmp_path: Path, capsys: pytest.CaptureFi
     run_dir = _write_jsonl(tmp_path, ["not json"])
     assert plots.plot_command(str(run_dir)) == 2
     assert "metrics.jsonl:1:" in capsys.readouterr().err
+
+
+def test_epochs_are_counted_from_one_as_in_the_logs() -> None:
+    # Records count epochs from 0; the final summary says "(epoch 2)" for the second one.
+    records = [_record(0), {**_record(1), "val_top1": 0.9}, _record(2)]
+    spec = next(s for s in plots._FIGURES if s.filename == "top1.png")
+    fig = plots._draw_metric(spec, records, "run")
+    ax = fig.axes[0]
+    assert list(ax.get_lines()[0].get_xdata()) == [1, 2, 3]
+    assert any(label.endswith("@ epoch 2") for label in ax.get_legend_handles_labels()[1])

@@ -97,8 +97,12 @@ def read_metrics(run_dir: Path) -> list[dict]:
 
 
 def _series(records: list[dict], key: str) -> tuple[list[int], list[float]]:
-    """Returns (epochs, values) for the records where ``key`` is present and non-null."""
-    points = [(r["epoch"], float(r[key])) for r in records if r.get(key) is not None]
+    """Returns (epochs, values) for the records where ``key`` is present and non-null.
+
+    Epochs are counted from 1 here, as the logs and the final summary count them; the
+    records count from 0.
+    """
+    points = [(r["epoch"] + 1, float(r[key])) for r in records if r.get(key) is not None]
     return [p[0] for p in points], [p[1] for p in points]
 
 
