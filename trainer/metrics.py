@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-METRIC_KEYS = ("epoch", "step", "train_loss", "train_top1", "val_loss", "val_top1", "val_top5", "lr", "img_per_s", "epoch_time_s", "train_samples", "val_samples", "skipped")
+METRIC_KEYS = ("epoch", "step", "train_loss", "train_top1", "val_loss", "val_top1", "val_top5", "lr", "img_per_s", "epoch_time_s", "train_samples", "val_samples", "skipped", "val_skipped")
 
 
 def topk_correct(logits: torch.Tensor, labels: torch.Tensor, ks: tuple[int, ...] = (1, 5)) -> list[torch.Tensor]:
@@ -94,8 +94,11 @@ class MetricsWriter:
             f.write(_fresh_line(self.jsonl) + line + "\n")
             f.flush()
             os.fsync(f.fileno())
-        columns = list(METRIC_KEYS)
         new = not self.csv.exists() or self.csv.stat().st_size == 0
+        columns = list(METRIC_KEYS)
+        if not new:  # keep the columns the file started with (a run resumed by another version)
+            with open(self.csv, newline="") as f:
+                columns = next(csv.reader(f), None) or columns
         prefix = "" if new else _fresh_line(self.csv)
         with open(self.csv, "a", newline="") as f:
             f.write(prefix)

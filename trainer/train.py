@@ -254,9 +254,10 @@ class Trainer:
         sums = RunningSums(acc.device, ("loss", "top1", "top5", "n"))
         k = num_classes_for_confusion
         confusion = torch.zeros(k * k, dtype=torch.int64, device=acc.device) if k else None
+        skipped = 0
         for batch in self.val_loader:
             if batch["skipped"]:
-                self._record_skipped(batch["skipped"])
+                skipped += self._record_skipped(batch["skipped"])
             labels = batch["labels"]
             if labels.numel() == 0:
                 continue
@@ -268,9 +269,11 @@ class Trainer:
             if confusion is not None:
                 confusion += torch.bincount(labels * k + logits.argmax(1), minlength=k * k)
         model.train()
-        totals = dict(zip(sums.names, acc.reduce(sums.values, "sum").tolist()))
+        local = torch.cat([sums.values, torch.tensor([skipped], dtype=sums.values.dtype, device=acc.device)])
+        totals = dict(zip((*sums.names, "skipped"), acc.reduce(local, "sum").tolist()))
         n = max(totals["n"], 1)
-        result = {"val_loss": totals["loss"] / n, "val_top1": totals["top1"] / n, "val_top5": totals["top5"] / n, "val_samples": int(totals["n"])}
+        result = {"val_loss": totals["loss"] / n, "val_top1": totals["top1"] / n, "val_top5": totals["top5"] / n,
+                  "val_samples": int(totals["n"]), "val_skipped": int(totals["skipped"])}
         if confusion is not None:
             result["confusion"] = acc.reduce(confusion, "sum").view(k, k).cpu()
         return result
