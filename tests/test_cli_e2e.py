@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -37,13 +39,31 @@ def tiny_config(tmp_path: Path, data: dict, **sections: dict) -> Path:
     return path
 
 
-def run_cli(*args: str, launcher: list[str] | None = None, check: bool = True) -> subprocess.CompletedProcess:
+def run_cli(*args: str, launcher: list[str] | None = None, check: bool = True, timeout: float = 600) -> subprocess.CompletedProcess:
     cmd = (launcher or [sys.executable, "-m"]) + ["trainer", *args]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=env, timeout=600)
+    marker = f"{os.getpid()}-{time.monotonic_ns()}"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "TRAINER_TEST_RUN": marker}
+    with subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) as process:
+        try:
+            stdout, stderr = process.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            kill_marked(marker)  # torchrun starts its workers in sessions of their own
+            raise
+    proc = subprocess.CompletedProcess(cmd, process.returncode, stdout, stderr)
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n{proc.stderr[-4000:]}")
     return proc
+
+
+def kill_marked(marker: str) -> None:
+    """SIGKILL every process whose environment has TRAINER_TEST_RUN=marker."""
+    needle = f"TRAINER_TEST_RUN={marker}".encode()
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and needle in (proc / "environ").read_bytes().split(b"\0"):
+                os.kill(int(proc.name), signal.SIGKILL)
+        except OSError:  # gone already, or not ours to read
+            continue
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
@@ -117,6 +137,26 @@ def test_streaming_parquet_trains_sharded(tmp_path):
     assert record["train_samples"] == 12 and record["val_samples"] == 9
 
 
+def test_two_processes_stream_uneven_shards_in_step(tmp_path):
+    # Two train files of 12 and 4 rows: `datasets` gives each process one whole file, so one
+    # process runs out after 2 steps and must step on until the other is done (6 steps);
+    # processes agree every 10 steps whether all have run out, which ends the epoch there
+    # rather than at the 40 steps asked for.
+    root = tmp_path / "parquet"
+    (root / "data").mkdir(parents=True)
+    splits = helpers.make_hf_splits(train_per_class=6)  # 18 train rows; 16 used
+    splits["train"].select(range(12)).to_parquet(str(root / "data" / "train-00000-of-00002.parquet"))
+    splits["train"].select(range(12, 16)).to_parquet(str(root / "data" / "train-00001-of-00002.parquet"))
+    splits["validation"].to_parquet(str(root / "data" / "validation-00000-of-00001.parquet"))
+    data = {"source": "hf", "root": str(root), "streaming": True, "batch_size_per_device": 2}
+    config = tiny_config(tmp_path, data, train={"epochs": 1, "max_steps_per_epoch": 40})
+    proc = run_cli("train", "--config", str(config), launcher=two_process_launcher(), timeout=240)
+    (record,) = read_metrics(tmp_path / "runs" / "tiny")
+    assert record["step"] == 10 and record["train_samples"] == 16 and record["val_samples"] == 9
+    assert "stream shard ran out after 2 of the epoch's 40 batches" in proc.stderr
+    assert "every process's stream shard has run out; the epoch ends here" in proc.stderr
+
+
 def test_resume_mid_epoch_matches_uninterrupted_run_bit_for_bit(tmp_path):
     root = helpers.make_image_folder(tmp_path / "imagenet")
     config = tiny_config(tmp_path, {"root": str(root)}, train={"checkpoint_every_steps": 3, "keep_last_checkpoints": 100})
@@ -135,8 +175,7 @@ def test_two_processes_validate_every_image_exactly_once(tmp_path):
     # 3 classes x 3 val images = 9: not divisible by 2 processes, so padding would show.
     root = helpers.make_image_folder(tmp_path / "imagenet", train_per_class=8)
     config = tiny_config(tmp_path, {"root": str(root), "val_batch_size_per_device": 2})
-    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(REPO / "configs/accelerate/cpu_2proc.yaml"), "--main_process_port", str(helpers.free_port()), "-m"]
-    run_cli("train", "--config", str(config), launcher=launcher)
+    run_cli("train", "--config", str(config), launcher=two_process_launcher())
     run_dir = tmp_path / "runs" / "tiny"
     last = read_metrics(run_dir)[-1]
     assert last["val_samples"] == 9
@@ -149,6 +188,28 @@ def test_two_processes_validate_every_image_exactly_once(tmp_path):
     assert (run_dir / "eval" / "confusion.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     rows = (run_dir / "eval" / "per_class.csv").read_text().splitlines()
     assert len(rows) == 4 and rows[0].startswith("class_index,class_name,samples,correct,accuracy")
+
+
+def two_process_launcher() -> list[str]:
+    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(REPO / "configs/accelerate/cpu_2proc.yaml"),
+            "--main_process_port", str(helpers.free_port()), "-m"]
+
+
+def test_a_batch_skipped_whole_on_one_process_keeps_the_processes_in_step(tmp_path):
+    # One image per process per step: the one empty training file leaves one process an
+    # empty batch while the other trains; both must still all-reduce and step together.
+    root = helpers.make_image_folder(tmp_path / "imagenet", train_per_class=7)  # 21 + 1 empty = 22 = 11 steps x 2
+    classes = sorted(p.name for p in (root / "train").iterdir())
+    (root / "train" / classes[0] / "empty.JPEG").write_bytes(b"")
+    (root / "val" / classes[1] / "empty.JPEG").write_bytes(b"")
+    config = tiny_config(tmp_path, {"root": str(root), "batch_size_per_device": 1, "img_size": 64}, train={"epochs": 1})  # 64 px: BatchNorm needs 2x2 at the end
+    # NOTE: processes out of step wait in mismatched collectives until gloo's 30-minute timeout.
+    run_cli("train", "--config", str(config), launcher=two_process_launcher(), timeout=240)
+    (record,) = read_metrics(tmp_path / "runs" / "tiny")
+    assert record["step"] == 11 and record["train_samples"] == 21 and record["skipped"] == 1
+    assert record["val_samples"] == 9 and record["val_skipped"] == 1
+    listed = sorted(line.split("\t")[0] for line in (tmp_path / "runs" / "tiny" / "skipped.txt").read_text().splitlines())
+    assert listed == [str(root / "train" / classes[0] / "empty.JPEG"), str(root / "val" / classes[1] / "empty.JPEG")]
 
 
 def test_help_lists_options_and_config_sections():

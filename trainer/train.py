@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import signal
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from accelerate.data_loader import prepare_data_loader
@@ -77,13 +78,16 @@ class Trainer:
             self.model, self.optimizer, self.train_loader = acc.prepare(model, optimizer, train_loader)
         else:  # Accelerate only places the batches
             self.model, self.optimizer = acc.prepare(model, optimizer)
-            self.train_loader = prepare_data_loader(train_loader, acc.device, num_processes=1, process_index=0, put_on_device=True, non_blocking=True)
+            # NOTE: dispatch_batches=False: by default Accelerate has process 0 read an
+            # IterableDataset and hand out slices of its batches, so the other processes'
+            # shards would never be read.
+            self.train_loader = prepare_data_loader(train_loader, acc.device, num_processes=1, process_index=0, put_on_device=True, non_blocking=True, dispatch_batches=False)
         # NOTE: validation shards without padding (even_batches=False): each image is seen
         # by exactly one process and per-process sums are reduced, so the metrics stay exact
         # even when an undecodable image is skipped.
         self.val_loader = prepare_data_loader(
             val_loader, acc.device, num_processes=1 if streamed else acc.num_processes, process_index=0 if streamed else acc.process_index,
-            even_batches=False, put_on_device=True, non_blocking=True,
+            even_batches=False, put_on_device=True, non_blocking=True, dispatch_batches=False,
         )
         self.steps_per_epoch = self._steps_per_epoch()
         self.scheduler = create_lr_scheduler(self.optimizer, cfg.schedule, self.steps_per_epoch, t.epochs)
@@ -95,6 +99,8 @@ class Trainer:
         self.stop_requested = False
         self.nonfinite_streak = torch.zeros((), dtype=torch.int64, device=acc.device)
         self.nonfinite_max = torch.zeros((), dtype=torch.int64, device=acc.device)
+        self._last_batch: dict[str, Any] | None = None  # the stand-in for a batch whose every image was skipped
+        self._stream_ended = False  # this process's stream shard ran out this epoch
 
     # -- setup helpers ---------------------------------------------------------------
     def _steps_per_epoch(self) -> int:
@@ -132,15 +138,28 @@ class Trainer:
 
     # -- the loop --------------------------------------------------------------------
     def train_step(self, batch: dict[str, Any], sums: RunningSums) -> None:
-        """One micro-batch: forward, backward and (at accumulation boundaries) the update."""
+        """One micro-batch: forward, backward and (at accumulation boundaries) the update.
+
+        A batch whose every image was skipped still steps when there are several processes,
+        on a stand-in with its loss weighted 0: the gradient all-reduce, the optimizer step
+        and the schedule must stay in lockstep across processes, and this process then adds
+        nothing to the gradient, the loss or the accuracy.
+        """
+        stand_in = batch["labels"].numel() == 0
+        if stand_in:
+            batch = self._stand_in_batch()
+        else:
+            self._last_batch = batch
         images, labels = self.normalize(batch["images"]), batch["labels"]
         with self.accelerator.accumulate(self.model):
             with self.accelerator.autocast():
                 logits = self.model(images)
-                loss = self.criterion(logits, labels)
+                loss = self.criterion(logits, labels) * (0.0 if stand_in else 1.0)
             self.accelerator.backward(loss)
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
+        if stand_in:
+            return
         (top1,) = topk_correct(logits.detach(), labels, (1,))
         n = torch.tensor(labels.numel(), device=labels.device)
         sums.add(loss.detach() * n, top1.sum(), n)
@@ -162,10 +181,13 @@ class Trainer:
         sums = RunningSums(acc.device, ("loss", "top1", "n"))
         window = RunningSums(acc.device, ("loss", "top1", "n"))
         skipped, start_s, window_s = 0, time.perf_counter(), time.perf_counter()
+        self._stream_ended = False
+        if self.data.train_sampler is None and acc.num_processes > 1:
+            loader = itertools.chain(loader, self._past_the_stream(epoch))
         for batch in loader:
             if batch["skipped"]:
                 skipped += self._record_skipped(batch["skipped"])
-            if batch["labels"].numel() == 0:
+            if batch["labels"].numel() == 0 and acc.num_processes == 1:  # all skipped; several processes step on together
                 self.state.batches_done += 1
                 continue
             self.train_step(batch, window)
@@ -183,7 +205,7 @@ class Trainer:
             if t.checkpoint_every_steps and self.state.global_step % t.checkpoint_every_steps == 0 and step_in_epoch < self.steps_per_epoch:
                 self._fold(window, sums)
                 self._save_if_finite()
-            if self._preempted() or step_in_epoch >= self.steps_per_epoch:
+            if self._epoch_over() or step_in_epoch >= self.steps_per_epoch:
                 break
         progress.close()
         self._fold(window, sums)
@@ -196,6 +218,27 @@ class Trainer:
             "train_loss": loss / max(n, 1), "train_top1": top1 / max(n, 1), "img_per_s": n / elapsed,
             "epoch_time_s": elapsed, "skipped": int(skipped_total), "train_samples": int(n),
         }
+
+    def _past_the_stream(self, epoch: int) -> Iterator[dict[str, Any]]:
+        """Empty batches after this process's stream shard ran out, until the epoch's last step.
+
+        NOTE: `datasets` gives each process whole shards (files) when they divide evenly,
+        and files differ in size: a process whose shard ends first must keep stepping, on
+        the stand-in, or the others wait for it in their next all-reduce for ever.
+        """
+        self._stream_ended = True
+        log.warning("epoch %d: process %d's stream shard ran out after %d of the epoch's %d batches; it steps on with its loss weighted 0 so that the processes stay in step",
+                    epoch + 1, self.accelerator.process_index, self.state.batches_done, self.steps_per_epoch * self.cfg.train.grad_accum_steps)
+        while True:
+            yield {"images": torch.empty(0), "labels": torch.empty(0, dtype=torch.int64), "skipped": []}
+
+    def _stand_in_batch(self) -> dict[str, Any]:
+        """The last batch this process trained on, or two blank images before the first."""
+        if self._last_batch is None:
+            size = self.data.data_config["input_size"]
+            images = torch.zeros(2, *size, device=self.accelerator.device)  # already normalized: Normalizer keeps floats
+            self._last_batch = {"images": images, "labels": torch.zeros(2, dtype=torch.int64, device=self.accelerator.device)}
+        return self._last_batch
 
     def _fold(self, window: RunningSums, sums: RunningSums) -> None:
         sums.values += window.values
@@ -229,15 +272,22 @@ class Trainer:
             f.write("".join(line + "\n" for line in lines))
         return len(lines)
 
-    def _preempted(self) -> bool:
-        """True once SIGTERM/SIGINT arrived; processes agree every 10 steps, when they all ask."""
+    def _epoch_over(self) -> bool:
+        """True once SIGTERM/SIGINT arrived, or every process's stream shard has run out.
+
+        Processes agree every 10 steps, when they all ask: a stop asked of one stops all,
+        and a stream shard that ran out (`_past_the_stream`) ends the epoch once all have.
+        """
         if self.accelerator.num_processes == 1:
             return self.stop_requested
         if self.state.global_step % 10:
             return False
-        flag = torch.tensor(int(self.stop_requested), device=self.accelerator.device)
-        self.stop_requested = bool(self.accelerator.reduce(flag, "sum").item())
-        return self.stop_requested
+        flags = torch.tensor([int(self.stop_requested), int(self._stream_ended)], device=self.accelerator.device)
+        stops, ended = self.accelerator.reduce(flags, "sum").tolist()
+        self.stop_requested = stops > 0
+        if ended == self.accelerator.num_processes:
+            log.info("step %d: every process's stream shard has run out; the epoch ends here", self.state.global_step)
+        return self.stop_requested or ended == self.accelerator.num_processes
 
     @torch.no_grad()
     def evaluate(self, num_classes_for_confusion: int = 0) -> dict[str, Any]:
