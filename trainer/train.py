@@ -12,17 +12,19 @@ from typing import Any, Iterator
 
 import torch
 from accelerate.data_loader import prepare_data_loader
-from accelerate.utils import DataLoaderConfiguration, broadcast, set_seed
+from accelerate.utils import DataLoaderConfiguration, set_seed
 
 from trainer.backend import create_accelerator
-from trainer.checkpoint import CheckpointError, CheckpointManager, TrainState, export_weights
-from trainer.config import Config, ConfigError, config_to_dict, save_config
+from trainer.checkpoint import CheckpointError, CheckpointManager, TrainState
+from trainer.config import Config, ConfigError, config_to_dict
 from trainer.data.loader import create_datasets, create_loader
-from trainer.metrics import MetricsWriter, RunningSums, topk_correct
+from trainer.evaluate import evaluate
+from trainer.metrics import RunningSums, topk_correct
 from trainer.model import create_model
 from trainer.optim import create_lr_scheduler, create_optimizer
-from trainer.plots import write_plots
 from trainer.progress import EpochProgress, check_trackers
+from trainer.run_dir import RunDirectory
+from trainer.summary import end_summary, flat_config, start_summary
 
 log = logging.getLogger("trainer")
 
@@ -94,7 +96,7 @@ class Trainer:
         self.criterion = torch.nn.CrossEntropyLoss(label_smoothing=t.label_smoothing)
         self.normalize = Normalizer(self.data.data_config["mean"], self.data.data_config["std"], acc.device, t.channels_last)
         self.checkpoints = CheckpointManager(acc, self.run_dir / "checkpoints", t.keep_last_checkpoints)
-        self.metrics = MetricsWriter(self.run_dir)
+        self.run = RunDirectory(cfg, acc)
         self.state = TrainState()
         self.stop_requested = False
         self.nonfinite_streak = torch.zeros((), dtype=torch.int64, device=acc.device)
@@ -129,7 +131,7 @@ class Trainer:
             self.scheduler.load_state_dict(self.state.scheduler)
             log.info("resumed from %s (epoch %d, step %d)", path, self.state.epoch + 1, self.state.global_step)
             if self.accelerator.is_main_process:
-                self.metrics.drop_from_epoch(self.state.epoch)  # the resumed run writes them again
+                self.run.metrics.drop_from_epoch(self.state.epoch)  # the resumed run writes them again
             return
         if candidates:
             # NOTE: a failed load may already have put its weights in the model (Accelerate
@@ -186,7 +188,7 @@ class Trainer:
             loader = itertools.chain(loader, self._past_the_stream(epoch))
         for batch in loader:
             if batch["skipped"]:
-                skipped += self._record_skipped(batch["skipped"])
+                skipped += self.run.record_skipped(batch["skipped"])
             if batch["labels"].numel() == 0 and acc.num_processes == 1:  # all skipped; several processes step on together
                 self.state.batches_done += 1
                 continue
@@ -267,11 +269,6 @@ class Trainer:
             return
         self.checkpoints.save(self.state, self.scheduler)
 
-    def _record_skipped(self, lines: list[str]) -> int:
-        with open(self.run_dir / "skipped.txt", "a") as f:
-            f.write("".join(line + "\n" for line in lines))
-        return len(lines)
-
     def _epoch_over(self) -> bool:
         """True once SIGTERM/SIGINT arrived, or every process's stream shard has run out.
 
@@ -289,51 +286,16 @@ class Trainer:
             log.info("step %d: every process's stream shard has run out; the epoch ends here", self.state.global_step)
         return self.stop_requested or ended == self.accelerator.num_processes
 
-    @torch.no_grad()
     def evaluate(self, num_classes_for_confusion: int = 0) -> dict[str, Any]:
-        """Val loss, top-1 and top-5 over every val image exactly once."""
-        acc = self.accelerator
-        model = acc.unwrap_model(self.model)  # NOTE: no DDP collectives, so uneven shards are fine
-        if acc.num_processes > 1:
-            # DDP syncs buffers at the start of each forward, so after the last step each
-            # process holds BatchNorm statistics of its own batch: validate rank 0's, the
-            # ones that are exported and checkpointed.
-            for buffer in model.buffers():
-                buffer.copy_(broadcast(buffer.clone(), from_process=0))
-        model.eval()
-        sums = RunningSums(acc.device, ("loss", "top1", "top5", "n"))
-        k = num_classes_for_confusion
-        confusion = torch.zeros(k * k, dtype=torch.int64, device=acc.device) if k else None
-        skipped = 0
-        for batch in self.val_loader:
-            if batch["skipped"]:
-                skipped += self._record_skipped(batch["skipped"])
-            labels = batch["labels"]
-            if labels.numel() == 0:
-                continue
-            with acc.autocast():
-                logits = model(self.normalize(batch["images"]))
-                loss = torch.nn.functional.cross_entropy(logits.float(), labels, reduction="sum")
-            top1, top5 = topk_correct(logits, labels, (1, 5))
-            sums.add(loss, top1.sum(), top5.sum(), torch.tensor(labels.numel(), device=labels.device))
-            if confusion is not None:
-                confusion += torch.bincount(labels * k + logits.argmax(1), minlength=k * k)
-        model.train()
-        local = torch.cat([sums.values, torch.tensor([skipped], dtype=sums.values.dtype, device=acc.device)])
-        totals = dict(zip((*sums.names, "skipped"), acc.reduce(local, "sum").tolist()))
-        n = max(totals["n"], 1)
-        result = {"val_loss": totals["loss"] / n, "val_top1": totals["top1"] / n, "val_top5": totals["top5"] / n,
-                  "val_samples": int(totals["n"]), "val_skipped": int(totals["skipped"])}
-        if confusion is not None:
-            result["confusion"] = acc.reduce(confusion, "sum").view(k, k).cpu()
-        return result
+        """Val loss, top-1 and top-5 over every val image exactly once (`trainer.evaluate`)."""
+        return evaluate(self.accelerator, self.model, self.val_loader, self.normalize, self.run.record_skipped, num_classes_for_confusion)
 
     def fit(self) -> dict[str, Any]:
         """Train all epochs; returns the last epoch's metrics."""
-        self._prepare_run_dir()
+        self.run.prepare()
         self.resume()
         if self.cfg.output.log_with:
-            self.accelerator.init_trackers(self.run_dir.name, config=_flat(config_to_dict(self.cfg)))
+            self.accelerator.init_trackers(self.run_dir.name, config=flat_config(config_to_dict(self.cfg)))
         self._log_start()
         fit_start_s, history = time.perf_counter(), []
         previous = {"SIGTERM": signal.signal(signal.SIGTERM, self._request_stop), "SIGINT": signal.signal(signal.SIGINT, self._request_stop)}
@@ -356,80 +318,27 @@ class Trainer:
                     self.state.best_val_top1, self.state.best_checkpoint = record["val_top1"], name
                 # NOTE: record first, checkpoint second: a kill between them re-runs the epoch
                 # and resume() drops the record; the other way round it was lost for good.
-                self._log_epoch(record)
+                self.run.write_epoch(record)
                 self._save_if_finite()
                 history.append(record)
         finally:
             for sig, handler in previous.items():
                 signal.signal(getattr(signal, sig), handler)
-        weights = self._export()
+        weights = self.run.export(self.model)
         self._log_end(history, time.perf_counter() - fit_start_s, weights)
         return record
 
     def _request_stop(self, signum: int, frame: Any) -> None:
         self.stop_requested = True
 
-    def _prepare_run_dir(self) -> None:
-        if self.accelerator.is_main_process:
-            try:
-                self.run_dir.mkdir(parents=True, exist_ok=True)
-                save_config(self.cfg, self.run_dir / "config.yaml")
-            except OSError as err:
-                raise ConfigError(f"{self.cfg.source}: output.dir: cannot write {self.run_dir} ({err.strerror or err})") from None
-        self.accelerator.wait_for_everyone()
-
-    def _log_epoch(self, record: dict[str, Any]) -> None:
-        if self.accelerator.is_main_process:
-            self.metrics.write(record)
-            self.accelerator.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=record["step"])
-            log.info("epoch %d: %s", record["epoch"] + 1, " ".join(f"{k} {v:.4g}" for k, v in record.items() if isinstance(v, float)))
-            if self.cfg.output.plots:
-                write_plots(self.run_dir)
-
     def _log_start(self) -> None:
-        """The one-screen summary people check before walking away from a long run."""
-        if not self.accelerator.is_main_process:
-            return
-        b, d, t = self.backend, self.data, self.cfg.train
-        global_batch = self.cfg.data.batch_size_per_device * b.num_processes * t.grad_accum_steps
-        rows = [
-            ("run", str(self.run_dir)), ("model", f"{self.cfg.model.name} ({len(d.classes)} classes)"),
-            ("device", f"{b.device} x {b.num_processes} process(es), {b.distributed_type}, process group {b.process_group_backend or '-'}"
-             + (", freed host memory retained" if b.host_memory == "retain" else "")),
-            ("precision", {"no": "fp32"}.get(b.mixed_precision, b.mixed_precision) + (" + loss scaler" if self.accelerator.scaler else "")),
-            ("data", f"{self.cfg.data.source} {self.cfg.data.root}: {d.train_size} train / {d.val_size} val images"),
-            ("input", f"{d.data_config['input_size'][-1]}px, {d.data_config['interpolation']}, crop_pct {d.data_config['crop_pct']}"),
-            ("batch", f"{self.cfg.data.batch_size_per_device}/device, global {global_batch}, {self.steps_per_epoch} steps/epoch"),
-            ("schedule", f"{t.epochs} epochs, {self.cfg.optim.name} lr {self.cfg.optim.lr}, {self.cfg.schedule.name}"),
-            ("start", f"epoch {self.state.epoch + 1}, step {self.state.global_step}" + (" (resumed)" if self.state.global_step else "")),
-        ]
-        log.info("\n" + "\n".join(f"  {k:>9}: {v}" for k, v in rows))
+        if self.accelerator.is_main_process:
+            log.info("\n" + start_summary(self.cfg, self.backend, self.data, self.accelerator.scaler is not None, self.steps_per_epoch, self.state))
 
     def _log_end(self, history: list[dict[str, Any]], total_s: float, weights: Path) -> None:
-        if not self.accelerator.is_main_process or not history:
-            return
-        last = history[-1]
-        best = max((r for r in history if r.get("val_top1") is not None), key=lambda r: r["val_top1"], default=last)
-        mean_img_s = sum(r["train_samples"] for r in history) / max(sum(r["epoch_time_s"] for r in history), 1e-9)
-        rows = [
-            ("best val", f"top-1 {best.get('val_top1', float('nan')):.4f} top-5 {best.get('val_top5', float('nan')):.4f} (epoch {best['epoch'] + 1})"),
-            ("final val", f"top-1 {last.get('val_top1', float('nan')):.4f} top-5 {last.get('val_top5', float('nan')):.4f}"),
-            ("time", f"{total_s:.1f} s, {mean_img_s:.1f} img/s mean"),
-            ("weights", str(weights)), ("checkpoints", str(self.checkpoints.directory)),
-        ]
-        log.info("done\n" + "\n".join(f"  {k:>11}: {v}" for k, v in rows))
-
-    def _export(self) -> Path:
-        path = self.run_dir / "model.safetensors"
-        if self.accelerator.is_main_process:
-            export_weights(self.accelerator.unwrap_model(self.model), path)
-        self.accelerator.wait_for_everyone()
-        return path
+        if self.accelerator.is_main_process and history:
+            log.info("done\n" + end_summary(history, total_s, weights, self.checkpoints.directory))
 
     def close(self) -> None:
         self.accelerator.end_training()
 
-
-def _flat(sections: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """Tracker-friendly config: `section.key` -> scalar (lists as strings)."""
-    return {f"{k}.{n}": (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, d in sections.items() for n, v in d.items()}

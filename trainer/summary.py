@@ -1,0 +1,51 @@
+"""The one-screen start and end summaries of a run, and the config flattened for trackers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from trainer.backend import Backend
+from trainer.checkpoint import TrainState
+from trainer.config import Config
+from trainer.data.loader import Datasets
+
+
+def start_summary(cfg: Config, backend: Backend, data: Datasets, loss_scaler: bool, steps_per_epoch: int, state: TrainState) -> str:
+    """What people check before walking away from a long run."""
+    b, d, t = backend, data, cfg.train
+    global_batch = cfg.data.batch_size_per_device * b.num_processes * t.grad_accum_steps
+    return _table([
+        ("run", str(cfg.run_dir)), ("model", f"{cfg.model.name} ({len(d.classes)} classes)"),
+        ("device", f"{b.device} x {b.num_processes} process(es), {b.distributed_type}, process group {b.process_group_backend or '-'}"
+         + (", freed host memory retained" if b.host_memory == "retain" else "")),
+        ("precision", {"no": "fp32"}.get(b.mixed_precision, b.mixed_precision) + (" + loss scaler" if loss_scaler else "")),
+        ("data", f"{cfg.data.source} {cfg.data.root}: {d.train_size} train / {d.val_size} val images"),
+        ("input", f"{d.data_config['input_size'][-1]}px, {d.data_config['interpolation']}, crop_pct {d.data_config['crop_pct']}"),
+        ("batch", f"{cfg.data.batch_size_per_device}/device, global {global_batch}, {steps_per_epoch} steps/epoch"),
+        ("schedule", f"{t.epochs} epochs, {cfg.optim.name} lr {cfg.optim.lr}, {cfg.schedule.name}"),
+        ("start", f"epoch {state.epoch + 1}, step {state.global_step}" + (" (resumed)" if state.global_step else "")),
+    ])
+
+
+def end_summary(history: list[dict[str, Any]], total_s: float, weights: Path, checkpoints: Path) -> str:
+    """Best and final val accuracy, time, mean throughput and where the results are."""
+    last = history[-1]
+    best = max((r for r in history if r.get("val_top1") is not None), key=lambda r: r["val_top1"], default=last)
+    mean_img_s = sum(r["train_samples"] for r in history) / max(sum(r["epoch_time_s"] for r in history), 1e-9)
+    return _table([
+        ("best val", f"top-1 {best.get('val_top1', float('nan')):.4f} top-5 {best.get('val_top5', float('nan')):.4f} (epoch {best['epoch'] + 1})"),
+        ("final val", f"top-1 {last.get('val_top1', float('nan')):.4f} top-5 {last.get('val_top5', float('nan')):.4f}"),
+        ("time", f"{total_s:.1f} s, {mean_img_s:.1f} img/s mean"),
+        ("weights", str(weights)), ("checkpoints", str(checkpoints)),
+    ])
+
+
+def flat_config(sections: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Tracker-friendly config: `section.key` -> scalar (lists as strings)."""
+    return {f"{k}.{n}": (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, d in sections.items() for n, v in d.items()}
+
+
+def _table(rows: list[tuple[str, str]]) -> str:
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"  {k:>{width}}: {v}" for k, v in rows)
