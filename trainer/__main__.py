@@ -48,6 +48,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     from trainer.progress import setup_logging
@@ -60,7 +61,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
     weights = path / "model.safetensors" if path.is_dir() else path
     if not weights.is_file():
         raise ConfigError(f"--checkpoint: {weights} not found (give a checkpoint directory or a .safetensors file)")
-    trainer.accelerator.unwrap_model(trainer.model).load_state_dict(load_file(str(weights)))
+    try:
+        trainer.accelerator.unwrap_model(trainer.model).load_state_dict(load_file(str(weights)))
+    except (RuntimeError, OSError, SafetensorError) as err:  # another architecture or class count, or not a weights file
+        detail = " ".join(line.strip() for line in str(err).strip().splitlines()[:2]) or type(err).__name__  # torch's second line names the tensor
+        raise ConfigError(f"--checkpoint: {weights} cannot be loaded into {cfg.model.name} with {cfg.model.num_classes or len(trainer.data.classes)} classes: {detail}") from None
     classes = trainer.data.classes
     result = trainer.evaluate(num_classes_for_confusion=len(classes) if args.confusion and len(classes) <= 100 else 0)
     confusion = result.pop("confusion", None)

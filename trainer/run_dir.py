@@ -33,6 +33,7 @@ class RunDirectory:
 
     def record_skipped(self, lines: list[str]) -> int:
         """Append `path<TAB>reason` lines to skipped.txt; returns how many."""
+        self.path.mkdir(parents=True, exist_ok=True)  # `trainer eval` may run before any training did
         with open(self.path / "skipped.txt", "a") as f:
             f.write("".join(line + "\n" for line in lines))
         return len(lines)
