@@ -156,7 +156,9 @@ class Trainer:
         with self.accelerator.accumulate(self.model):
             with self.accelerator.autocast():
                 logits = self.model(images)
-                loss = self.criterion(logits, labels) * (0.0 if stand_in else 1.0)
+                loss = self.criterion(logits, labels)
+                if stand_in:
+                    loss = loss * 0.0
             self.accelerator.backward(loss)
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
