@@ -239,6 +239,7 @@ def test_help_lists_options_and_config_sections():
         ("data.batch_size_per_device=0", "command line|data.batch_size_per_device: must be > 0"),
         ("train.epochs=many", "command line: train.epochs: expected int"),
         ("optim.nosuch=1", "command line: unknown key 'optim.nosuch'"),
+        ("optim.lr=1e300", "command line: optim.lr: must be > 0 and at most 3.403e+38 (float32), got 1e+300"),
     ],
 )
 def test_bad_config_is_one_line_naming_the_key(tmp_path, override, expected):

@@ -268,20 +268,39 @@ def test_no_loadable_checkpoint_never_trains_on_half_loaded_weights(data: Path, 
 
 
 # -- (d) non-finite loss ------------------------------------------------------------------
-def test_non_finite_loss_stops_with_one_line_and_no_nan_checkpoint(data: Path) -> None:
-    tmp = data.parent
-    config = write_config(tmp, data, "diverged")
-    status, output = run(config, tmp / "diverged.log", "optim.lr=1e30", "train.max_non_finite_steps=3")
+def test_non_finite_loss_stops_with_one_line_and_no_nan_checkpoint(data: Path, tmp_path: Path) -> None:
+    config = write_config(tmp_path, data, "diverged")
+    status, output = run(config, tmp_path / "diverged.log", "optim.lr=1e30", "train.max_non_finite_steps=3")
     assert status != 0
     line = one_error_line(output)
     assert "non-finite" in line and re.search(r"step \d+", line), line
-    checkpoints = sorted((tmp / "runs" / "diverged" / "checkpoints").glob("step_*"))
+    checkpoints = sorted((tmp_path / "runs" / "diverged" / "checkpoints").glob("step_*"))
     assert checkpoints, "the steps before divergence should have been checkpointed"
     for path in checkpoints:
         tensors = [*weights(path / "model.safetensors").values()]
         optimizer = torch.load(path / "optimizer.bin", weights_only=True)
         tensors += [v for s in optimizer["state"].values() for v in s.values() if isinstance(v, torch.Tensor)]
         assert all(torch.isfinite(t).all() for t in tensors if t.is_floating_point()), f"{path} holds non-finite values"
+
+
+def test_non_finite_weights_after_a_finite_loss_are_not_checkpointed(data: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    # An update can overflow weights while the loss it came from was finite; the loss
+    # check alone would checkpoint them, and resume=auto would then start from inf.
+    from trainer.config import load_config
+    from trainer.train import Trainer
+
+    trainer = Trainer(load_config(write_config(tmp_path, data, "overflowed")))
+    trainer.run.prepare()
+    trainer._save_if_finite()
+    assert len(list(trainer.checkpoints.directory.glob("step_*"))) == 1
+    trainer.state.global_step = 1
+    with torch.no_grad():
+        next(trainer.model.parameters()).view(-1)[0] = float("inf")
+    with caplog.at_level("WARNING", logger="trainer"):
+        trainer._save_if_finite()
+    assert len(list(trainer.checkpoints.directory.glob("step_*"))) == 1
+    assert "step 1: the weights hold non-finite values; checkpoint not saved" in caplog.text
+    trainer.close()
 
 
 # -- (e) output that cannot be written ----------------------------------------------------

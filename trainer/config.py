@@ -217,6 +217,9 @@ def _set(cfg: Config, key: str, value: Any, origin: str) -> None:
     setattr(section, name, value)
 
 
+_FLOAT32_MAX = 3.4028234663852886e38
+
+
 def _validate(cfg: Config, origins: dict[str, str]) -> None:
     """Reject values no run could use; each message names the key and where its value came from."""
     d, o, s, t = cfg.data, cfg.optim, cfg.schedule, cfg.train
@@ -235,8 +238,10 @@ def _validate(cfg: Config, origins: dict[str, str]) -> None:
         ("data.max_train_samples", d.max_train_samples >= 0, "must be >= 0"),
         ("data.max_val_samples", d.max_val_samples >= 0, "must be >= 0"),
         ("model.num_classes", cfg.model.num_classes >= 0, "must be >= 0"),
-        ("optim.lr", o.lr > 0, "must be > 0"),
-        ("optim.weight_decay", o.weight_decay >= 0, "must be >= 0"),
+        # NOTE: the optimizers scale by lr and weight decay in float32: a larger value is a
+        # RuntimeError ("cannot be converted to type float without overflow") at step 1.
+        ("optim.lr", 0 < o.lr <= _FLOAT32_MAX, f"must be > 0 and at most {_FLOAT32_MAX:.4g} (float32)"),
+        ("optim.weight_decay", 0 <= o.weight_decay <= _FLOAT32_MAX, f"must be >= 0 and at most {_FLOAT32_MAX:.4g} (float32)"),
         ("optim.momentum", 0 <= o.momentum < 1, "must be in [0, 1)"),
         ("train.epochs", t.epochs > 0, "must be > 0"),
         ("schedule.step_epochs", s.step_epochs > 0, "must be > 0"),

@@ -264,10 +264,15 @@ class Trainer:
             raise TrainingStopped(f"loss was non-finite for {worst} consecutive steps, up to step {self.state.global_step} (limit train.max_non_finite_steps={limit}); the last good checkpoint is kept in {self.checkpoints.directory}")
 
     def _save_if_finite(self) -> None:
-        """Checkpoint unless the latest loss was non-finite: never overwrite good state with NaNs."""
+        """Checkpoint unless the latest loss or the weights are non-finite: never overwrite good state with NaNs."""
         self._check_finite()
         if self.accelerator.scaler is None and int(self.nonfinite_streak.item()):
             log.warning("step %d: loss is non-finite; checkpoint not saved", self.state.global_step)
+            return
+        # NOTE: an update can overflow weights while the loss it came from was finite; the
+        # weights are the same on every process, so all of them skip the (collective) save.
+        if not bool(torch.stack([torch.isfinite(p.detach()).all() for p in self.model.parameters()]).all()):
+            log.warning("step %d: the weights hold non-finite values; checkpoint not saved", self.state.global_step)
             return
         self.checkpoints.save(self.state, self.scheduler)
 
