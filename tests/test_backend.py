@@ -17,7 +17,7 @@ from trainer.backend import Backend, BackendError, check_accelerator_state, reso
 PACKAGE = Path(backend.__file__).resolve().parent
 
 # A device type or collective backend named as a string, or a call into a device module.
-FORBIDDEN = re.compile(r"""torch\.(cuda|mlu|npu|xpu|mps)\b|\.(cuda|mlu|npu|xpu)\(|['"](cuda|mlu|npu|xpu|mps|nccl|cncl|hccl|xccl|gloo)(:\d+)?['"]""")
+FORBIDDEN = re.compile(r"""torch\.(cuda|mlu|npu|xpu|mps)\b|\.(cuda|mlu|npu|xpu)\(|['"](cuda|mlu|npu|xpu|mps|cpu|nccl|cncl|hccl|xccl|gloo)(:\d+)?['"]""")
 
 
 def test_no_module_outside_backend_names_a_device():
@@ -33,7 +33,7 @@ def test_no_module_outside_backend_names_a_device():
 
 def test_scanner_catches_device_names():
     # The rule above must not pass vacuously: each pattern it exists for is caught.
-    for line in ['x = torch.cuda.synchronize()', "t.mlu(0)", "dist.init_process_group('cncl')", 'd = "cuda:0"', "torch.mlu.set_device(1)"]:
+    for line in ['x = torch.cuda.synchronize()', "t.mlu(0)", "dist.init_process_group('cncl')", 'd = "cuda:0"', "torch.mlu.set_device(1)", 'device_type == "cpu"']:
         assert FORBIDDEN.search(line), line
     assert not FORBIDDEN.search("accelerator.device")
 
@@ -105,7 +105,7 @@ def test_agreeing_state_passes():
 def test_cpu_accelerator_and_helpers():
     accelerator, b = backend.create_accelerator("cpu", "fp32")
     assert b.device_type == "cpu" and b.mixed_precision == "no" and accelerator.device.type == "cpu"
-    assert b.pin_memory_kwargs() == {"pin_memory": False}
+    assert b.pin_memory_kwargs() == {"pin_memory": False} and b.on_host and b.precision == "fp32"
     with b.timer() as t:
         torch.ones(4).sum()
     assert t.elapsed_s >= 0

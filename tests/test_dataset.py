@@ -12,7 +12,6 @@ from timm.data import create_transform
 from torch.utils.data import DataLoader
 
 import helpers
-from trainer.config import DataConfig
 from trainer.data.dataset import (
     EpochSampler,
     ImageDataset,
@@ -162,7 +161,7 @@ def test_worker_count_does_not_change_the_batches(image_folder):
 
 def test_folder_and_parquet_sources_give_identical_tensors(image_folder, hf_parquet_dir):
     folder = FolderReader(image_folder / "train")
-    hf = HFReader(DataConfig(source="hf", root=str(hf_parquet_dir)), "train")
+    hf = HFReader(str(hf_parquet_dir), "train")
     for transform in (train_transform(), val_transform()):
         a, b = dataset(folder, transform, seed=4), dataset(hf, transform, seed=4)
         assert len(a) == len(b) == 18
@@ -298,11 +297,10 @@ def test_streaming_dataset_decodes_the_same_images(hf_parquet_dir, monkeypatch):
     import datasets.config
 
     monkeypatch.setattr(datasets.config, "SLEEP_TIME_ON_THREADS_SHUTDOWN", 0)
-    cfg = DataConfig(source="hf", root=str(hf_parquet_dir), streaming=True)
-    reader = HFStreamReader(cfg, "validation", rank=0, world_size=1, seed=0, shuffle=False)
+    reader = HFStreamReader(str(hf_parquet_dir), "validation", rank=0, world_size=1, seed=0, shuffle=False)
     stream = StreamingImageDataset(reader, _SampleDecoder(val_transform(), 3, None, "skip", 0))
     stream.set_epoch(2)
-    mapped = dataset(HFReader(DataConfig(source="hf", root=str(hf_parquet_dir)), "validation"), val_transform())
+    mapped = dataset(HFReader(str(hf_parquet_dir), "validation"), val_transform())
     streamed = list(stream)
     assert len(streamed) == 9
     for i, (image, label) in enumerate(streamed):

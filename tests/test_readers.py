@@ -21,8 +21,8 @@ from trainer.data.readers import (
     Sample,
     SpreadSubset,
     StreamReader,
-    create_reader,
 )
+from trainer.data.sources import create_reader, create_stream_reader
 
 
 def folder_cfg(root: Path, **kwargs) -> DataConfig:
@@ -159,12 +159,12 @@ def assert_same_as_folder(hf_reader, folder_reader) -> None:
 
 
 def test_hf_reader_over_parquet_shards(hf_parquet_dir, image_folder):
-    reader = HFReader(hf_cfg(hf_parquet_dir), "train")
+    reader = HFReader(str(hf_parquet_dir), "train")
     assert isinstance(reader, Reader)
     assert reader.classes == helpers.class_names(3)  # from the ClassLabel feature
     assert_same_as_folder(reader, FolderReader(image_folder / "train"))
     assert reader.read(4).name == "train[4]"
-    val = HFReader(hf_cfg(hf_parquet_dir), "validation", classes=reader.classes)
+    val = HFReader(str(hf_parquet_dir), "validation", classes=reader.classes)
     assert_same_as_folder(val, FolderReader(image_folder / "val"))
 
 
@@ -178,14 +178,14 @@ def test_hf_reader_over_flat_parquet_files(tmp_path, hf_parquet_dir):
     flat.mkdir()
     for f in (hf_parquet_dir / "data").iterdir():
         os.symlink(f, flat / f.name)
-    assert len(HFReader(hf_cfg(flat), "train")) == 18
+    assert len(HFReader(str(flat), "train")) == 18
 
 
 def test_hf_reader_over_save_to_disk_dataset_dict(hf_saved_dir, image_folder):
-    reader = HFReader(hf_cfg(hf_saved_dir), "train")
+    reader = HFReader(str(hf_saved_dir), "train")
     assert reader.classes == helpers.class_names(3)
     assert_same_as_folder(reader, FolderReader(image_folder / "train"))
-    assert len(HFReader(hf_cfg(hf_saved_dir), "validation")) == 9
+    assert len(HFReader(str(hf_saved_dir), "validation")) == 9
 
 
 def test_save_to_disk_single_dataset_is_refused_not_read_as_every_split(tmp_path):
@@ -194,7 +194,7 @@ def test_save_to_disk_single_dataset_is_refused_not_read_as_every_split(tmp_path
     root = helpers.make_hf_saved(tmp_path / "one", single_split="train")
     assert (root / "state.json").is_file() and not (root / "dataset_dict.json").exists()
     with pytest.raises(DataError, match="single Dataset without splits") as err:
-        HFReader(hf_cfg(root), "train")
+        HFReader(str(root), "train")
     assert str(root) in str(err.value)
 
 
@@ -203,11 +203,11 @@ def test_hf_reader_with_renamed_columns_and_splits(tmp_path, image_folder):
         tmp_path / "renamed", image_column="img", label_column="target", train_split="training", val_split="holdout",
     )
     cfg = hf_cfg(root, image_column="img", label_column="target", train_split="training", val_split="holdout")
-    reader = HFReader(cfg, cfg.train_split)
+    reader = create_reader(cfg, cfg.train_split)
     assert_same_as_folder(reader, FolderReader(image_folder / "train"))
-    assert len(HFReader(cfg, cfg.val_split)) == 9
+    assert len(create_reader(cfg, cfg.val_split)) == 9
     with pytest.raises(DataError, match="no column 'image'") as err:
-        HFReader(hf_cfg(root), "training")  # default column names do not exist here
+        HFReader(str(root), "training")  # default column names do not exist here
     assert "data.image_column" in str(err.value) and "img" in str(err.value)
 
 
@@ -220,7 +220,7 @@ def test_hf_reader_with_plain_int_labels_numbers_the_classes(tmp_path):
     }).cast_column("image", datasets.Image())
     (tmp_path / "ints" / "data").mkdir(parents=True)
     ds.to_parquet(str(tmp_path / "ints" / "data" / "train-00000-of-00001.parquet"))
-    reader = HFReader(hf_cfg(tmp_path / "ints"), "train")
+    reader = HFReader(str(tmp_path / "ints"), "train")
     assert reader.classes == ["0", "1", "2"]
     assert [reader.read(i).label for i in range(len(reader))] == [0, 0, 1, 1, 2, 2]
 
@@ -232,7 +232,7 @@ def test_hf_row_without_image_has_no_data(tmp_path):
         "image": [{"bytes": helpers.jpeg_bytes(0, 0), "path": None}, None], "label": [0, 1],
     }).cast_column("image", datasets.Image()).cast_column("label", datasets.ClassLabel(names=["a", "b"]))
     datasets.DatasetDict({"train": ds}).save_to_disk(str(tmp_path / "holes"))
-    reader = HFReader(hf_cfg(tmp_path / "holes"), "train")
+    reader = HFReader(str(tmp_path / "holes"), "train")
     assert reader.read(0).data == helpers.jpeg_bytes(0, 0)
     assert reader.read(1) == Sample(None, 1, "train[1]")
 
@@ -241,7 +241,7 @@ def test_hf_row_without_image_has_no_data(tmp_path):
 def test_hf_missing_split_is_a_data_error(request, fixture):
     root = request.getfixturevalue(fixture)
     with pytest.raises(DataError) as err:
-        HFReader(hf_cfg(root), "val")
+        HFReader(str(root), "val")
     assert str(root) in str(err.value) and "'val'" in str(err.value)
 
 
@@ -249,7 +249,7 @@ def test_hf_path_that_is_not_a_dataset_is_a_data_error(tmp_path):
     (tmp_path / "file.txt").write_text("x")
     for root in (tmp_path / "file.txt", tmp_path / "missing_dir", "./relative/missing"):
         with pytest.raises(DataError, match="not a dataset directory") as err:
-            HFReader(hf_cfg(root), "train")
+            HFReader(str(root), "train")
         assert HF_LAYOUT in str(err.value)
 
 
@@ -257,7 +257,7 @@ def test_unknown_hub_id_offline_is_a_data_error(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     with pytest.raises(DataError) as err:
-        HFReader(hf_cfg("no-such-user/no-such-dataset"), "train")
+        HFReader("no-such-user/no-such-dataset", "train")
     message = str(err.value)
     assert message.startswith("no-such-user/no-such-dataset (split 'train'): cannot open offline")
     assert HF_LAYOUT in message and "\n" not in message
@@ -278,11 +278,11 @@ def no_thread_shutdown_sleep(monkeypatch):
 @pytest.mark.parametrize("shuffle", [False, True])
 def test_stream_reader_ranks_are_disjoint_and_complete(hf_parquet_dir, shuffle):
     cfg = hf_cfg(hf_parquet_dir, streaming=True)
-    ranks = [HFStreamReader(cfg, "train", rank=r, world_size=2, seed=3, shuffle=shuffle) for r in range(2)]
+    ranks = [create_stream_reader(cfg, "train", rank=r, world_size=2, seed=3, shuffle=shuffle) for r in range(2)]
     assert all(isinstance(r, StreamReader) for r in ranks)
     assert ranks[0].classes == helpers.class_names(3)
     seen = [[(s.data, s.label) for s in r.iter_samples(epoch=0)] for r in ranks]
-    everything = [(s.data, s.label) for s in all_samples(HFReader(hf_cfg(hf_parquet_dir), "train"))]
+    everything = [(s.data, s.label) for s in all_samples(HFReader(str(hf_parquet_dir), "train"))]
     assert len(everything) == len(set(everything)) == 18  # every image is distinct
     assert set(seen[0]).isdisjoint(seen[1])
     assert sorted(seen[0] + seen[1]) == sorted(everything)
@@ -290,7 +290,7 @@ def test_stream_reader_ranks_are_disjoint_and_complete(hf_parquet_dir, shuffle):
 
 
 def test_stream_reader_shuffle_changes_with_epoch(hf_parquet_dir):
-    reader = HFStreamReader(hf_cfg(hf_parquet_dir, streaming=True), "train", rank=0, world_size=1, seed=3, shuffle=True)
+    reader = create_stream_reader(hf_cfg(hf_parquet_dir, streaming=True), "train", rank=0, world_size=1, seed=3, shuffle=True)
     epoch0 = [s.data for s in reader.iter_samples(0)]
     assert [s.data for s in reader.iter_samples(0)] == epoch0  # reproducible
     epoch1 = [s.data for s in reader.iter_samples(1)]
@@ -306,8 +306,8 @@ def test_stream_reader_without_class_names(tmp_path, hf_parquet_dir):
     ds.to_parquet(str(tmp_path / "ints" / "data" / "train-00000-of-00001.parquet"))
     cfg = hf_cfg(tmp_path / "ints", streaming=True)
     with pytest.raises(DataError, match="model.num_classes"):
-        HFStreamReader(cfg, "train", rank=0, world_size=1, seed=0, shuffle=False)
-    reader = HFStreamReader(cfg, "train", rank=0, world_size=1, seed=0, shuffle=False, num_classes=3)
+        create_stream_reader(cfg, "train", rank=0, world_size=1, seed=0, shuffle=False)
+    reader = create_stream_reader(cfg, "train", rank=0, world_size=1, seed=0, shuffle=False, num_classes=3)
     assert reader.classes == ["0", "1", "2"]
     assert Counter(s.label for s in reader.iter_samples(0)) == {0: 6, 1: 6, 2: 6}
 

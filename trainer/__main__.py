@@ -11,7 +11,8 @@ import json
 import sys
 from pathlib import Path
 
-from trainer.config import ConfigError, describe_sections, load_config
+from trainer.config import describe_sections, load_config
+from trainer.errors import USER_ERRORS, ConfigError
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
 
@@ -32,10 +33,10 @@ def _load(args: argparse.Namespace):
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    cfg = _load(args)  # NOTE: before the heavy imports, so a config error answers at once
     from trainer.progress import setup_logging
     from trainer.train import Trainer
 
-    cfg = _load(args)
     trainer = Trainer(cfg)
     setup_logging(trainer.accelerator.is_main_process, args.debug)
     try:
@@ -43,43 +44,18 @@ def cmd_train(args: argparse.Namespace) -> int:
     finally:
         trainer.close()
     if trainer.accelerator.is_main_process:
+        # The command's machine-readable result (README: "The result on stdout").
         print(json.dumps({k: v for k, v in record.items() if not hasattr(v, "shape")}))
     return 0
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    from trainer.progress import setup_logging
-    from trainer.train import Trainer
-
     cfg = _load(args)
-    trainer = Trainer(cfg)
-    setup_logging(trainer.accelerator.is_main_process, args.debug)
-    path = Path(args.checkpoint).expanduser()
-    weights = path / "model.safetensors" if path.is_dir() else path
-    if not weights.is_file():
-        raise ConfigError(f"--checkpoint: {weights} not found (give a checkpoint directory or a .safetensors file)")
-    try:
-        trainer.accelerator.unwrap_model(trainer.model).load_state_dict(load_file(str(weights)))
-    except (RuntimeError, OSError, SafetensorError) as err:  # another architecture or class count, or not a weights file
-        detail = " ".join(line.strip() for line in str(err).strip().splitlines()[:2]) or type(err).__name__  # torch's second line names the tensor
-        raise ConfigError(f"--checkpoint: {weights} cannot be loaded into {cfg.model.name} with {cfg.model.num_classes or len(trainer.data.classes)} classes: {detail}") from None
-    classes = trainer.data.classes
-    result = trainer.evaluate(num_classes_for_confusion=len(classes) if args.confusion and len(classes) <= 100 else 0)
-    confusion = result.pop("confusion", None)
-    if trainer.accelerator.is_main_process:
-        out = Path(args.output) if args.output else cfg.run_dir / "eval"
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "eval.json").write_text(json.dumps({"checkpoint": str(weights), **result}, indent=2))
-        if confusion is not None:
-            from trainer.plots import write_confusion_matrix, write_per_class_csv
+    from trainer.evaluate import eval_command
 
-            write_confusion_matrix(confusion, classes, out / "confusion.png")
-            write_per_class_csv(confusion, classes, out / "per_class.csv")
+    result = eval_command(cfg, args.checkpoint, args.output, args.confusion, args.debug)
+    if result is not None:
         print(json.dumps(result))
-    trainer.close()
     return 0
 
 
@@ -172,8 +148,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from trainer.errors import USER_ERRORS
-
     try:
         return args.func(args)
     except USER_ERRORS as err:

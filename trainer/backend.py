@@ -18,9 +18,12 @@ import socket
 import time
 import warnings
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+from trainer.errors import BackendError
+
+if TYPE_CHECKING:
+    import torch
 
 # NOTE: order matters: `auto` takes the first available, MLU first as Accelerate does.
 DEVICE_TYPES = ("mlu", "cuda", "npu", "xpu", "mps", "cpu")
@@ -36,12 +39,14 @@ VISIBLE_DEVICES_VARS = {
     "xpu": ("ZE_AFFINITY_MASK",),
 }
 MIXED_PRECISION = {"fp32": "no", "fp16": "fp16", "bf16": "bf16"}
-# NOTE: torch 2.9 made pinning follow the current accelerator and deprecated naming it.
-_PIN_NAMES_DEVICE = tuple(int(p) for p in torch.__version__.split(".")[:2]) < (2, 9)
 
 
-class BackendError(RuntimeError):
-    """The device or process group is not what the run needs; the message says the fix."""
+def _pin_names_device() -> bool:
+    """NOTE: torch 2.9 made pinning follow the current accelerator and deprecated naming it."""
+    import torch
+
+    return tuple(int(p) for p in torch.__version__.split(".")[:2]) < (2, 9)
+
 
 
 def import_device_plugins() -> dict[str, str]:
@@ -63,6 +68,8 @@ def import_device_plugins() -> dict[str, str]:
 
 def device_module(device_type: str) -> Any:
     """The `torch.<device>` module, or None when this torch has no such device."""
+    import torch
+
     return getattr(torch, device_type, None) if device_type != "cpu" else None
 
 
@@ -70,6 +77,8 @@ def is_device_available(device_type: str) -> bool:
     if device_type == "cpu":
         return True
     if device_type == "mps":
+        import torch
+
         return torch.backends.mps.is_available()
     module = device_module(device_type)
     try:
@@ -116,6 +125,8 @@ def resolve_device_type(requested: str) -> str:
 def is_bf16_supported(device_type: str) -> bool:
     """Native bf16 support; on CPU, oneDNN's check for bf16 instructions."""
     if device_type == "cpu":
+        import torch
+
         try:
             return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
         except (AttributeError, RuntimeError):
@@ -142,6 +153,11 @@ def resolve_precision(requested: str, device_type: str) -> str:
     if requested == "fp16" and device_type == "cpu":
         raise BackendError("train.precision=fp16 needs an accelerator; on cpu use bf16 (if supported) or fp32")
     return MIXED_PRECISION[requested]
+
+
+def precision_name(mixed_precision: str) -> str:
+    """Accelerate's `mixed_precision` ("no", "fp16", "bf16") as the config spells it."""
+    return {v: k for k, v in MIXED_PRECISION.items()}[mixed_precision]
 
 
 def visible_devices(device_type: str) -> dict[str, str]:
@@ -178,6 +194,8 @@ class Backend:
     # -- device helpers -------------------------------------------------------------
     def _api(self) -> Any:
         """`torch.accelerator` where it serves this device, else the `torch.<device>` module."""
+        import torch
+
         acc = getattr(torch, "accelerator", None)
         try:
             current = acc.current_accelerator() if acc is not None else None
@@ -199,47 +217,55 @@ class Backend:
         return getattr(self._api(), name, None) or getattr(device_module(self.device_type), name, None)
 
     def peak_memory_bytes(self) -> int:
+        """Peak device memory allocated since `reset_peak_memory` (`trainer bench`); 0 where not tracked."""
         fn = self._memory_fn("max_memory_allocated")
-        return int(fn()) if fn else 0
+        try:
+            return int(fn()) if fn else 0
+        except (RuntimeError, NotImplementedError):  # a device plugin without allocator stats
+            return 0
 
     def reset_peak_memory(self) -> None:
         fn = self._memory_fn("reset_peak_memory_stats")
-        if fn:
-            fn()
-
-    def empty_cache(self) -> None:
-        if self.device_type not in ("cpu", "mps"):
-            self._api().empty_cache()
+        try:
+            if fn:
+                fn()
+        except (RuntimeError, NotImplementedError):
+            pass
 
     def timer(self) -> DeviceTimer:
         return DeviceTimer(self)
 
-    def pin_memory_kwargs(self) -> dict[str, Any]:
-        """DataLoader pinning arguments: pinned host memory on accelerators only.
+    def pin_memory_kwargs(self, enabled: bool = True) -> dict[str, Any]:
+        """DataLoader pinning arguments: pinned host memory on accelerators only (`data.pin_memory`).
 
         Torch before 2.9 pins for CUDA unless told otherwise, so other devices get an
         explicit `pin_memory_device`; newer torch pins for the current accelerator and
         deprecates the argument.
         """
-        if self.device_type in ("cpu", "mps"):
+        if not enabled or self.device_type in ("cpu", "mps"):
             return {"pin_memory": False}
         if not _can_pin(self.device_type):
             return {"pin_memory": False}
-        if self.device_type != "cuda" and _PIN_NAMES_DEVICE:
+        if self.device_type != "cuda" and _pin_names_device():
             return {"pin_memory": True, "pin_memory_device": self.device_type}
         return {"pin_memory": True}
 
-    def autocast_device_type(self) -> str:
-        return self.device_type
+    @property
+    def precision(self) -> str:
+        """The precision as the config spells it: fp32, fp16 or bf16."""
+        return precision_name(self.mixed_precision)
 
-    def grad_scaler(self) -> torch.amp.GradScaler:
-        """`torch.amp.GradScaler(<device>)`, not the deprecated `torch.<device>.amp` one."""
-        return torch.amp.GradScaler(self.device_type)
+    @property
+    def on_host(self) -> bool:
+        """True when the model runs on the CPU, beside the loader workers."""
+        return self.device_type == "cpu"
 
 
 def _can_pin(device_type: str) -> bool:
+    import torch
+
     try:
-        torch.empty(1).pin_memory(device_type) if _PIN_NAMES_DEVICE else torch.empty(1).pin_memory()
+        torch.empty(1).pin_memory(device_type) if _pin_names_device() else torch.empty(1).pin_memory()
         return True
     except (RuntimeError, NotImplementedError, TypeError):
         return False
@@ -303,6 +329,7 @@ def create_accelerator(device: str, precision: str, host_memory: str = "auto", *
     mixed_precision = resolve_precision(precision, device_type)
     wants_retained = host_memory == "retain" or (host_memory == "auto" and device_type == "cpu")
     retained = wants_retained and retain_freed_host_memory()
+    import torch
     from accelerate import Accelerator
 
     with warnings.catch_warnings():
@@ -363,7 +390,7 @@ def environment_report(device: str = "auto", precision: str = "auto") -> dict[st
         report["processes"] = world
         report["distributed_type"] = (DISTRIBUTED_TYPES.get(device_type) if world > 1 else "NO")
         mixed = resolve_precision(precision, device_type)
-        report["precision"] = "fp32" if mixed == "no" else mixed
+        report["precision"] = precision_name(mixed)
         report["bf16_supported"] = is_bf16_supported(device_type)
     except BackendError as err:
         device_type = device

@@ -3,7 +3,7 @@
 Three measurements on the configured device, data and switches, all through the objects
 `Trainer(cfg)` builds (Accelerator, prepared model, optimizer and train loader):
 
-1. model step: `Trainer.train_step` on a synthetic batch already on the device, shaped
+1. model step: `Trainer.train_step` (forward, backward, the optimizer-step boundary) on a synthetic batch already on the device, shaped
    and typed as the loader's (uint8 with `data.normalize_on_device`), so forward,
    backward and the optimizer step run with the config's precision, channels_last and
    compile, and nothing waits for data;
@@ -34,7 +34,8 @@ import torch
 from trainer.backend import Backend, resolve_precision
 from trainer.config import Config
 from trainer.metrics import RunningSums
-from trainer.train import Trainer, TrainingStopped
+from trainer.errors import TrainingStopped
+from trainer.train import Trainer
 
 
 def batch_stream(trainer: Trainer) -> Iterator[dict[str, Any]]:
@@ -57,7 +58,7 @@ def synthetic_batch(trainer: Trainer) -> dict[str, Any]:
     data = trainer.cfg.data
     batch, device = data.batch_size_per_device, trainer.accelerator.device
     _, height, width = trainer.data.data_config["input_size"]
-    num_classes = trainer.cfg.model.num_classes or len(trainer.data.classes)
+    num_classes = trainer.data.num_classes(trainer.cfg.model.num_classes)
     if data.normalize_on_device:
         images = torch.randint(0, 256, (batch, 3, height, width), dtype=torch.uint8, device=device)
     else:
@@ -112,11 +113,11 @@ def verdict(model: float, pipeline: float, end_to_end: float, trainer: Trainer, 
             hints.append("train.compile=true")
         text = (f"device-bound: the model takes {model:.1f} img/s, the pipeline gives {pipeline:.1f} img/s with "
                 f"{_workers(workers)}: " + ("enable " + ", ".join(hints) if hints else "every speed switch is on; only a faster device or more devices help"))
-        if backend.mixed_precision == "no" and backend.device_type == "cpu" and resolve_precision("auto", "cpu") == "no":
+        if backend.mixed_precision == "no" and backend.on_host and resolve_precision("auto", backend.device_type) == "no":
             text += " (this CPU has no native bf16, so fp32 is its fast precision)"
         bound = "device"
     if end_to_end < 0.8 * min(model, pipeline):
-        why = f"the loader workers and the model share the {cores} cores" if backend.device_type == "cpu" else "the loop waits between steps (host syncs or copies)"
+        why = f"the loader workers and the model share the {cores} cores" if backend.on_host else "the loop waits between steps (host syncs or copies)"
         text += f"; end to end reaches only {end_to_end / min(model, pipeline):.0%} of the slower side: {why}"
     return bound, text
 
@@ -148,16 +149,13 @@ def measure(trainer: Trainer, steps: int, warmup: int) -> dict[str, Any]:
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     sums = RunningSums(trainer.accelerator.device, ("loss", "top1", "n"))
 
+    backend.reset_peak_memory()
     synthetic = synthetic_batch(trainer)
     model = summarize(time_steps(lambda: trainer.train_step(synthetic, sums), backend, steps, warmup), batch)
 
     stream = batch_stream(trainer)
 
-    def train_step() -> None:
-        trainer.train_step(next(stream), sums)
-        trainer.scheduler.step()
-
-    end_to_end = summarize(time_steps(train_step, backend, steps, warmup), batch, window=workers)
+    end_to_end = summarize(time_steps(lambda: trainer.train_step(next(stream), sums), backend, steps, warmup), batch, window=workers)
 
     # NOTE: the workers kept loading while the last steps ran: drain what they prefetched
     # in the warm-up (cheap here, no model step), or the first timed batches come for free.
@@ -172,13 +170,14 @@ def measure(trainer: Trainer, steps: int, warmup: int) -> dict[str, Any]:
     return {
         "setup": {
             "model": cfg.model.name, "device": str(backend.device), "processes": backend.num_processes,
-            "precision": {"no": "fp32"}.get(backend.mixed_precision, backend.mixed_precision),
+            "precision": backend.precision,
             "channels_last": t.channels_last, "compile": t.compile, "batch_size_per_device": batch,
             "img_size": trainer.data.data_config["input_size"][-1], "workers": workers, "cores": cores,
             "normalize_on_device": cfg.data.normalize_on_device, "draft_decode": cfg.data.draft_decode,
             "steps": steps, "warmup": warmup,
         },
         "model_step": model, "input_pipeline": pipeline, "end_to_end": end_to_end,
+        "peak_memory_mib": backend.peak_memory_bytes() / 2**20 if not backend.on_host else None,
         "bound": bound, "verdict": advice,
     }
 
@@ -200,5 +199,7 @@ def format_table(figures: dict[str, Any]) -> str:
     lines = [f"{s['model']} {s['img_size']}px, batch {s['batch_size_per_device']}/device, median of {s['steps']} steps after {s['warmup']} warm-up",
              f"{'measurement':<16}{'img/s':>10}{'ms/step':>10}  notes"]
     lines += [f"{name:<16}{f['img_per_s']:>10.1f}{f['step_s_median'] * 1e3:>10.1f}  {note}" for name, f, note in rows]
+    if figures.get("peak_memory_mib") is not None:
+        lines.append(f"peak device memory: {figures['peak_memory_mib']:.0f} MiB")
     lines.append(f"bound: {figures['bound']}: {figures['verdict']}")
     return "\n".join(lines)

@@ -17,7 +17,8 @@ from pathlib import Path
 
 from trainer.config import Config, DataConfig
 from trainer.data.decode import inspect_image
-from trainer.data.readers import FolderReader, Reader, create_reader
+from trainer.data.readers import Reader
+from trainer.data.sources import Source, get_source
 
 PROGRESS_EVERY = 5000  # files between progress lines
 BLOCKING = ("unreadable files", "label problems", "class mismatches", "empty classes")
@@ -50,12 +51,11 @@ class Findings:
         return "\n".join(lines)
 
 
-def _open_split(cfg: DataConfig, split: str, classes: list[str] | None) -> tuple[Reader, list[str]]:
-    """The split's reader and its empty classes (folder source only)."""
-    if cfg.source == "folder":
-        reader = FolderReader(Path(cfg.root).expanduser() / split, allow_empty_classes=True)
-        return reader, reader.empty_classes
-    return create_reader(cfg, split, classes), []
+def _open_split(source: Source, cfg: DataConfig, split: str, classes: list[str] | None) -> tuple[Reader, list[str]]:
+    """The split's reader and the classes it found empty (reported, not raised)."""
+    if source.open_for_check is not None:
+        return source.open_for_check(cfg, split, classes)
+    return source.open(cfg, split, classes), []
 
 
 _worker_reader: Reader | None = None
@@ -116,24 +116,26 @@ def check_data_command(cfg: Config, args: Namespace) -> int:
     """
     d = dataclasses.replace(cfg.data, streaming=False)  # every row is read once, by index
     findings = Findings(max(args.examples, 0))
-    val_split = d.val_split or ("val" if d.source == "folder" else "validation")
+    source = get_source(d.source)
+    by_folder = source.labels_from_folders  # labels in range by construction, classes told by folder name
+    val_split = source.val_split(d)
     workers = min(d.workers, os.cpu_count() or 1)
-    train, empty_train = _open_split(d, d.train_split, None)
-    val, empty_val = _open_split(d, val_split, train.classes if d.source == "hf" else None)
+    train, empty_train = _open_split(source, d, d.train_split, None)
+    val, empty_val = _open_split(source, d, val_split, None if by_folder else train.classes)
     num_classes = cfg.model.num_classes or len(train.classes)
-    if d.source == "folder" and num_classes < len(train.classes):  # folder labels are in range by construction
+    if by_folder and num_classes < len(train.classes):
         findings.add("label problems", "model.num_classes below the class folders", f"model.num_classes={num_classes} < {len(train.classes)} classes")
     counts, seen = {}, {}
     for split, reader, empty in ((d.train_split, train, empty_train), (val_split, val, empty_val)):
         for name in empty:
             findings.add("empty classes", f"empty {split} class folders", f"{split}/{name}")
         counts[split] = (min(args.limit, len(reader)) if args.limit > 0 else len(reader), len(reader))
-        seen[split] = _scan(reader, split, counts[split][0], workers, num_classes if d.source == "hf" else None, findings)
-    if d.source == "folder":  # a class is its folder name, whatever the labels
+        seen[split] = _scan(reader, split, counts[split][0], workers, None if by_folder else num_classes, findings)
+    if by_folder:  # a class is its folder name, whatever the labels
         names = {d.train_split: set(train.classes) - set(empty_train), val_split: set(val.classes) - set(empty_val)}
     else:
         names = {split: {train.classes[i] if i < len(train.classes) else str(i) for i in labels} for split, labels in seen.items()}
-    complete = d.source == "folder" or all(done == total for done, total in counts.values())
+    complete = by_folder or all(done == total for done, total in counts.values())
     if complete:  # a partial HF scan sees only some labels: no mismatch can be told from it
         for a, b in ((val_split, d.train_split), (d.train_split, val_split)):
             for name in sorted(names[a] - names[b]):

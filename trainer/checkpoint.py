@@ -20,6 +20,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import save_file
 
+from trainer.errors import CheckpointError
+
 STATE_FILE = "trainer_state.json"
 PREFIX = "step_"
 TMP_PREFIX = ".tmp-"
@@ -27,8 +29,10 @@ TMP_PREFIX = ".tmp-"
 log = logging.getLogger(__name__)
 
 
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be written or read; the message names the path."""
+
+def checkpoint_name(global_step: int) -> str:
+    """The directory name of the checkpoint taken after `global_step` optimizer steps."""
+    return f"{PREFIX}{global_step:08d}"
 
 
 @dataclass
@@ -67,7 +71,7 @@ class CheckpointManager:
     def save(self, state: TrainState, scheduler: torch.optim.lr_scheduler.LRScheduler) -> Path:
         """Write a checkpoint of the current step atomically; every process must call it."""
         acc = self.accelerator
-        name = f"{PREFIX}{state.global_step:08d}"
+        name = checkpoint_name(state.global_step)
         final, tmp = self.directory / name, self.directory / f"{TMP_PREFIX}{name}"
         state.scheduler = scheduler.state_dict()
         try:
@@ -131,5 +135,8 @@ def export_weights(model: torch.nn.Module, path: Path) -> Path:
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     tmp = path.with_name(f".{path.name}.tmp")
     save_file(tensors, str(tmp), metadata={"format": "pt"})
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # NOTE: safetensors creates 0600; every other file of a run is 0644
     os.replace(tmp, path)
     return path

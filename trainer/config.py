@@ -19,6 +19,7 @@ from typing import Any
 import yaml
 
 from trainer.backend import DEVICE_TYPES
+from trainer.errors import ConfigError
 
 
 class _Loader(yaml.SafeLoader):
@@ -39,9 +40,6 @@ _Loader.add_implicit_resolver(
 def _load_yaml(text: str) -> Any:
     return yaml.load(text, Loader=_Loader)
 
-
-class ConfigError(ValueError):
-    """A config problem, worded as one line that names the file and the key."""
 
 
 def _field(default: Any, help: str, choices: tuple[str, ...] = ()) -> Any:

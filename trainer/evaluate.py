@@ -1,13 +1,23 @@
-"""evaluate: val loss, top-1 and top-5 over every val image exactly once, on any number of processes."""
+"""evaluate: val loss, top-1 and top-5 over every val image exactly once, on any number of processes.
+
+Also `trainer eval`: a checkpoint's weights on the val split, built from the accelerator,
+the model and the val loader alone (no train scan, optimizer or scheduler).
+"""
 
 from __future__ import annotations
 
-from typing import Any, Callable
+import json
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 import torch
 from accelerate.utils import broadcast
 
-from trainer.metrics import RunningSums, topk_correct
+from trainer.metrics import RunningSums, reduce_sums, topk_correct
+
+log = logging.getLogger("trainer")
 
 
 @torch.no_grad()
@@ -46,11 +56,80 @@ def evaluate(accelerator: Any, model: torch.nn.Module, loader: Any, normalize: C
         if confusion is not None:
             confusion += torch.bincount(labels * k + logits.argmax(1), minlength=k * k)
     model.train()
-    local = torch.cat([sums.values, torch.tensor([skipped], dtype=sums.values.dtype, device=acc.device)])
-    totals = dict(zip((*sums.names, "skipped"), acc.reduce(local, "sum").tolist()))
+    totals = reduce_sums(acc, sums, skipped)
     n = max(totals["n"], 1)
     result = {"val_loss": totals["loss"] / n, "val_top1": totals["top1"] / n, "val_top5": totals["top5"] / n,
               "val_samples": int(totals["n"]), "val_skipped": int(totals["skipped"])}
     if confusion is not None:
         result["confusion"] = acc.reduce(confusion, "sum").view(k, k).cpu()
     return result
+
+
+def load_weights(model: torch.nn.Module, checkpoint: str, description: str) -> Path:
+    """Load a checkpoint directory's model.safetensors (or a .safetensors file) into `model`; returns the file.
+
+    Raises:
+        ConfigError: when the file is missing or does not fit `model` (`description` names the model).
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    from trainer.errors import ConfigError
+
+    path = Path(checkpoint).expanduser()
+    weights = path / "model.safetensors" if path.is_dir() else path
+    if not weights.is_file():
+        raise ConfigError(f"--checkpoint: {weights} not found (give a checkpoint directory or a .safetensors file)")
+    try:
+        model.load_state_dict(load_file(str(weights)))
+    except (RuntimeError, OSError, SafetensorError) as err:  # another architecture or class count, or not a weights file
+        detail = " ".join(line.strip() for line in str(err).strip().splitlines()[:2]) or type(err).__name__  # torch's second line names the tensor
+        raise ConfigError(f"--checkpoint: {weights} cannot be loaded into {description}: {detail}") from None
+    return weights
+
+
+def eval_command(cfg: Any, checkpoint: str, output: str | None, confusion: bool, debug: bool = False) -> dict[str, Any] | None:
+    """`trainer eval`: evaluate `checkpoint` on the val split; write eval.json (and plots) and say where.
+
+    Returns the metrics on the main process, None on the others.
+    """
+    from accelerate.utils import DataLoaderConfiguration, set_seed
+
+    from trainer.backend import create_accelerator
+    from trainer.data.loader import create_datasets
+    from trainer.data.pipeline import create_pipeline
+    from trainer.model import create_model
+    from trainer.progress import setup_logging
+    from trainer.run_dir import RunDirectory
+    from trainer.train import check_val_size
+
+    acc, backend = create_accelerator(cfg.backend.device, cfg.train.precision, cfg.backend.host_memory, dataloader_config=DataLoaderConfiguration(non_blocking=True))
+    setup_logging(acc.is_main_process, debug)
+    set_seed(cfg.train.seed)
+    with acc.main_process_first():
+        data = create_datasets(cfg.data, cfg.model.name, cfg.train.seed, acc.process_index, acc.num_processes, cfg.model.num_classes, train=False)
+    check_val_size(data.val_size, acc.num_processes, cfg)
+    num_classes = data.num_classes(cfg.model.num_classes)
+    model = create_model(cfg.model, num_classes)
+    weights = load_weights(model, checkpoint, f"{cfg.model.name} with {num_classes} classes")
+    if cfg.train.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    pipeline = create_pipeline(data, cfg.data, acc, backend.pin_memory_kwargs(cfg.data.pin_memory), cfg.train.channels_last, train=False)
+    model = acc.prepare(model)
+    run = RunDirectory(cfg, acc)
+    classes = data.classes
+    k = len(classes) if confusion and len(classes) <= 100 else 0
+    result = evaluate(acc, model, pipeline.val, pipeline.normalize, run.record_skipped, k)
+    matrix = result.pop("confusion", None)
+    if acc.is_main_process:
+        out = Path(output) if output else cfg.run_dir / "eval"
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "eval.json").write_text(json.dumps({"checkpoint": str(weights), **result}, indent=2))
+        written = [out / "eval.json"]
+        if matrix is not None:
+            from trainer.plots import write_confusion_matrix, write_per_class_csv
+
+            written += [write_confusion_matrix(matrix, classes, out / "confusion.png"), write_per_class_csv(matrix, classes, out / "per_class.csv")]
+        log.info("wrote %s", ", ".join(str(p) for p in written))
+    acc.end_training()
+    return result if acc.is_main_process else None

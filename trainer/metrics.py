@@ -106,3 +106,9 @@ class MetricsWriter:
             if new:
                 writer.writeheader()
             writer.writerow({k: ("" if record.get(k) is None else record.get(k)) for k in columns})
+
+
+def reduce_sums(accelerator: Any, sums: RunningSums, skipped: int) -> dict[str, float]:
+    """Every process's sums and skipped count, added up in one collective: {name: total, "skipped": total}."""
+    local = torch.cat([sums.values, torch.tensor([skipped], dtype=sums.values.dtype, device=sums.values.device)])
+    return dict(zip((*sums.names, "skipped"), accelerator.reduce(local, "sum").tolist()))

@@ -10,10 +10,8 @@ import torch
 from safetensors import SafetensorError
 
 from trainer.config import ModelConfig
+from trainer.errors import ModelError
 
-
-class ModelError(ValueError):
-    """An unknown model name or an unusable weights file; the message names it."""
 
 
 def create_model(cfg: ModelConfig, num_classes: int) -> torch.nn.Module:

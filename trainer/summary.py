@@ -16,16 +16,23 @@ def start_summary(cfg: Config, backend: Backend, data: Datasets, loss_scaler: bo
     b, d, t = backend, data, cfg.train
     global_batch = cfg.data.batch_size_per_device * b.num_processes * t.grad_accum_steps
     return _table([
-        ("run", str(cfg.run_dir)), ("model", f"{cfg.model.name} ({len(d.classes)} classes)"),
-        ("device", f"{b.device} x {b.num_processes} process(es), {b.distributed_type}, process group {b.process_group_backend or '-'}"
-         + (", freed host memory retained" if b.host_memory == "retain" else "")),
-        ("precision", {"no": "fp32"}.get(b.mixed_precision, b.mixed_precision) + (" + loss scaler" if loss_scaler else "")),
+        ("run", str(cfg.run_dir)), ("model", f"{cfg.model.name} ({d.num_classes(cfg.model.num_classes)} classes)"),
+        ("device", processes(b) + (", freed host memory retained" if b.host_memory == "retain" else "")),
+        ("precision", b.precision + (" + loss scaler" if loss_scaler else "")),
         ("data", f"{cfg.data.source} {cfg.data.root}: {d.train_size} train / {d.val_size} val images"),
         ("input", f"{d.data_config['input_size'][-1]}px, {d.data_config['interpolation']}, crop_pct {d.data_config['crop_pct']}"),
         ("batch", f"{cfg.data.batch_size_per_device}/device, global {global_batch}, {steps_per_epoch} steps/epoch"),
         ("schedule", f"{t.epochs} epochs, {cfg.optim.name} lr {cfg.optim.lr}, {cfg.schedule.name}"),
         ("start", f"epoch {state.epoch + 1}, step {state.global_step}" + (" (resumed)" if state.global_step else "")),
     ])
+
+
+def processes(backend: Backend) -> str:
+    """"cpu, 1 process, not distributed" or "mlu:0 x 8 process(es), MULTI_MLU, process group cncl"."""
+    b = backend
+    if b.num_processes == 1:
+        return f"{b.device}, 1 process, not distributed"
+    return f"{b.device} x {b.num_processes} process(es), {b.distributed_type}, process group {b.process_group_backend}"
 
 
 def end_summary(history: list[dict[str, Any]], total_s: float, weights: Path, checkpoints: Path) -> str:

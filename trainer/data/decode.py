@@ -15,6 +15,8 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import ExifTags, Image, ImageOps
 
+from trainer.errors import DecodeError
+
 try:  # optional (`pip install simplejpeg`): libjpeg-turbo without the PIL layers around it
     import simplejpeg as _simplejpeg
 except ImportError:  # PIL decodes every JPEG; results are the same, only slower
@@ -39,26 +41,6 @@ _NO_TRANSPOSE = (0, 1)  # EXIF orientation absent, or already upright
 # PIL opens camera JPEGs carrying an MPF segment (extra frames, e.g. depth or gain
 # maps) as "MPO"; the first frame is a plain JPEG, so it drafts and is named like one.
 _JPEG_FORMATS = frozenset({"JPEG", "MPO"})
-
-
-class DecodeError(ValueError):
-    """An image that cannot be decoded; str() names the file/row and the reason.
-
-    Attributes:
-        name: File path or row id given by the caller.
-        reason: Short reason, e.g. "truncated JPEG" or "empty file".
-    """
-
-    def __init__(self, name: str, reason: str | None = None) -> None:
-        if reason is None:
-            # NOTE: a DataLoader worker re-raises as DecodeError(<worker traceback text>), whose
-            # last line is "...DecodeError: name: reason"; keep that line so the CLI still
-            # prints one line naming the file rather than a wall of traceback.
-            last = name.rstrip().rsplit("\n", 1)[-1]
-            name, _, reason = last.partition("DecodeError: ")[2].partition(": ") if "DecodeError: " in last else ("", "", last)
-        super().__init__(f"{name}: {reason}")
-        self.name = name
-        self.reason = reason
 
 
 @dataclass(frozen=True)

@@ -13,20 +13,26 @@ from torch.utils.data import DataLoader
 from trainer.config import DataConfig
 from trainer.data.dataset import EpochSampler, ImageDataset, StreamingImageDataset, _SampleDecoder, collate
 from trainer.data.digits import write_digits
-from trainer.data.readers import DataError, HFStreamReader, SpreadSubset, create_reader
+from trainer.data.readers import SpreadSubset
+from trainer.data.sources import class_names, create_reader, create_stream_reader, get_source
 
 BUILTIN_DATASETS = {"digits": write_digits}
 
 
 @dataclass
 class Datasets:
-    train: Any
+    train: Any  # None when only evaluating
     val: Any
     classes: list[str]
-    train_sampler: EpochSampler | None  # None when streaming
+    train_sampler: EpochSampler | None  # None when streamed (or only evaluating)
     data_config: dict  # timm's resolved input_size, interpolation, mean, std, crop_pct
-    train_size: int  # samples per epoch (all processes)
+    train_size: int  # samples per epoch (all processes); 0 when unknown
     val_size: int
+    streamed: bool = False  # the readers stream and shard by process themselves
+
+    def num_classes(self, configured: int) -> int:
+        """The classifier's outputs: `model.num_classes`, or 0 for the classes in the data."""
+        return configured or len(self.classes)
 
 
 def resolve_input_config(cfg: DataConfig, model_name: str) -> dict:
@@ -62,8 +68,8 @@ def create_transforms(cfg: DataConfig, input_cfg: dict) -> tuple[Any, Any]:
     return train, val
 
 
-def create_datasets(cfg: DataConfig, model_name: str, seed: int, rank: int, world_size: int, num_classes: int = 0) -> Datasets:
-    """Both splits of the configured source, decoded and transformed by one pipeline.
+def create_datasets(cfg: DataConfig, model_name: str, seed: int, rank: int, world_size: int, num_classes: int = 0, train: bool = True) -> Datasets:
+    """Both splits of the configured source (or, with `train=False`, val alone), decoded and transformed by one pipeline.
 
     Raises:
         DataError: for a missing root or split, or val classes absent from train; the
@@ -71,40 +77,32 @@ def create_datasets(cfg: DataConfig, model_name: str, seed: int, rank: int, worl
     """
     if cfg.create_if_missing and not Path(cfg.root).expanduser().exists():
         BUILTIN_DATASETS[cfg.create_if_missing](Path(cfg.root).expanduser())
+    source = get_source(cfg.source)
     input_cfg = resolve_input_config(cfg, model_name)
     train_tf, val_tf = create_transforms(cfg, input_cfg)
     size = input_cfg["input_size"][-1]
-    val_split = cfg.val_split or ("val" if cfg.source == "folder" else "validation")
-    draft = cfg.draft_decode
+    val_split = source.val_split(cfg)
+
+    def decoder(transform: Any, draft_size: int, classes: list[str]) -> _SampleDecoder:
+        return _SampleDecoder(transform, num_classes or len(classes), draft_size if cfg.draft_decode else None, cfg.on_error, seed)
 
     if cfg.streaming:
-        if cfg.source != "hf":
-            raise DataError("data.streaming: only the hf source streams; a folder is read directly")
-        train_reader = HFStreamReader(cfg, cfg.train_split, rank, world_size, seed, shuffle=True, num_classes=num_classes)
+        train_reader = create_stream_reader(cfg, cfg.train_split, rank, world_size, seed, shuffle=True, num_classes=num_classes)
         classes = train_reader.classes
-        val_reader = HFStreamReader(cfg, val_split, rank, world_size, seed, shuffle=False, classes=classes)
-        decoder = _SampleDecoder(train_tf, num_classes or len(classes), size if draft else None, cfg.on_error, seed)
-        val_decoder = _SampleDecoder(val_tf, num_classes or len(classes), int(size / input_cfg["crop_pct"]) if draft else None, cfg.on_error, seed)
-        sizes = [_split_size(train_reader), _split_size(val_reader)]
-        return Datasets(StreamingImageDataset(train_reader, decoder), StreamingImageDataset(val_reader, val_decoder), classes, None, input_cfg, *sizes)
+        val_reader = create_stream_reader(cfg, val_split, rank, world_size, seed, shuffle=False, classes=classes)
+        train_ds = StreamingImageDataset(train_reader, decoder(train_tf, size, classes)) if train else None
+        val_ds = StreamingImageDataset(val_reader, decoder(val_tf, int(size / input_cfg["crop_pct"]), classes))
+        return Datasets(train_ds, val_ds, classes, None, input_cfg, train_reader.num_samples, val_reader.num_samples, streamed=True)
 
-    train_reader = SpreadSubset.of(create_reader(cfg, cfg.train_split), cfg.max_train_samples)
-    classes = train_reader.classes
+    classes = None if train else class_names(cfg)
+    train_reader = SpreadSubset.of(create_reader(cfg, cfg.train_split), cfg.max_train_samples) if train or classes is None else None
+    classes = classes or train_reader.classes
     val_reader = SpreadSubset.of(create_reader(cfg, val_split, classes=classes), cfg.max_val_samples)
-    decoder = _SampleDecoder(train_tf, num_classes or len(classes), size if draft else None, cfg.on_error, seed)
-    val_decoder = _SampleDecoder(val_tf, num_classes or len(classes), int(size / input_cfg["crop_pct"]) if draft else None, cfg.on_error, seed)
+    val_ds = ImageDataset(val_reader, decoder(val_tf, int(size / input_cfg["crop_pct"]), classes))
+    if not train:
+        return Datasets(None, val_ds, classes, None, input_cfg, 0, len(val_reader))
     sampler = EpochSampler(len(train_reader), shuffle=True, seed=seed)
-    return Datasets(
-        ImageDataset(train_reader, decoder), ImageDataset(val_reader, val_decoder), classes, sampler,
-        input_cfg, len(train_reader), len(val_reader),
-    )
-
-
-def _split_size(reader: HFStreamReader) -> int:
-    info = getattr(reader._ds, "info", None)
-    splits = getattr(info, "splits", None) or {}
-    split = splits.get(reader.split) if hasattr(splits, "get") else None
-    return int(split.num_examples) if split is not None and split.num_examples else 0
+    return Datasets(ImageDataset(train_reader, decoder(train_tf, size, classes)), val_ds, classes, sampler, input_cfg, len(train_reader), len(val_reader))
 
 
 def create_loader(dataset: Any, cfg: DataConfig, batch_size: int, pin_kwargs: dict, sampler: Any = None, drop_last: bool = False) -> DataLoader:

@@ -1,7 +1,8 @@
-"""Sources of raw samples behind one small interface: an ImageNet folder or HF `datasets`.
+"""Readers of raw samples behind one small interface: an ImageNet folder or HF `datasets`.
 
 A reader hands out `Sample`s (raw bytes, label, name) and the class names. It never
-decodes: `ImageDataset` decodes and transforms, so both sources share one pipeline.
+decodes: `ImageDataset` decodes and transforms, so every source shares one pipeline.
+Readers take explicit arguments; `trainer.data.sources` maps `data.*` onto them.
 """
 
 from __future__ import annotations
@@ -15,15 +16,12 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
-from trainer.config import DataConfig
+from trainer.errors import DataError
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 FOLDER_LAYOUT = "ROOT/train/<class>/*.JPEG and ROOT/val/<class>/*.JPEG (the ImageNet layout)"
 HF_LAYOUT = "a hub id in the local HF cache, a save_to_disk dir, or a dir of data/<split>-*.parquet shards"
 
-
-class DataError(ValueError):
-    """A dataset that cannot be read as configured; the message names the path and layout."""
 
 
 @dataclass(frozen=True)
@@ -101,11 +99,16 @@ def _hf_offline() -> Any:
     return datasets
 
 
-def open_hf_split(cfg: DataConfig, split: str) -> Any:
-    """Open one split as a `datasets.Dataset` (or `IterableDataset` when streaming)."""
+def open_hf_split(root_arg: str, split: str, streaming: bool = False, cache_dir: str = "") -> Any:
+    """Open one split as a `datasets.Dataset` (or `IterableDataset` when streaming).
+
+    Args:
+        root_arg: a hub id in the local cache, a save_to_disk dir or a dir of parquet shards.
+        cache_dir: the datasets cache; empty uses HF_DATASETS_CACHE / the default.
+    """
     datasets = _hf_offline()
-    root = Path(cfg.root).expanduser()
-    cache_dir = cfg.hf_cache_dir or None
+    root = Path(root_arg).expanduser()
+    cache_dir = cache_dir or None
     try:
         if (root / "dataset_dict.json").is_file() or (root / "state.json").is_file():
             loaded = datasets.load_from_disk(str(root))
@@ -116,19 +119,19 @@ def open_hf_split(cfg: DataConfig, split: str) -> Any:
             if split not in loaded:
                 raise DataError(f"{root}: no split '{split}' (has {', '.join(loaded)})")
             loaded = loaded[split]
-            return loaded.to_iterable_dataset() if cfg.streaming else loaded
+            return loaded.to_iterable_dataset() if streaming else loaded
         if root.is_dir():
             files = sorted(glob.glob(str(root / "data" / f"{split}-*.parquet"))) or sorted(glob.glob(str(root / f"{split}-*.parquet")))
             if not files:
                 raise DataError(f"{root}: no parquet shards for split '{split}'; expected {HF_LAYOUT}")
-            return datasets.load_dataset("parquet", data_files={split: files}, split=split, streaming=cfg.streaming, cache_dir=cache_dir)
-        if root.exists() or str(cfg.root).startswith((".", "/", "~")):
-            raise DataError(f"{cfg.root}: not a dataset directory; expected {HF_LAYOUT}")
-        return datasets.load_dataset(cfg.root, split=split, streaming=cfg.streaming, cache_dir=cache_dir)
+            return datasets.load_dataset("parquet", data_files={split: files}, split=split, streaming=streaming, cache_dir=cache_dir)
+        if root.exists() or str(root_arg).startswith((".", "/", "~")):
+            raise DataError(f"{root_arg}: not a dataset directory; expected {HF_LAYOUT}")
+        return datasets.load_dataset(root_arg, split=split, streaming=streaming, cache_dir=cache_dir)
     except DataError:
         raise
     except (FileNotFoundError, ValueError, ConnectionError, OSError) as err:
-        raise DataError(f"{cfg.root} (split '{split}'): cannot open offline: {str(err).splitlines()[0]}; expected {HF_LAYOUT}") from None
+        raise DataError(f"{root_arg} (split '{split}'): cannot open offline: {str(err).splitlines()[0]}; expected {HF_LAYOUT}") from None
 
 
 def _row_sample(row: dict, image_column: str, label_column: str, name: str) -> Sample:
@@ -164,50 +167,58 @@ def _class_names(features: Any, label_column: str, image_column: str, where: str
 class HFReader:
     """A map-style `datasets.Dataset` split; images are read as bytes, undecoded."""
 
-    def __init__(self, cfg: DataConfig, split: str, classes: list[str] | None = None) -> None:
+    def __init__(self, root: str, split: str, classes: list[str] | None = None, image_column: str = "image", label_column: str = "label", cache_dir: str = "") -> None:
         datasets = _hf_offline()
-        ds = open_hf_split(cfg, split)
-        where = f"{cfg.root} [{split}]"
-        names = _class_names(ds.features, cfg.label_column, cfg.image_column, where)
-        ds = ds.select_columns([cfg.image_column, cfg.label_column])
-        if isinstance(ds.features[cfg.image_column], datasets.Image):
-            ds = ds.cast_column(cfg.image_column, datasets.Image(decode=False))
+        ds = open_hf_split(root, split, cache_dir=cache_dir)
+        names = _class_names(ds.features, label_column, image_column, f"{root} [{split}]")
+        ds = ds.select_columns([image_column, label_column])
+        if isinstance(ds.features[image_column], datasets.Image):
+            ds = ds.cast_column(image_column, datasets.Image(decode=False))
         if classes is None:
             # A missing label (None) is skipped by the dataset; it must not break max().
-            labels = [label for label in ds[cfg.label_column] if label is not None] if not names else []
+            labels = [label for label in ds[label_column] if label is not None] if not names else []
             classes = names or [str(i) for i in range(int(max(labels, default=-1)) + 1)]
-        self.classes, self.split, self._ds, self._cfg = classes, split, ds, cfg
+        self.classes, self.split, self._ds, self._columns = classes, split, ds, (image_column, label_column)
 
     def __len__(self) -> int:
         return len(self._ds)
 
     def read(self, index: int) -> Sample:
-        return _row_sample(self._ds[int(index)], self._cfg.image_column, self._cfg.label_column, f"{self.split}[{index}]")
+        return _row_sample(self._ds[int(index)], *self._columns, f"{self.split}[{index}]")
 
 
 class HFStreamReader:
     """A streamed split, sharded across processes; workers split its shards further."""
 
-    def __init__(self, cfg: DataConfig, split: str, rank: int, world_size: int, seed: int, shuffle: bool, classes: list[str] | None = None, num_classes: int = 0) -> None:
+    def __init__(self, root: str, split: str, rank: int, world_size: int, seed: int, shuffle: bool, classes: list[str] | None = None,
+                 num_classes: int = 0, image_column: str = "image", label_column: str = "label", cache_dir: str = "") -> None:
         datasets = _hf_offline()
         from datasets.distributed import split_dataset_by_node
 
-        ds = open_hf_split(cfg, split)
-        names = _class_names(ds.features, cfg.label_column, cfg.image_column, f"{cfg.root} [{split}]")
-        if isinstance(ds.features[cfg.image_column], datasets.Image):
-            ds = ds.cast_column(cfg.image_column, datasets.Image(decode=False))
+        ds = open_hf_split(root, split, streaming=True, cache_dir=cache_dir)
+        names = _class_names(ds.features, label_column, image_column, f"{root} [{split}]")
+        if isinstance(ds.features[image_column], datasets.Image):
+            ds = ds.cast_column(image_column, datasets.Image(decode=False))
         if shuffle:
             ds = ds.shuffle(seed=seed, buffer_size=10_000)
         self._ds = split_dataset_by_node(ds, rank=rank, world_size=world_size)
         self.classes = classes or names or [str(i) for i in range(num_classes)]
         if not self.classes:
-            raise DataError(f"{cfg.root} [{split}]: streamed labels have no ClassLabel names; set model.num_classes")
-        self.split, self._cfg = split, cfg
+            raise DataError(f"{root} [{split}]: streamed labels have no ClassLabel names; set model.num_classes")
+        self.split, self._columns = split, (image_column, label_column)
+
+    @property
+    def num_samples(self) -> int:
+        """Samples in the whole split (all processes), from the dataset's info; 0 when unknown."""
+        info = getattr(self._ds, "info", None)
+        splits = getattr(info, "splits", None) or {}
+        split = splits.get(self.split) if hasattr(splits, "get") else None
+        return int(split.num_examples) if split is not None and split.num_examples else 0
 
     def iter_samples(self, epoch: int) -> Iterator[Sample]:
         self._ds.set_epoch(epoch)
         for i, row in enumerate(self._ds):
-            yield _row_sample(row, self._cfg.image_column, self._cfg.label_column, f"{self.split}[stream {i}]")
+            yield _row_sample(row, *self._columns, f"{self.split}[stream {i}]")
 
 
 class SpreadSubset:
@@ -225,13 +236,3 @@ class SpreadSubset:
 
     def read(self, index: int) -> Sample:
         return self.reader.read(index * len(self.reader) // self.n)
-
-
-def create_reader(cfg: DataConfig, split: str, classes: list[str] | None = None) -> Reader:
-    """A random-access reader for one split of the configured source."""
-    if cfg.source == "folder":
-        root = Path(cfg.root).expanduser()
-        if not root.is_dir():
-            raise DataError(f"data.root: {root} does not exist; expected {FOLDER_LAYOUT}")
-        return FolderReader(root / split, classes)
-    return HFReader(cfg, split, classes)

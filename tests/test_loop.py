@@ -1,0 +1,158 @@
+"""Tests for trainer/loop/: the step boundary and its hooks, lockstep padding, the non-finite guard, the stop agreement."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+
+from trainer.backend import create_accelerator
+from trainer.checkpoint import TrainState
+from trainer.errors import TrainingStopped
+from trainer.loop.lockstep import Lockstep, StandIn, is_empty
+from trainer.loop.nonfinite import NonFiniteGuard
+from trainer.loop.step import OptimizerStep, StepHook
+from trainer.loop.stop import StopAgreement
+
+
+class Recorder(StepHook):
+    """Records what it saw; has state, so it is checkpointed."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.model, self.calls, self.count = model, [], 0
+
+    def before_update(self, step: int) -> None:
+        grad = self.model.weight.grad
+        self.calls.append(("before", step, grad is not None and bool(grad.abs().sum() > 0)))
+
+    def after_update(self, step: int) -> None:
+        self.calls.append(("after", step, None))
+        self.count += 1
+
+    def state_dict(self) -> dict:
+        return {"count": self.count}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.count = state["count"]
+
+
+def boundary(accum: int) -> tuple[OptimizerStep, torch.nn.Module]:
+    acc, _ = create_accelerator("cpu", "fp32", gradient_accumulation_steps=accum)
+    model = torch.nn.Linear(4, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    model, optimizer = acc.prepare(model, optimizer)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 / (step + 1))
+    return OptimizerStep(acc, model, optimizer, scheduler, TrainState()), model
+
+
+def micro_batch(step: OptimizerStep, model: torch.nn.Module) -> bool:
+    with step.accumulate():
+        return step.backward(model(torch.ones(3, 4)).sum())
+
+
+def test_the_boundary_updates_once_per_window_and_calls_hooks_around_it():
+    step, model = boundary(accum=2)
+    hook = Recorder(model)
+    step.add_hook(hook)
+    weight = model.weight.detach().clone()
+    updates = [micro_batch(step, model) for _ in range(4)]
+    assert updates == [False, True, False, True]
+    assert step.state.global_step == 2 and hook.count == 2
+    # before: gradients complete and not applied; after: the new step count
+    assert hook.calls == [("before", 1, True), ("after", 1, None), ("before", 2, True), ("after", 2, None)]
+    assert not torch.equal(model.weight, weight)
+    assert step.lr == pytest.approx(1.0 / 3)  # the scheduler stepped twice
+    assert model.weight.grad is None  # zeroed after each update
+
+
+def test_stateful_hooks_are_checkpointed_and_others_need_one_method(tmp_path: Path):
+    step, model = boundary(accum=1)
+    hook = Recorder(model)
+    step.add_hook(hook)
+    micro_batch(step, model)
+    step.accelerator.save_state(str(tmp_path / "ckpt"), safe_serialization=True)
+    hook.count = 99
+    step.accelerator.load_state(str(tmp_path / "ckpt"))
+    assert hook.count == 1
+    with pytest.raises(TypeError, match="neither before_update nor after_update"):
+        step.add_hook(object())
+
+
+def test_lockstep_pads_only_when_asked(caplog):
+    batches = [{"labels": torch.ones(2)}, {"labels": torch.ones(2)}]
+    plain = Lockstep(batches, pad=False, epoch=0, first_batch=0, epoch_batches=4, process_index=0)
+    assert list(plain) == batches and not plain.ended
+    padded = Lockstep(batches, pad=True, epoch=0, first_batch=1, epoch_batches=4, process_index=1)
+    with caplog.at_level(logging.WARNING, logger="trainer"):
+        it = iter(padded)
+        seen = [next(it) for _ in range(5)]
+    assert seen[:2] == batches and padded.ended
+    assert all(is_empty(b) and b["skipped"] == [] for b in seen[2:])
+    assert "process 1's stream shard ran out after 3 of the epoch's 4 batches" in caplog.text
+
+
+def test_stand_in_is_the_last_batch_or_blank_images():
+    stand_in = StandIn((3, 8, 8), torch.device("cpu"))
+    first = stand_in.batch()
+    assert first["images"].shape == (2, 3, 8, 8) and first["images"].dtype == torch.float32 and first["labels"].tolist() == [0, 0]
+    batch = {"images": torch.ones(1, 3, 8, 8), "labels": torch.tensor([1])}
+    stand_in.remember(batch)
+    assert stand_in.batch() is batch
+
+
+def test_guard_stops_after_the_limit_and_vetoes_bad_checkpoints(tmp_path: Path):
+    guard = NonFiniteGuard(torch.device("cpu"), limit=2, loss_scaler=False, checkpoints=tmp_path)
+    model = torch.nn.Linear(2, 2)
+    guard.observe(torch.tensor(1.0))
+    assert guard.safe_to_save(model, step=1)
+    guard.observe(torch.tensor(float("nan")))
+    assert not guard.safe_to_save(model, step=2)  # the latest loss is NaN
+    guard.observe(torch.tensor(1.0))
+    with torch.no_grad():
+        model.weight[0, 0] = float("inf")
+    assert not guard.safe_to_save(model, step=3)  # the weights overflowed
+    guard.observe(torch.tensor(float("inf")))
+    guard.observe(torch.tensor(float("nan")))
+    with pytest.raises(TrainingStopped, match=r"non-finite for 2 consecutive steps, up to step 5 .*max_non_finite_steps=2"):
+        guard.check(step=5)
+
+
+def test_guard_leaves_overflows_to_the_loss_scaler(tmp_path: Path):
+    guard = NonFiniteGuard(torch.device("cpu"), limit=1, loss_scaler=True, checkpoints=tmp_path)
+    guard.observe(torch.tensor(float("inf")))
+    guard.check(step=1)
+    assert guard.safe_to_save(torch.nn.Linear(2, 2), step=1)
+
+
+def test_stop_agreement_on_one_process_follows_the_signal():
+    acc, _ = create_accelerator("cpu", "fp32")
+    stop, before = StopAgreement(acc), signal.getsignal(signal.SIGTERM)
+    with stop.signals():
+        assert not stop.epoch_over(step=10, stream_ended=False)
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert stop.requested and stop.epoch_over(step=11, stream_ended=False)
+    assert signal.getsignal(signal.SIGTERM) == before  # put back on the way out
+
+
+def test_stop_agreement_asks_the_others_every_n_steps():
+    class TwoProcesses:
+        num_processes, device = 2, torch.device("cpu")
+
+        def __init__(self, others: list[int]) -> None:
+            self.others, self.calls = others, 0
+
+        def reduce(self, flags: torch.Tensor, op: str) -> torch.Tensor:
+            self.calls += 1
+            return flags + torch.tensor(self.others)
+
+    acc = TwoProcesses(others=[1, 0])  # the other process was signalled
+    stop = StopAgreement(acc, every_steps=10)
+    assert not stop.epoch_over(step=7, stream_ended=False) and acc.calls == 0
+    assert stop.epoch_over(step=10, stream_ended=False) and stop.requested
+    ended = StopAgreement(TwoProcesses(others=[0, 1]), every_steps=10)
+    assert not ended.epoch_over(step=10, stream_ended=False)  # only the other's stream ran out
+    assert ended.epoch_over(step=20, stream_ended=True) and not ended.requested

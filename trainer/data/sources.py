@@ -1,0 +1,112 @@
+"""The registry of `data.source`s: each names how to open its splits and what it defaults to.
+
+A source maps the flat `data.*` settings onto its readers' explicit arguments, and owns
+what differs between sources: the default val split name, whether it can stream, the
+expected layout (for error messages) and what `trainer check-data` can say about it.
+Adding a source is one `Source(...)` in its own file plus one line in `SOURCES` below
+(and its name in `DataConfig.source`'s choices).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from trainer.config import DataConfig
+from trainer.data.readers import FOLDER_LAYOUT, HF_LAYOUT, FolderReader, HFReader, HFStreamReader, Reader, StreamReader
+from trainer.errors import DataError
+
+
+@dataclass(frozen=True)
+class Source:
+    """One `data.source`.
+
+    Attributes:
+        name: the `data.source` value.
+        layout: the expected layout, quoted by errors.
+        default_val_split: the val split when `data.val_split` is empty.
+        open: `(cfg, split, classes)` -> a random-access `Reader`; `classes` None takes the split's own.
+        open_stream: `(cfg, split, rank, world_size, seed, shuffle, classes, num_classes)` -> a
+            `StreamReader` sharded by process; None when the source cannot stream.
+        open_for_check: like `open`, for `trainer check-data`: returns the reader and the
+            classes it found empty (reported, not raised); None uses `open` and finds none.
+        labels_from_folders: labels are class folder names, so they are in range by construction
+            and class mismatches are told by name (check-data).
+    """
+
+    name: str
+    layout: str
+    default_val_split: str
+    open: Callable[[DataConfig, str, list[str] | None], Reader]
+    open_stream: Callable[..., StreamReader] | None = None
+    open_for_check: Callable[[DataConfig, str, list[str] | None], tuple[Reader, list[str]]] | None = None
+    labels_from_folders: bool = False
+
+    def val_split(self, cfg: DataConfig) -> str:
+        """`data.val_split`, or this source's default."""
+        return cfg.val_split or self.default_val_split
+
+
+def _folder_root(cfg: DataConfig) -> Path:
+    root = Path(cfg.root).expanduser()
+    if not root.is_dir():
+        raise DataError(f"data.root: {root} does not exist; expected {FOLDER_LAYOUT}")
+    return root
+
+
+def _open_folder_for_check(cfg: DataConfig, split: str, classes: list[str] | None) -> tuple[Reader, list[str]]:
+    reader = FolderReader(_folder_root(cfg) / split, allow_empty_classes=True)
+    return reader, reader.empty_classes
+
+
+def _hf_columns(cfg: DataConfig) -> dict[str, str]:
+    return dict(image_column=cfg.image_column, label_column=cfg.label_column, cache_dir=cfg.hf_cache_dir)
+
+
+FOLDER = Source(
+    name="folder", layout=FOLDER_LAYOUT, default_val_split="val",
+    open=lambda cfg, split, classes: FolderReader(_folder_root(cfg) / split, classes),
+    open_for_check=_open_folder_for_check, labels_from_folders=True,
+)
+
+HF = Source(
+    name="hf", layout=HF_LAYOUT, default_val_split="validation",
+    open=lambda cfg, split, classes: HFReader(cfg.root, split, classes, **_hf_columns(cfg)),
+    open_stream=lambda cfg, split, rank, world_size, seed, shuffle, classes=None, num_classes=0: HFStreamReader(
+        cfg.root, split, rank, world_size, seed, shuffle, classes, num_classes, **_hf_columns(cfg)),
+)
+
+SOURCES: dict[str, Source] = {source.name: source for source in (FOLDER, HF)}
+
+
+def get_source(name: str) -> Source:
+    """The registered source called `name`; a one-line DataError for any other."""
+    try:
+        return SOURCES[name]
+    except KeyError:
+        raise DataError(f"data.source: unknown source '{name}' (registered: {', '.join(SOURCES)})") from None
+
+
+def create_reader(cfg: DataConfig, split: str, classes: list[str] | None = None) -> Reader:
+    """A random-access reader for one split of the configured source."""
+    return get_source(cfg.source).open(cfg, split, classes)
+
+
+def create_stream_reader(cfg: DataConfig, split: str, rank: int, world_size: int, seed: int, shuffle: bool,
+                         classes: list[str] | None = None, num_classes: int = 0) -> StreamReader:
+    """A reader that streams one split, this process's shard of it."""
+    source = get_source(cfg.source)
+    if source.open_stream is None:
+        raise DataError(f"data.streaming: the {source.name} source does not stream (streaming sources: {', '.join(s.name for s in SOURCES.values() if s.open_stream)})")
+    return source.open_stream(cfg, split, rank, world_size, seed, shuffle, classes, num_classes)
+
+
+def class_names(cfg: DataConfig) -> list[str] | None:
+    """The training split's class names without reading the split, where the source can tell; else None."""
+    if get_source(cfg.source).labels_from_folders:
+        split_dir = _folder_root(cfg) / cfg.train_split
+        if split_dir.is_dir():
+            return sorted(e.name for e in os.scandir(split_dir) if e.is_dir()) or None
+    return None

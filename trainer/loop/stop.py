@@ -1,0 +1,52 @@
+"""StopAgreement: SIGTERM/Ctrl-C and exhausted stream shards, agreed across processes.
+
+A stop asked of one process must stop all of them at the same step, or the others wait
+in their next collective for ever. Processes compare flags every `every_steps` optimizer
+steps (one small all-reduce), so a signal costs at most that many steps.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import signal
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+
+log = logging.getLogger("trainer")
+
+
+class StopAgreement:
+    """`requested` once a signal arrived here or, after agreeing, on any process."""
+
+    def __init__(self, accelerator: Any, every_steps: int = 10) -> None:
+        self.accelerator, self.every_steps, self.requested = accelerator, every_steps, False
+
+    @contextlib.contextmanager
+    def signals(self) -> Iterator[None]:
+        """While inside, SIGTERM and SIGINT request a stop instead of killing the process."""
+        previous = {sig: signal.signal(sig, self._request) for sig in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+    def _request(self, signum: int, frame: Any) -> None:
+        self.requested = True
+
+    def epoch_over(self, step: int, stream_ended: bool) -> bool:
+        """True once a stop was requested, or every process's stream shard has run out."""
+        acc = self.accelerator
+        if acc.num_processes == 1:
+            return self.requested
+        if step % self.every_steps:
+            return False
+        flags = torch.tensor([int(self.requested), int(stream_ended)], device=acc.device)
+        stops, ended = acc.reduce(flags, "sum").tolist()
+        self.requested = stops > 0
+        if ended == acc.num_processes:
+            log.info("step %d: every process's stream shard has run out; the epoch ends here", step)
+        return self.requested or ended == acc.num_processes
