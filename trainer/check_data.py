@@ -17,6 +17,7 @@ from pathlib import Path
 
 from trainer.config import Config, DataConfig
 from trainer.data.decode import inspect_image
+from trainer.data.loader import effective_num_classes
 from trainer.data.readers import Reader
 from trainer.data.sources import Source, get_source
 
@@ -122,7 +123,7 @@ def check_data_command(cfg: Config, args: Namespace) -> int:
     workers = min(d.workers, os.cpu_count() or 1)
     train, empty_train = _open_split(source, d, d.train_split, None)
     val, empty_val = _open_split(source, d, val_split, None if by_folder else train.classes)
-    num_classes = cfg.model.num_classes or len(train.classes)
+    num_classes = effective_num_classes(cfg.model.num_classes, train.classes)
     if by_folder and num_classes < len(train.classes):
         findings.add("label problems", "model.num_classes below the class folders", f"model.num_classes={num_classes} < {len(train.classes)} classes")
     counts, seen = {}, {}

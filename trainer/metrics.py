@@ -1,4 +1,7 @@
-"""Top-k accuracy, on-device running sums, and the per-epoch metrics files."""
+"""Top-k accuracy, on-device running sums, and the per-epoch metrics files (written and read here).
+
+torch is imported where it is used, so that `trainer plot` reads metrics.jsonl without it.
+"""
 
 from __future__ import annotations
 
@@ -7,10 +10,12 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
+METRICS_FILENAME = "metrics.jsonl"
 METRIC_KEYS = ("epoch", "step", "train_loss", "train_top1", "val_loss", "val_top1", "val_top5", "lr", "img_per_s", "epoch_time_s", "train_samples", "val_samples", "skipped", "val_skipped")
 
 
@@ -29,10 +34,14 @@ class RunningSums:
     """
 
     def __init__(self, device: torch.device, names: tuple[str, ...]) -> None:
+        import torch
+
         self.names = names
         self.values = torch.zeros(len(names), dtype=torch.float64, device=device)
 
     def add(self, *values: torch.Tensor) -> None:
+        import torch
+
         self.values += torch.stack([v.detach().to(torch.float64) for v in values])
 
     def totals(self) -> dict[str, float]:
@@ -66,20 +75,15 @@ class MetricsWriter:
     """Appends one record per epoch to metrics.jsonl and metrics.csv in the run directory."""
 
     def __init__(self, run_dir: Path) -> None:
-        self.jsonl = run_dir / "metrics.jsonl"
+        self.jsonl = run_dir / METRICS_FILENAME
         self.csv = run_dir / "metrics.csv"
 
     def drop_from_epoch(self, epoch: int) -> None:
         """Forget the records of `epoch` and later (a resumed run writes them again)."""
         if not self.jsonl.exists():
             return
-        records = []
-        for line in self.jsonl.read_text().splitlines():
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:  # a line cut short by a kill
-                continue
-        kept = [r for r in records if r.get("epoch", -1) < epoch]
+        records = read_metrics(self.jsonl.parent, skip_malformed=True)  # a line cut short by a kill is dropped
+        kept = [r for r in records if r["epoch"] < epoch]
         if len(kept) == len(records):
             return
         self.jsonl.unlink()
@@ -110,5 +114,48 @@ class MetricsWriter:
 
 def reduce_sums(accelerator: Any, sums: RunningSums, skipped: int) -> dict[str, float]:
     """Every process's sums and skipped count, added up in one collective: {name: total, "skipped": total}."""
+    import torch
+
     local = torch.cat([sums.values, torch.tensor([skipped], dtype=sums.values.dtype, device=sums.values.device)])
     return dict(zip((*sums.names, "skipped"), accelerator.reduce(local, "sum").tolist()))
+
+
+class MetricsFileError(ValueError):
+    """A line of ``metrics.jsonl`` could not be parsed; the message names file and line."""
+
+
+def read_metrics(run_dir: Path, skip_malformed: bool = False) -> list[dict]:
+    """Parses ``run_dir/metrics.jsonl`` into one record per epoch, sorted by epoch.
+
+    A run resumed after a crash re-logs the epochs it repeats, so the last line for
+    an epoch wins. Blank lines are skipped.
+
+    Args:
+        run_dir: Run directory holding ``metrics.jsonl``.
+        skip_malformed: drop lines that do not parse (a kill can cut the last one short)
+            instead of raising.
+
+    Raises:
+        FileNotFoundError: If the metrics file does not exist.
+        MetricsFileError: If a line is not a JSON object with an integer ``epoch``.
+    """
+    path = Path(run_dir) / METRICS_FILENAME
+    by_epoch: dict[int, dict] = {}
+    with path.open(encoding="utf-8") as f:
+        for line_no, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                if skip_malformed:
+                    continue
+                raise MetricsFileError(f"{path}:{line_no}: malformed JSON ({e.msg})") from e
+            epoch = record.get("epoch") if isinstance(record, dict) else None
+            # bool is an int subclass; reject it so `true` is not read as epoch 1.
+            if not isinstance(epoch, int) or isinstance(epoch, bool):
+                if skip_malformed:
+                    continue
+                raise MetricsFileError(f"{path}:{line_no}: expected a JSON object with an integer 'epoch'")
+            by_epoch[epoch] = record
+    return [by_epoch[e] for e in sorted(by_epoch)]

@@ -21,7 +21,10 @@ from typing import IO, Any
 
 import numpy as np
 
-METRICS_FILENAME = "metrics.jsonl"
+from trainer.metrics import METRICS_FILENAME, MetricsFileError, read_metrics
+
+__all__ = ["METRICS_FILENAME", "MetricsFileError", "read_metrics", "write_plots", "write_confusion_matrix", "write_per_class_csv", "plot_command"]
+
 PLOTS_DIRNAME = "plots"
 FIG_WIDTH_IN = 8.0
 FIG_HEIGHT_IN = 5.0
@@ -33,10 +36,6 @@ MAX_NAMED_CLASSES = 40  # above this, ticks show class indices instead of names
 LOG_LR_SPAN = 10.0  # lr axis goes logarithmic when max/min exceeds this
 
 TRAIN_COLOR, VAL_COLOR = "tab:blue", "tab:orange"
-
-
-class MetricsFileError(ValueError):
-    """A line of ``metrics.jsonl`` could not be parsed; the message names file and line."""
 
 
 @dataclass(frozen=True)
@@ -62,38 +61,6 @@ _FIGURES = (
     _FigureSpec("throughput.png", "Training throughput", "throughput (img/s)",
                 (("img_per_s", "train", TRAIN_COLOR),), y_from_zero=True),
 )
-
-
-def read_metrics(run_dir: Path) -> list[dict]:
-    """Parses ``run_dir/metrics.jsonl`` into one record per epoch, sorted by epoch.
-
-    A run resumed after a crash re-logs the epochs it repeats, so the last line for
-    an epoch wins. Blank lines are skipped.
-
-    Args:
-        run_dir: Run directory holding ``metrics.jsonl``.
-
-    Raises:
-        FileNotFoundError: If the metrics file does not exist.
-        MetricsFileError: If a line is not a JSON object with an integer ``epoch``.
-    """
-    path = Path(run_dir) / METRICS_FILENAME
-    by_epoch: dict[int, dict] = {}
-    with path.open(encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise MetricsFileError(f"{path}:{line_no}: malformed JSON ({e.msg})") from e
-            epoch = record.get("epoch") if isinstance(record, dict) else None
-            # bool is an int subclass; reject it so `true` is not read as epoch 1.
-            if not isinstance(epoch, int) or isinstance(epoch, bool):
-                raise MetricsFileError(
-                    f"{path}:{line_no}: expected a JSON object with an integer 'epoch'")
-            by_epoch[epoch] = record
-    return [by_epoch[e] for e in sorted(by_epoch)]
 
 
 def _series(records: list[dict], key: str) -> tuple[list[int], list[float]]:

@@ -35,6 +35,7 @@ from trainer.run_dir import RunDirectory
 from trainer.summary import end_summary, flat_config, start_summary
 
 log = logging.getLogger("trainer")
+SUMS = ("loss", "top1", "n")  # what the training loop adds up on the device
 
 __all__ = ["Trainer", "TrainingStopped"]
 
@@ -138,12 +139,12 @@ class Trainer:
         return updated
 
     def train_epoch(self, epoch: int) -> dict[str, float]:
-        """One epoch (or its rest, after a resume); returns its reduced metrics."""
+        """One epoch (or its rest, after a resume); returns its metrics, reduced over processes."""
         acc, t, state = self.accelerator, self.cfg.train, self.state
         batches = self._epoch_batches(epoch)
         step_in_epoch = math.ceil(state.batches_done / t.grad_accum_steps)
-        progress = EpochProgress(epoch, t.epochs, self.steps_per_epoch, step_in_epoch, acc.is_main_process, self.cfg.output.progress)
-        sums, window = RunningSums(acc.device, ("loss", "top1", "n")), RunningSums(acc.device, ("loss", "top1", "n"))
+        progress = EpochProgress(epoch, t.epochs, self.steps_per_epoch, step_in_epoch, *self._shown())
+        sums, window = RunningSums(acc.device, SUMS), RunningSums(acc.device, SUMS)
         skipped, start_s, window_s = 0, time.perf_counter(), time.perf_counter()
         for batch in batches:
             skipped += self.run.record_skipped(batch["skipped"]) if batch["skipped"] else 0
@@ -151,26 +152,41 @@ class Trainer:
             if is_empty(batch) and acc.num_processes == 1:  # all skipped; several processes step on together
                 continue
             if not self.train_step(batch, window):
-                continue
+                continue  # inside an accumulation window
             step_in_epoch += 1
             stats = None
             if step_in_epoch % t.log_every_steps == 0 or step_in_epoch == self.steps_per_epoch:
                 stats, window_s = self._read_window(window, sums, time.perf_counter() - window_s), time.perf_counter()
             progress.update(1, stats)
-            if t.checkpoint_every_steps and state.global_step % t.checkpoint_every_steps == 0 and step_in_epoch < self.steps_per_epoch:
-                sums.values += window.values
-                window.reset()
+            if self._checkpoint_due(step_in_epoch):
+                self._fold(window, sums)
                 self._save_checkpoint()
             if self.stop.epoch_over(state.global_step, batches.ended) or step_in_epoch >= self.steps_per_epoch:
                 break
         progress.close()
-        sums.values += window.values
+        self._fold(window, sums)
         self.guard.check(state.global_step)
-        elapsed = time.perf_counter() - start_s
-        totals = reduce_sums(acc, sums, skipped)
+        return self._epoch_metrics(sums, skipped, time.perf_counter() - start_s)
+
+    def _shown(self) -> tuple[bool, str]:
+        """Whether this process shows progress, and how (`output.progress`)."""
+        return self.accelerator.is_main_process, self.cfg.output.progress
+
+    def _checkpoint_due(self, step_in_epoch: int) -> bool:
+        """`train.checkpoint_every_steps` reached, short of the epoch's end (which checkpoints anyway)."""
+        every = self.cfg.train.checkpoint_every_steps
+        return bool(every) and self.state.global_step % every == 0 and step_in_epoch < self.steps_per_epoch
+
+    def _epoch_metrics(self, sums: RunningSums, skipped: int, elapsed_s: float) -> dict[str, float]:
+        totals = reduce_sums(self.accelerator, sums, skipped)
         n = max(totals["n"], 1)
-        return {"train_loss": totals["loss"] / n, "train_top1": totals["top1"] / n, "img_per_s": totals["n"] / elapsed,
-                "epoch_time_s": elapsed, "skipped": int(totals["skipped"]), "train_samples": int(totals["n"])}
+        return {"train_loss": totals["loss"] / n, "train_top1": totals["top1"] / n, "img_per_s": totals["n"] / elapsed_s,
+                "epoch_time_s": elapsed_s, "skipped": int(totals["skipped"]), "train_samples": int(totals["n"])}
+
+    @staticmethod
+    def _fold(window: RunningSums, sums: RunningSums) -> None:
+        sums.values += window.values
+        window.reset()
 
     def _epoch_batches(self, epoch: int) -> Lockstep:
         """This epoch's train batches past those already done, padded for uneven stream shards."""
@@ -186,8 +202,7 @@ class Trainer:
     def _read_window(self, window: RunningSums, sums: RunningSums, elapsed_s: float) -> dict[str, float]:
         """Read the loss at log intervals only: this is the loop's one host sync."""
         w = window.totals()
-        sums.values += window.values
-        window.reset()
+        self._fold(window, sums)
         self.guard.check(self.state.global_step)
         n = max(w["n"], 1)
         return {"loss": w["loss"] / n, "top1": w["top1"] / n, "lr": self.boundary.lr, "img_per_s": w["n"] * self.accelerator.num_processes / max(elapsed_s, 1e-9)}

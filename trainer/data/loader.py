@@ -19,6 +19,11 @@ from trainer.data.sources import class_names, create_reader, create_stream_reade
 BUILTIN_DATASETS = {"digits": write_digits}
 
 
+def effective_num_classes(configured: int, classes: list[str]) -> int:
+    """The classifier's outputs: `model.num_classes`, or (when 0) the number of classes in the data."""
+    return configured or len(classes)
+
+
 @dataclass
 class Datasets:
     train: Any  # None when only evaluating
@@ -31,8 +36,8 @@ class Datasets:
     streamed: bool = False  # the readers stream and shard by process themselves
 
     def num_classes(self, configured: int) -> int:
-        """The classifier's outputs: `model.num_classes`, or 0 for the classes in the data."""
-        return configured or len(self.classes)
+        """`effective_num_classes` of this data."""
+        return effective_num_classes(configured, self.classes)
 
 
 def resolve_input_config(cfg: DataConfig, model_name: str) -> dict:
@@ -84,7 +89,7 @@ def create_datasets(cfg: DataConfig, model_name: str, seed: int, rank: int, worl
     val_split = source.val_split(cfg)
 
     def decoder(transform: Any, draft_size: int, classes: list[str]) -> _SampleDecoder:
-        return _SampleDecoder(transform, num_classes or len(classes), draft_size if cfg.draft_decode else None, cfg.on_error, seed)
+        return _SampleDecoder(transform, effective_num_classes(num_classes, classes), draft_size if cfg.draft_decode else None, cfg.on_error, seed)
 
     if cfg.streaming:
         train_reader = create_stream_reader(cfg, cfg.train_split, rank, world_size, seed, shuffle=True, num_classes=num_classes)
