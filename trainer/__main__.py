@@ -60,18 +60,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_env(args: argparse.Namespace) -> int:
-    from trainer.backend import environment_report
+    from trainer.backend import environment_report, format_environment
 
     report = environment_report(args.device, args.precision)
-    if args.json:
-        print(json.dumps(report, indent=2))
-        return 0
-    for key, value in report.items():
-        if key == "warnings":
-            continue
-        print(f"{key:>22}: {value}")
-    for warning in report["warnings"]:
-        print(f"warning: {warning}")
+    print(json.dumps(report, indent=2) if args.json else format_environment(report))
     return 0
 
 

@@ -375,6 +375,21 @@ def check_accelerator_state(backend: Backend, local_rank: int) -> None:
         raise BackendError("; ".join(problems) + ". Likely cause: " + " | ".join(causes))
 
 
+def package_version(name: str) -> str | None:
+    """An installed package's version, without importing it unless it is imported already; None if absent."""
+    import importlib.metadata
+    import sys
+
+    if name in sys.modules:
+        return getattr(sys.modules[name], "__version__", "unknown")
+    if importlib.util.find_spec(name) is None:
+        return None
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
 def environment_report(device: str = "auto", precision: str = "auto") -> dict[str, Any]:
     """What `trainer env` prints: the resolved device picture, versions and pitfalls."""
     plugin_errors = import_device_plugins()
@@ -395,10 +410,27 @@ def environment_report(device: str = "auto", precision: str = "auto") -> dict[st
     except BackendError as err:
         device_type = device
         report["error"] = str(err)
-    versions = {}
-    for name in ("torch", "torch_mlu", "accelerate", "timm", "datasets", "torchvision"):
-        module = importlib.import_module(name) if importlib.util.find_spec(name) else None
-        versions[name] = getattr(module, "__version__", "unknown") if module else None
-    report["versions"] = versions
+    report["versions"] = {name: package_version(name) for name in ("torch", "torch_mlu", "accelerate", "timm", "datasets", "torchvision")}
     report["warnings"] = pitfalls(device_type) + [f"import {k} failed: {v}" for k, v in plugin_errors.items()]
     return report
+
+
+def format_environment(report: dict[str, Any]) -> str:
+    """`environment_report` as the table `trainer env` prints (`--json` prints the report itself)."""
+    yes_no = {True: "yes", False: "no"}
+    rows = [("host", report["host"]), ("available devices", ", ".join(report["available_devices"]))]
+    if "error" in report:
+        rows.append(("error", report["error"]))
+    else:
+        visible = ", ".join(f"{k}={v}" for k, v in report["visible_devices"].items()) or "not set"
+        world = report["processes"]
+        rows += [
+            ("device", f"{report['device_type']} x {report['device_count']} (visible-device variables: {visible})"),
+            ("processes", "1 process, not distributed" if world == 1 else f"{world} processes, {report['distributed_type']}"),
+            ("process group", report["process_group_backend"] or "none"),
+            ("precision", f"{report['precision']} (native bf16: {yes_no[report['bf16_supported']]})"),
+        ]
+    rows += [(f"{name}", version or "not installed") for name, version in report["versions"].items()]
+    width = max(len(key) for key, _ in rows)
+    lines = [f"{key:<{width}}  {value}" for key, value in rows]
+    return "\n".join(lines + [f"warning: {w}" for w in report["warnings"]])

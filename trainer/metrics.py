@@ -16,6 +16,7 @@ if TYPE_CHECKING:
     import torch
 
 METRICS_FILENAME = "metrics.jsonl"
+STEPS_FILENAME = "steps.jsonl"  # one record per logged step: step, loss, top1, lr, img_per_s
 METRIC_KEYS = ("epoch", "step", "train_loss", "train_top1", "val_loss", "val_top1", "val_top5", "lr", "img_per_s", "epoch_time_s", "train_samples", "val_samples", "skipped", "val_skipped")
 
 
@@ -72,9 +73,10 @@ def _fresh_line(path: Path) -> str:
 
 
 class MetricsWriter:
-    """Appends one record per epoch to metrics.jsonl and metrics.csv in the run directory."""
+    """Appends one record per epoch to metrics.jsonl and metrics.csv, and one per logged step to steps.jsonl."""
 
     def __init__(self, run_dir: Path) -> None:
+        self.steps = run_dir / STEPS_FILENAME
         self.jsonl = run_dir / METRICS_FILENAME
         self.csv = run_dir / "metrics.csv"
 
@@ -90,6 +92,18 @@ class MetricsWriter:
         self.csv.unlink(missing_ok=True)
         for record in kept:
             self.write(record)
+
+    def drop_after_step(self, step: int) -> None:
+        """Forget the step records after `step` (a resumed run writes them again)."""
+        if not self.steps.exists():
+            return
+        records = read_steps(self.steps.parent)
+        self.steps.write_text("".join(json.dumps(r) + "\n" for r in records if r["step"] <= step))
+
+    def write_step(self, record: dict[str, Any]) -> None:
+        """Append a logged step's record (no fsync: a lost line costs one point of a curve)."""
+        with open(self.steps, "a") as f:
+            f.write(_fresh_line(self.steps) + json.dumps({k: _clean(v) for k, v in record.items()}) + "\n")
 
     def write(self, record: dict[str, Any]) -> None:
         record = {k: _clean(v) for k, v in record.items()}
@@ -159,3 +173,21 @@ def read_metrics(run_dir: Path, skip_malformed: bool = False) -> list[dict]:
                 raise MetricsFileError(f"{path}:{line_no}: expected a JSON object with an integer 'epoch'")
             by_epoch[epoch] = record
     return [by_epoch[e] for e in sorted(by_epoch)]
+
+
+def read_steps(run_dir: Path) -> list[dict]:
+    """The records of ``run_dir/steps.jsonl``, one per logged step, sorted by step; [] when absent.
+
+    Lines that do not parse are skipped: these records only draw curves.
+    """
+    path = Path(run_dir) / STEPS_FILENAME
+    by_step: dict[int, dict] = {}
+    if path.is_file():
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(record, dict) and isinstance(record.get("step"), int):
+                by_step[record["step"]] = record
+    return [by_step[s] for s in sorted(by_step)]

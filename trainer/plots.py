@@ -21,7 +21,7 @@ from typing import IO, Any
 
 import numpy as np
 
-from trainer.metrics import METRICS_FILENAME, MetricsFileError, read_metrics
+from trainer.metrics import METRICS_FILENAME, MetricsFileError, read_metrics, read_steps
 
 __all__ = ["METRICS_FILENAME", "MetricsFileError", "read_metrics", "write_plots", "write_confusion_matrix", "write_per_class_csv", "plot_command"]
 
@@ -63,13 +63,14 @@ _FIGURES = (
 )
 
 
-def _series(records: list[dict], key: str) -> tuple[list[int], list[float]]:
-    """Returns (epochs, values) for the records where ``key`` is present and non-null.
+def _series(records: list[dict], key: str, x_key: str = "epoch") -> tuple[list[int], list[float]]:
+    """Returns (x, values) for the records where ``key`` is present and non-null.
 
     Epochs are counted from 1 here, as the logs and the final summary count them; the
-    records count from 0.
+    records count from 0. Steps are counted as the records count them.
     """
-    points = [(r["epoch"] + 1, float(r[key])) for r in records if r.get(key) is not None]
+    first = 1 if x_key == "epoch" else 0
+    points = [(r[x_key] + first, float(r[key])) for r in records if r.get(key) is not None]
     return [p[0] for p in points], [p[1] for p in points]
 
 
@@ -118,11 +119,11 @@ def _format_log_axis(ax: Any, span: float) -> None:
     ax.yaxis.set_minor_formatter(FuncFormatter(minor))
 
 
-def _draw_metric(spec: _FigureSpec, records: list[dict], run_name: str) -> Any | None:
-    """Draws one metric figure, or returns None when every series is missing."""
+def _draw_metric(spec: _FigureSpec, records: list[dict], run_name: str, x_key: str = "epoch") -> Any | None:
+    """Draws one metric figure over epochs (or `x_key` "step"), or returns None when every series is missing."""
     from matplotlib.ticker import MaxNLocator
 
-    series = [(key, label, color, *_series(records, key)) for key, label, color in spec.series]
+    series = [(key, label, color, *_series(records, key, x_key)) for key, label, color in spec.series]
     series = [s for s in series if s[3]]
     if not series:
         return None
@@ -155,7 +156,7 @@ def _draw_metric(spec: _FigureSpec, records: list[dict], run_name: str) -> Any |
         ax.set_xlim(all_epochs[0] - 0.5, all_epochs[0] + 0.5)  # autoscale collapses on 1 point
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_title(f"{spec.title} \u2014 {run_name}")
-    ax.set_xlabel("epoch")
+    ax.set_xlabel("epoch" if x_key == "epoch" else "optimizer step")
     ax.set_ylabel(spec.ylabel)
     ax.grid(True, which="major", alpha=0.35)
     if len(ax.get_legend_handles_labels()[0]) > 1:  # a lone curve needs no legend
@@ -165,6 +166,8 @@ def _draw_metric(spec: _FigureSpec, records: list[dict], run_name: str) -> Any |
 
 def write_plots(run_dir: Path) -> list[Path]:
     """Writes loss, top-1, top-5, lr and throughput PNGs to ``run_dir/plots/``.
+
+    The lr is drawn per logged step from ``steps.jsonl`` when the run wrote one, else per epoch.
 
     Each is ``FIG_WIDTH_IN`` x ``FIG_HEIGHT_IN`` inches at ``FIG_DPI``. A figure whose
     series are all missing (e.g. no validation yet) is skipped.
@@ -176,10 +179,12 @@ def write_plots(run_dir: Path) -> list[Path]:
         Paths of the PNGs written, in a fixed order.
     """
     run_dir = Path(run_dir)
-    records = read_metrics(run_dir)
+    records, steps = read_metrics(run_dir), read_steps(run_dir)
     written = []
     for spec in _FIGURES:
-        fig = _draw_metric(spec, records, run_dir.resolve().name)
+        # The lr per logged step where the run logged steps: a warmup shows, as it does not per epoch.
+        by_step = spec.filename == "lr.png" and any(r.get("lr") is not None for r in steps)
+        fig = _draw_metric(spec, steps, run_dir.resolve().name, "step") if by_step else _draw_metric(spec, records, run_dir.resolve().name)
         if fig is not None:
             written.append(_save_png(fig, run_dir / PLOTS_DIRNAME / spec.filename))
     return written

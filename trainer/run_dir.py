@@ -38,6 +38,11 @@ class RunDirectory:
             f.write("".join(line + "\n" for line in lines))
         return len(lines)
 
+    def write_step(self, record: dict[str, Any]) -> None:
+        """A logged step's loss, top-1, lr and img/s to steps.jsonl (the lr curve is drawn from these)."""
+        if self.accelerator.is_main_process:
+            self.metrics.write_step(record)
+
     def write_epoch(self, record: dict[str, Any]) -> None:
         """The epoch's record to the metrics files, the trackers, the log and the plots."""
         if not self.accelerator.is_main_process:

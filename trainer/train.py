@@ -101,8 +101,9 @@ class Trainer:
             vars(self.state).update(vars(state))  # in place: the step boundary holds this object
             self.scheduler.load_state_dict(self.state.scheduler)
             log.info("resumed from %s (epoch %d, step %d)", path, self.state.epoch + 1, self.state.global_step)
-            if self.accelerator.is_main_process:
-                self.run.metrics.drop_from_epoch(self.state.epoch)  # the resumed run writes them again
+            if self.accelerator.is_main_process:  # the resumed run writes them again
+                self.run.metrics.drop_from_epoch(self.state.epoch)
+                self.run.metrics.drop_after_step(self.state.global_step)
             return
         if candidates:
             # NOTE: a failed load may already have put its weights in the model (Accelerate
@@ -204,8 +205,10 @@ class Trainer:
         w = window.totals()
         self._fold(window, sums)
         self.guard.check(self.state.global_step)
-        n = max(w["n"], 1)
-        return {"loss": w["loss"] / n, "top1": w["top1"] / n, "lr": self.boundary.lr, "img_per_s": w["n"] * self.accelerator.num_processes / max(elapsed_s, 1e-9)}
+        n, img_per_s = max(w["n"], 1), w["n"] * self.accelerator.num_processes / max(elapsed_s, 1e-9)
+        stats = {"loss": w["loss"] / n, "top1": w["top1"] / n, "lr": self.boundary.lr, "img_per_s": img_per_s}
+        self.run.write_step({"step": self.state.global_step, **stats})
+        return stats
 
     def _save_checkpoint(self) -> None:
         """Checkpoint unless the latest loss or the weights are non-finite: never overwrite good state with NaNs."""
