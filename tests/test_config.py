@@ -298,7 +298,7 @@ def test_describe_sections_lists_every_field_with_help_and_choices():
     for name, section_type in SECTIONS.items():
         assert f"{name}:" in lines
         for f in dataclasses.fields(section_type):
-            line = next((l for l in lines if l.startswith(f"  {name}.{f.name} = ")), None)
+            line = next((text_line for text_line in lines if text_line.startswith(f"  {name}.{f.name} = ")), None)
             assert line is not None, f"{name}.{f.name} missing"
             assert line.endswith(f": {f.metadata['help']}")
             assert f.metadata["help"]
@@ -306,4 +306,4 @@ def test_describe_sections_lists_every_field_with_help_and_choices():
                 assert (choice or '""') in line
     assert "  data.interpolation = ''" in text and '[""|bilinear|bicubic|nearest]' in text
     assert "  data.scale = [0.08, 1.0]" in text
-    assert len([l for l in lines if l.startswith("  ")]) == sum(len(dataclasses.fields(t)) for t in SECTIONS.values())
+    assert len([text_line for text_line in lines if text_line.startswith("  ")]) == sum(len(dataclasses.fields(t)) for t in SECTIONS.values())

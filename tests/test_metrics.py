@@ -91,7 +91,7 @@ def test_writer_appends_jsonl_and_csv_that_agree(tmp_path):
 def test_a_new_writer_appends_to_existing_files(tmp_path):
     MetricsWriter(tmp_path).write(record(0))
     MetricsWriter(tmp_path).write(record(1))  # a resumed run
-    assert [json.loads(l)["epoch"] for l in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [0, 1]
+    assert [json.loads(line)["epoch"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [0, 1]
     assert [r["epoch"] for r in read_csv(tmp_path / "metrics.csv")] == ["0", "1"]
 
 

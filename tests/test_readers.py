@@ -16,7 +16,6 @@ from trainer.data.readers import (
     DataError,
     FolderReader,
     HFReader,
-    HFStreamReader,
     Reader,
     Sample,
     SpreadSubset,

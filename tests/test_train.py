@@ -18,9 +18,20 @@ def tiny_config(tmp_path: Path, *overrides: str):
     """timm's test_resnet at 16 px on 3 classes x 6 images: 4 steps an epoch, a second or two."""
     data = helpers.make_image_folder(tmp_path / "data") if not (tmp_path / "data").exists() else tmp_path / "data"
     base = [
-        "model.name=test_resnet", f"data.root={data}", "data.img_size=16", "data.batch_size_per_device=4", "data.workers=0",
-        "train.precision=fp32", "train.epochs=2", "train.log_every_steps=2", "schedule.name=constant", "optim.name=adamw",
-        "optim.lr=0.001", f"output.dir={tmp_path / 'runs'}", "output.plots=false", "output.progress=log",
+        "model.name=test_resnet",
+        f"data.root={data}",
+        "data.img_size=16",
+        "data.batch_size_per_device=4",
+        "data.workers=0",
+        "train.precision=fp32",
+        "train.epochs=2",
+        "train.log_every_steps=2",
+        "schedule.name=constant",
+        "optim.name=adamw",
+        "optim.lr=0.001",
+        f"output.dir={tmp_path / 'runs'}",
+        "output.plots=false",
+        "output.progress=log",
     ]
     return load_config(None, base + list(overrides))
 

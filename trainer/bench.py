@@ -33,8 +33,8 @@ import torch
 
 from trainer.backend import Backend, resolve_precision
 from trainer.config import Config
-from trainer.metrics import RunningSums
 from trainer.errors import TrainingStopped
+from trainer.metrics import RunningSums
 from trainer.train import Trainer
 
 

@@ -13,7 +13,6 @@ import os
 import sys
 import time
 from argparse import Namespace
-from pathlib import Path
 
 from trainer.config import Config, DataConfig
 from trainer.data.decode import inspect_image

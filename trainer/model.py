@@ -13,7 +13,6 @@ from trainer.config import ModelConfig
 from trainer.errors import ModelError
 
 
-
 def create_model(cfg: ModelConfig, num_classes: int) -> torch.nn.Module:
     """Build `cfg.name` with `num_classes` outputs, optionally from a local weights file.
 

@@ -9,7 +9,6 @@ display, and is safe to call from a background thread of a running trainer.
 from __future__ import annotations
 
 import csv
-import json
 import math
 import os
 import sys

@@ -47,8 +47,13 @@ class Trainer:
         self.cfg, self.run_dir, t = cfg, cfg.run_dir, cfg.train
         check_trackers(cfg.output.log_with, cfg.source)
         self.accelerator, self.backend = create_accelerator(
-            cfg.backend.device, t.precision, cfg.backend.host_memory, gradient_accumulation_steps=t.grad_accum_steps,
-            log_with=cfg.output.log_with or None, project_dir=str(self.run_dir), dataloader_config=DataLoaderConfiguration(non_blocking=True),
+            cfg.backend.device,
+            t.precision,
+            cfg.backend.host_memory,
+            gradient_accumulation_steps=t.grad_accum_steps,
+            log_with=cfg.output.log_with or None,
+            project_dir=str(self.run_dir),
+            dataloader_config=DataLoaderConfiguration(non_blocking=True),
         )
         acc = self.accelerator
         set_seed(t.seed)
@@ -86,7 +91,9 @@ class Trainer:
                 raise TrainingStopped("data.streaming: the split size is unknown; set train.max_steps_per_epoch")
         steps = math.ceil(batches / t.grad_accum_steps) if batches else t.max_steps_per_epoch
         if steps == 0:
-            raise TrainingStopped(f"{self.cfg.data.root}: {self.data.train_size} training images give no full batch of {per_device} per device on {self.accelerator.num_processes} processes")
+            raise TrainingStopped(
+                f"{self.cfg.data.root}: {self.data.train_size} training images give no full batch of {per_device} per device on {self.accelerator.num_processes} processes"
+            )
         return min(steps, t.max_steps_per_epoch) if t.max_steps_per_epoch else steps
 
     def resume(self) -> None:
@@ -108,7 +115,9 @@ class Trainer:
         if candidates:
             # NOTE: a failed load may already have put its weights in the model (Accelerate
             # loads the model before the optimizer): never train on from those as if fresh.
-            raise CheckpointError(f"train.resume={self.cfg.train.resume}: none of the {len(candidates)} checkpoints in {self.checkpoints.directory} could be loaded; move them away to start fresh")
+            raise CheckpointError(
+                f"train.resume={self.cfg.train.resume}: none of the {len(candidates)} checkpoints in {self.checkpoints.directory} could be loaded; move them away to start fresh"
+            )
 
     # -- the loop --------------------------------------------------------------------
     def train_step(self, batch: dict[str, Any], sums: RunningSums) -> bool:
@@ -181,8 +190,14 @@ class Trainer:
     def _epoch_metrics(self, sums: RunningSums, skipped: int, elapsed_s: float) -> dict[str, float]:
         totals = reduce_sums(self.accelerator, sums, skipped)
         n = max(totals["n"], 1)
-        return {"train_loss": totals["loss"] / n, "train_top1": totals["top1"] / n, "img_per_s": totals["n"] / elapsed_s,
-                "epoch_time_s": elapsed_s, "skipped": int(totals["skipped"]), "train_samples": int(totals["n"])}
+        return {
+            "train_loss": totals["loss"] / n,
+            "train_top1": totals["top1"] / n,
+            "img_per_s": totals["n"] / elapsed_s,
+            "epoch_time_s": elapsed_s,
+            "skipped": int(totals["skipped"]),
+            "train_samples": int(totals["n"]),
+        }
 
     @staticmethod
     def _fold(window: RunningSums, sums: RunningSums) -> None:

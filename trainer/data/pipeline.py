@@ -49,8 +49,14 @@ def place(loader: Any, accelerator: Any, shard: bool, even_batches: bool = True)
     # IterableDataset and hand out slices of its batches, so the other processes'
     # stream shards would never be read.
     return prepare_data_loader(
-        loader, accelerator.device, num_processes=accelerator.num_processes if shard else 1, process_index=accelerator.process_index if shard else 0,
-        put_on_device=True, non_blocking=True, dispatch_batches=False, even_batches=even_batches,
+        loader,
+        accelerator.device,
+        num_processes=accelerator.num_processes if shard else 1,
+        process_index=accelerator.process_index if shard else 0,
+        put_on_device=True,
+        non_blocking=True,
+        dispatch_batches=False,
+        even_batches=even_batches,
     )
 
 

@@ -66,16 +66,22 @@ def _hf_columns(cfg: DataConfig) -> dict[str, str]:
 
 
 FOLDER = Source(
-    name="folder", layout=FOLDER_LAYOUT, default_val_split="val",
+    name="folder",
+    layout=FOLDER_LAYOUT,
+    default_val_split="val",
     open=lambda cfg, split, classes: FolderReader(_folder_root(cfg) / split, classes),
-    open_for_check=_open_folder_for_check, labels_from_folders=True,
+    open_for_check=_open_folder_for_check,
+    labels_from_folders=True,
 )
 
 HF = Source(
-    name="hf", layout=HF_LAYOUT, default_val_split="validation",
+    name="hf",
+    layout=HF_LAYOUT,
+    default_val_split="validation",
     open=lambda cfg, split, classes: HFReader(cfg.root, split, classes, **_hf_columns(cfg)),
     open_stream=lambda cfg, split, rank, world_size, seed, shuffle, classes=None, num_classes=0: HFStreamReader(
-        cfg.root, split, rank, world_size, seed, shuffle, classes, num_classes, **_hf_columns(cfg)),
+        cfg.root, split, rank, world_size, seed, shuffle, classes, num_classes, **_hf_columns(cfg)
+    ),
 )
 
 SOURCES: dict[str, Source] = {source.name: source for source in (FOLDER, HF)}
@@ -94,12 +100,15 @@ def create_reader(cfg: DataConfig, split: str, classes: list[str] | None = None)
     return get_source(cfg.source).open(cfg, split, classes)
 
 
-def create_stream_reader(cfg: DataConfig, split: str, rank: int, world_size: int, seed: int, shuffle: bool,
-                         classes: list[str] | None = None, num_classes: int = 0) -> StreamReader:
+def create_stream_reader(
+    cfg: DataConfig, split: str, rank: int, world_size: int, seed: int, shuffle: bool, classes: list[str] | None = None, num_classes: int = 0
+) -> StreamReader:
     """A reader that streams one split, this process's shard of it."""
     source = get_source(cfg.source)
     if source.open_stream is None:
-        raise DataError(f"data.streaming: the {source.name} source does not stream (streaming sources: {', '.join(s.name for s in SOURCES.values() if s.open_stream)})")
+        raise DataError(
+            f"data.streaming: the {source.name} source does not stream (streaming sources: {', '.join(s.name for s in SOURCES.values() if s.open_stream)})"
+        )
     return source.open_stream(cfg, split, rank, world_size, seed, shuffle, classes, num_classes)
 
 

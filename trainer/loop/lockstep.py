@@ -35,8 +35,13 @@ class Lockstep:
         if not self.pad:
             return
         self.ended = True
-        log.warning("epoch %d: process %d's stream shard ran out after %d of the epoch's %d batches; it steps on with its loss weighted 0 so that the processes stay in step",
-                    self.epoch + 1, self.process_index, done, self.epoch_batches)
+        log.warning(
+            "epoch %d: process %d's stream shard ran out after %d of the epoch's %d batches; it steps on with its loss weighted 0 so that the processes stay in step",
+            self.epoch + 1,
+            self.process_index,
+            done,
+            self.epoch_batches,
+        )
         while True:
             yield collate([])
 

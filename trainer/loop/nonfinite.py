@@ -35,7 +35,9 @@ class NonFiniteGuard:
         """Raise `TrainingStopped` once `limit` consecutive losses were non-finite (reads the device)."""
         worst = int(self.worst.item())
         if not self.loss_scaler and worst >= self.limit:
-            raise TrainingStopped(f"loss was non-finite for {worst} consecutive steps, up to step {step} (limit train.max_non_finite_steps={self.limit}); the last good checkpoint is kept in {self.checkpoints}")
+            raise TrainingStopped(
+                f"loss was non-finite for {worst} consecutive steps, up to step {step} (limit train.max_non_finite_steps={self.limit}); the last good checkpoint is kept in {self.checkpoints}"
+            )
 
     def safe_to_save(self, model: torch.nn.Module, step: int) -> bool:
         """False (with a warning) when the latest loss or the weights are non-finite; every process agrees."""
