@@ -40,7 +40,17 @@ def test_evaluate_sums_every_image_and_counts_skips():
 def test_eval_command_loads_weights_and_says_where_it_wrote(tmp_path, image_folder, capsys):
     model = create_model(ModelConfig(name="test_resnet"), 3)
     weights = export_weights(model, tmp_path / "model.safetensors")
-    cfg = load_config(None, [f"data.root={image_folder}", "model.name=test_resnet", "data.img_size=16", "data.workers=0", "train.precision=fp32", f"output.dir={tmp_path / 'runs'}"])
+    cfg = load_config(
+        None,
+        [
+            f"data.root={image_folder}",
+            "model.name=test_resnet",
+            "data.img_size=16",
+            "data.workers=0",
+            "train.precision=fp32",
+            f"output.dir={tmp_path / 'runs'}",
+        ],
+    )
     result = eval_command(cfg, str(weights), str(tmp_path / "out"), confusion=True)  # logs to stderr, as the CLI does
     assert result["val_samples"] == 9
     written = json.loads((tmp_path / "out" / "eval.json").read_text())

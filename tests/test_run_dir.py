@@ -51,8 +51,10 @@ def test_export_is_readable_by_others(tmp_path: Path):
 def test_summaries_say_what_people_check(tmp_path: Path):
     _, backend = create_accelerator("cpu", "fp32")
     assert processes(backend) == "cpu, 1 process, not distributed"
-    history = [{"epoch": 0, "val_top1": 0.5, "val_top5": 0.9, "train_samples": 10, "epoch_time_s": 2.0},
-               {"epoch": 1, "val_top1": 0.4, "val_top5": 0.8, "train_samples": 10, "epoch_time_s": 2.0}]
+    history = [
+        {"epoch": 0, "val_top1": 0.5, "val_top5": 0.9, "train_samples": 10, "epoch_time_s": 2.0},
+        {"epoch": 1, "val_top1": 0.4, "val_top5": 0.8, "train_samples": 10, "epoch_time_s": 2.0},
+    ]
     text = end_summary(history, 5.0, tmp_path / "model.safetensors", tmp_path / "checkpoints")
     assert "top-1 0.5000 top-5 0.9000 (epoch 1)" in text and "5.0 img/s mean" in text
     assert TrainState().global_step == 0
