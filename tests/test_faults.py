@@ -291,13 +291,13 @@ def test_non_finite_weights_after_a_finite_loss_are_not_checkpointed(data: Path,
 
     trainer = Trainer(load_config(write_config(tmp_path, data, "overflowed")))
     trainer.run.prepare()
-    trainer._save_if_finite()
+    trainer._save_checkpoint()
     assert len(list(trainer.checkpoints.directory.glob("step_*"))) == 1
     trainer.state.global_step = 1
     with torch.no_grad():
         next(trainer.model.parameters()).view(-1)[0] = float("inf")
     with caplog.at_level("WARNING", logger="trainer"):
-        trainer._save_if_finite()
+        trainer._save_checkpoint()
     assert len(list(trainer.checkpoints.directory.glob("step_*"))) == 1
     assert "step 1: the weights hold non-finite values; checkpoint not saved" in caplog.text
     trainer.close()
