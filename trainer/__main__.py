@@ -60,7 +60,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_env(args: argparse.Namespace) -> int:
-    from trainer.backend import environment_report, format_environment
+    from trainer.env import environment_report, format_environment
 
     report = environment_report(args.device, args.precision)
     print(json.dumps(report, indent=2) if args.json else format_environment(report))

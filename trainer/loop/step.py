@@ -16,11 +16,13 @@ A feature that acts "after each update" joins as a hook and never re-derives whe
 update happened. A hook is any object with one or both methods; one that also has
 `state_dict()` and `load_state_dict(state)` is saved and restored with every checkpoint
 (Accelerate's `register_for_checkpointing`), so it must be added before `Trainer.resume`
-(that is, in `Trainer.__init__`), and in the same order on every run of one run directory.
+(that is, in `Trainer.__init__`), and in the same order on every run of one run directory:
+a checkpoint saved without a stateful hook does not load with it (Accelerate looks for
+its `custom_checkpoint_<i>.pkl`).
 
     class EmaHook(StepHook):
-        def __init__(self, model): self.ema = timm.utils.ModelEmaV3(model)
-        def after_update(self, step): self.ema.update(model, step=step)
+        def __init__(self, model): self.model, self.ema = model, timm.utils.ModelEmaV3(model)
+        def after_update(self, step): self.ema.update(self.model, step=step)
         def state_dict(self): return self.ema.state_dict()
         def load_state_dict(self, state): self.ema.load_state_dict(state)
 
