@@ -200,3 +200,14 @@ def test_epochs_are_counted_from_one_as_in_the_logs() -> None:
     ax = fig.axes[0]
     assert list(ax.get_lines()[0].get_xdata()) == [1, 2, 3]
     assert any(label.endswith("@ epoch 2") for label in ax.get_legend_handles_labels()[1])
+
+
+def test_lr_is_drawn_per_logged_step_so_warmup_shows(tmp_path: Path) -> None:
+    run_dir = _write_jsonl(tmp_path / "warm", [_record(0), _record(1)])
+    steps = [{"step": s, "lr": 0.1 * min(1.0, s / 4), "loss": 1.0} for s in range(1, 9)]  # warmup over 4 steps
+    (run_dir / "steps.jsonl").write_text("".join(json.dumps(s) + "\n" for s in steps))
+    assert run_dir / "plots" / "lr.png" in plots.write_plots(run_dir)
+    spec = next(s for s in plots._FIGURES if s.filename == "lr.png")
+    ax = plots._draw_metric(spec, plots.read_steps(run_dir), "warm", "step").axes[0]
+    assert ax.get_xlabel() == "optimizer step"
+    assert list(ax.lines[0].get_ydata()) == pytest.approx([s["lr"] for s in steps])
