@@ -69,7 +69,10 @@ class Trainer:
         model = create_model(cfg.model, num_classes)
         if t.channels_last:
             model = model.to(memory_format=torch.channels_last)
-        optimizer = create_optimizer(model, cfg.optim)
+        # NOTE: with a loss scaler only a fused optimizer skips an overflowing step on the
+        # device; any other makes GradScaler call .item() on its inf check every step.
+        fused = acc.scaler is not None and self.backend.supports_fused_optimizer()
+        optimizer = create_optimizer(model, cfg.optim, prefer_fused=fused)
         pin = self.backend.pin_memory_kwargs()
         train_loader = create_loader(self.data.train, cfg.data, cfg.data.batch_size_per_device, pin, self.data.train_sampler, drop_last=True)
         val_loader = create_loader(self.data.val, cfg.data, cfg.data.val_batch_size_per_device or cfg.data.batch_size_per_device, pin)
@@ -165,7 +168,7 @@ class Trainer:
         if stand_in:
             return
         (top1,) = topk_correct(logits.detach(), labels, (1,))
-        n = torch.tensor(labels.numel(), device=labels.device)
+        n = labels.new_full((), labels.numel())  # made on the device: torch.tensor(..., device=) is a blocking copy
         sums.add(loss.detach() * n, top1.sum(), n)
         # Consecutive non-finite losses, counted on the device: read only at log points.
         finite = torch.isfinite(loss.detach())
@@ -209,7 +212,7 @@ class Trainer:
             if t.checkpoint_every_steps and self.state.global_step % t.checkpoint_every_steps == 0 and step_in_epoch < self.steps_per_epoch:
                 self._fold(window, sums)
                 self._save_if_finite()
-            if self._epoch_over() or step_in_epoch >= self.steps_per_epoch:
+            if self._epoch_over(agree=stats is not None) or step_in_epoch >= self.steps_per_epoch:
                 break
         progress.close()
         self._fold(window, sums)
@@ -276,15 +279,17 @@ class Trainer:
             return
         self.checkpoints.save(self.state, self.scheduler)
 
-    def _epoch_over(self) -> bool:
+    def _epoch_over(self, agree: bool) -> bool:
         """True once SIGTERM/SIGINT arrived, or every process's stream shard has run out.
 
-        Processes agree every 10 steps, when they all ask: a stop asked of one stops all,
-        and a stream shard that ran out (`_past_the_stream`) ends the epoch once all have.
+        Processes agree when `agree` (at log points, the same steps on all of them): a stop
+        asked of one stops all, and a stream shard that ran out (`_past_the_stream`) ends
+        the epoch once all have. NOTE: reading the agreement waits for the device, so it
+        happens only where the loop already reads the loss, never between log points.
         """
         if self.accelerator.num_processes == 1:
             return self.stop_requested
-        if self.state.global_step % 10:
+        if not agree:
             return False
         flags = torch.tensor([int(self.stop_requested), int(self._stream_ended)], device=self.accelerator.device)
         stops, ended = self.accelerator.reduce(flags, "sum").tolist()
