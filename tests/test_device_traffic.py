@@ -137,3 +137,19 @@ def test_the_counts_do_not_depend_on_scaler_accumulation_or_channels_last(traffi
 
 def test_a_sync_added_to_the_hot_loop_is_caught(traffic):
     assert len(hot_loop_waits(traffic["inject_sync"]["intervals"])) >= 2
+
+
+def test_trainer_bench_reports_the_traffic_per_step(tmp_path):
+    data = helpers.make_image_folder(tmp_path / "data", train_per_class=8)
+    cfg = {
+        "model": {"name": "test_resnet"},
+        "data": {"root": str(data), "img_size": IMG_SIZE, "batch_size_per_device": BATCH, "workers": 0},
+        "train": {"precision": "fp16"},
+        "output": {"dir": str(tmp_path / "runs"), "run_name": "bench"},
+    }
+    (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(cfg))
+    out = tmp_path / "bench.json"
+    run_emulated(["-m", "trainer", "bench", "--config", str(tmp_path / "tiny.yaml"), "--steps", "2", "--warmup", "1", "--json", str(out)])
+    per_step = json.loads(out.read_text())["traffic_per_step"]
+    assert per_step["h2d_copies"] == 2 and per_step["h2d_bytes"] == BATCH * (3 * IMG_SIZE * IMG_SIZE + LABEL_BYTES)
+    assert per_step["syncs"] == per_step["d2h_copies"] == per_step["h2d_blocking"] == 0

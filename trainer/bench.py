@@ -11,6 +11,10 @@ Three measurements on the configured device, data and switches, all through the 
    on the device), so its img/s is what `data.workers` processes deliver;
 3. end to end: `train_step` over the real loader, as `Trainer.train_epoch` runs it.
 
+Where the device plugin counts host<->device traffic (`Backend.transfer_stats`: the
+emulated MLU of the tests does), a few more untimed end-to-end steps give the copies,
+bytes and host syncs per step.
+
 Each figure is a median over bounded steps after a warm-up, timed with `backend.timer()`,
 which syncs the device before reading the clock. They run in the order 1, 3, 2: the
 pipeline alone last, once what its workers prefetched meanwhile is drained.
@@ -34,6 +38,7 @@ import torch
 from trainer.backend import Backend, resolve_precision
 from trainer.config import Config
 from trainer.metrics import RunningSums
+from trainer.traffic import format_traffic, per_step_traffic
 from trainer.train import Trainer, TrainingStopped
 
 
@@ -158,6 +163,8 @@ def measure(trainer: Trainer, steps: int, warmup: int) -> dict[str, Any]:
         trainer.scheduler.step()
 
     end_to_end = summarize(time_steps(train_step, backend, steps, warmup), batch, window=workers)
+    # Untimed (the timer's syncs would count), and only where the device plugin counts.
+    traffic = per_step_traffic(train_step, backend, steps)
 
     # NOTE: the workers kept loading while the last steps ran: drain what they prefetched
     # in the warm-up (cheap here, no model step), or the first timed batches come for free.
@@ -179,7 +186,7 @@ def measure(trainer: Trainer, steps: int, warmup: int) -> dict[str, Any]:
             "steps": steps, "warmup": warmup,
         },
         "model_step": model, "input_pipeline": pipeline, "end_to_end": end_to_end,
-        "bound": bound, "verdict": advice,
+        "bound": bound, "verdict": advice, "traffic_per_step": traffic,
     }
 
 
@@ -200,5 +207,7 @@ def format_table(figures: dict[str, Any]) -> str:
     lines = [f"{s['model']} {s['img_size']}px, batch {s['batch_size_per_device']}/device, median of {s['steps']} steps after {s['warmup']} warm-up",
              f"{'measurement':<16}{'img/s':>10}{'ms/step':>10}  notes"]
     lines += [f"{name:<16}{f['img_per_s']:>10.1f}{f['step_s_median'] * 1e3:>10.1f}  {note}" for name, f, note in rows]
+    if figures.get("traffic_per_step"):
+        lines.append(f"device traffic per step (train_step over the loader): {format_traffic(figures['traffic_per_step'])}")
     lines.append(f"bound: {figures['bound']}: {figures['verdict']}")
     return "\n".join(lines)
