@@ -1,7 +1,7 @@
 """Runs on the emulated MLU (a subprocess of tests/test_device_traffic.py): records the host<->device
 traffic of `Trainer.train_epoch`, interval by interval, for several configs in one process.
 
-Usage: python device_traffic_probe.py CONFIG.yaml VARIANTS.json, where VARIANTS maps a name to a
+Usage: [accelerate launch ...] python device_traffic_probe.py CONFIG.yaml VARIANTS.json, where VARIANTS maps a name to a
 list of `section.key=value` overrides. Prints one JSON object: name -> {"intervals": [...],
 "batch_bytes": ...}. Interval 0 runs from the start of the epoch to the first micro-batch's
 `train_step`, interval i from micro-batch i's `train_step` to the next one's (the loop's work
@@ -67,10 +67,12 @@ def main() -> None:
             "intervals": intervals, "image_bytes": 3 * height * width, "batch": cfg.data.batch_size_per_device,
             "scaler": trainer.accelerator.scaler is not None, "fused": bool(trainer.optimizer.optimizer.defaults.get("fused")),
         }
+        main = trainer.accelerator.is_main_process
         trainer.close()
         AcceleratorState._reset_state(True)
         GradientState._reset_state()
-    print(json.dumps(results))
+    if main:  # under `accelerate launch`, rank 0 speaks for all
+        print(json.dumps(results))
 
 
 if __name__ == "__main__":

@@ -153,3 +153,29 @@ def test_trainer_bench_reports_the_traffic_per_step(tmp_path):
     per_step = json.loads(out.read_text())["traffic_per_step"]
     assert per_step["h2d_copies"] == 2 and per_step["h2d_bytes"] == BATCH * (3 * IMG_SIZE * IMG_SIZE + LABEL_BYTES)
     assert per_step["syncs"] == per_step["d2h_copies"] == per_step["h2d_blocking"] == 0
+
+
+def test_two_processes_wait_only_at_log_points(tmp_path):
+    # 12 optimizer steps logging every 6: a stop agreement or a DDP wait every few steps
+    # (the loop agreed every 10 steps before) shows between the log points.
+    data = helpers.make_image_folder(tmp_path / "data", train_per_class=20)  # 60 images: 15 batches of 2 per process
+    cfg = {
+        "model": {"name": "test_resnet"},
+        "data": {"root": str(data), "img_size": IMG_SIZE, "batch_size_per_device": 2, "workers": 0},
+        "train": {"epochs": 1, "log_every_steps": 6, "max_steps_per_epoch": 12, "precision": "fp16"},
+        "output": {"dir": str(tmp_path / "runs"), "plots": False},
+    }
+    (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(cfg))
+    launch = ["-m", "accelerate.commands.launch", "--config_file", str(REPO / "configs" / "accelerate" / "mlu_2card.yaml"),
+              "--main_process_port", str(helpers.free_port())]
+    result = json.loads(run_emulated([*launch, str(PROBE), str(tmp_path / "tiny.yaml"), json.dumps({"two": ["output.run_name=two"]})]))["two"]
+    intervals = result["intervals"]
+    # NOTE: DDP rebuilds its gradient buckets once, in the second iteration's forward: the
+    # bucket indices go to the device, are broadcast and read back (2 blocking copies). It
+    # is DDP's, once per run; any other wait between log points fails here.
+    assert len(intervals) == 13 and hot_loop_waits(intervals) == [2], intervals
+    rebuild = intervals[2]["step_only"]
+    assert (rebuild["d2h_blocking"], rebuild["scalar_reads"], rebuild["h2d_blocking"]) == (2, 0, 0), rebuild
+    for i, it in enumerate(intervals[:-1]):
+        if i != 2 and not it["log"]:  # a log point also sends the stop flags (16 B)
+            assert (it["h2d_copies"], it["h2d_bytes"]) == (2, 2 * (3 * IMG_SIZE * IMG_SIZE + LABEL_BYTES)), it
