@@ -132,13 +132,13 @@ def test_stop_agreement_on_one_process_follows_the_signal():
     acc, _ = create_accelerator("cpu", "fp32")
     stop, before = StopAgreement(acc), signal.getsignal(signal.SIGTERM)
     with stop.signals():
-        assert not stop.epoch_over(step=10, stream_ended=False)
+        assert not stop.epoch_over(step=10, stream_ended=False, at_log_point=True)
         os.kill(os.getpid(), signal.SIGTERM)
-        assert stop.requested and stop.epoch_over(step=11, stream_ended=False)
+        assert stop.requested and stop.epoch_over(step=11, stream_ended=False, at_log_point=False)
     assert signal.getsignal(signal.SIGTERM) == before  # put back on the way out
 
 
-def test_stop_agreement_asks_the_others_every_n_steps():
+def test_stop_agreement_asks_the_others_at_log_points_only():
     class TwoProcesses:
         num_processes, device = 2, torch.device("cpu")
 
@@ -150,9 +150,9 @@ def test_stop_agreement_asks_the_others_every_n_steps():
             return flags + torch.tensor(self.others)
 
     acc = TwoProcesses(others=[1, 0])  # the other process was signalled
-    stop = StopAgreement(acc, every_steps=10)
-    assert not stop.epoch_over(step=7, stream_ended=False) and acc.calls == 0
-    assert stop.epoch_over(step=10, stream_ended=False) and stop.requested
-    ended = StopAgreement(TwoProcesses(others=[0, 1]), every_steps=10)
-    assert not ended.epoch_over(step=10, stream_ended=False)  # only the other's stream ran out
-    assert ended.epoch_over(step=20, stream_ended=True) and not ended.requested
+    stop = StopAgreement(acc)
+    assert not stop.epoch_over(step=7, stream_ended=False, at_log_point=False) and acc.calls == 0
+    assert stop.epoch_over(step=10, stream_ended=False, at_log_point=True) and stop.requested
+    ended = StopAgreement(TwoProcesses(others=[0, 1]))
+    assert not ended.epoch_over(step=10, stream_ended=False, at_log_point=True)  # only the other's stream ran out
+    assert ended.epoch_over(step=20, stream_ended=True, at_log_point=True) and not ended.requested

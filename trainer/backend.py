@@ -235,6 +235,37 @@ class Backend:
     def timer(self) -> DeviceTimer:
         return DeviceTimer(self)
 
+    def transfer_stats(self) -> dict[str, int] | None:
+        """Host<->device copies, bytes and syncs counted by the device plugin, or None.
+
+        Only plugins that count them expose `transfer_stats()` (the emulated MLU in
+        tests/emulated_mlu does); stock CUDA and torch_mlu do not.
+        """
+        fn = getattr(device_module(self.device_type), "transfer_stats", None)
+        return dict(fn()) if fn else None
+
+    def reset_transfer_stats(self) -> None:
+        fn = getattr(device_module(self.device_type), "reset_transfer_stats", None)
+        if fn:
+            fn()
+
+    def supports_fused_optimizer(self) -> bool:
+        """Whether this device runs torch's fused SGD kernel (probed once on a 1-element step).
+
+        NOTE: with a loss scaler, only a fused optimizer skips an overflowing step on the
+        device; any other makes GradScaler read the inf check back with `.item()`, a host
+        sync every step. Plugins need not implement the kernel, hence the probe.
+        """
+        import torch
+
+        try:
+            param = torch.zeros(1, device=self.device)
+            torch._fused_sgd_([param], [torch.ones_like(param)], [], weight_decay=0.0, momentum=0.0, lr=0.1, dampening=0.0,
+                              nesterov=False, maximize=False, is_first_step=False, found_inf=torch.zeros(1, device=self.device))
+            return True
+        except (RuntimeError, NotImplementedError, AttributeError, TypeError):
+            return False
+
     def pin_memory_kwargs(self, enabled: bool = True) -> dict[str, Any]:
         """DataLoader pinning arguments: pinned host memory on accelerators only (`data.pin_memory`).
 

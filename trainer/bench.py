@@ -11,6 +11,10 @@ Three measurements on the configured device, data and switches, all through the 
    on the device), so its img/s is what `data.workers` processes deliver;
 3. end to end: `train_step` over the real loader, as `Trainer.train_epoch` runs it.
 
+Where the device plugin counts host<->device traffic (`Backend.transfer_stats`: the
+emulated MLU of the tests does), a few more untimed end-to-end steps give the copies,
+bytes and host syncs per step.
+
 Each figure is a median over bounded steps after a warm-up, timed with `backend.timer()`,
 which syncs the device before reading the clock. They run in the order 1, 3, 2: the
 pipeline alone last, once what its workers prefetched meanwhile is drained.
@@ -35,6 +39,7 @@ from trainer.backend import Backend, resolve_precision
 from trainer.config import Config
 from trainer.errors import TrainingStopped
 from trainer.metrics import RunningSums
+from trainer.traffic import format_traffic, per_step_traffic
 from trainer.train import Trainer
 
 
@@ -155,7 +160,12 @@ def measure(trainer: Trainer, steps: int, warmup: int) -> dict[str, Any]:
 
     stream = batch_stream(trainer)
 
-    end_to_end = summarize(time_steps(lambda: trainer.train_step(next(stream), sums), backend, steps, warmup), batch, window=workers)
+    def train_step() -> None:
+        trainer.train_step(next(stream), sums)  # the step boundary also steps the scheduler
+
+    end_to_end = summarize(time_steps(train_step, backend, steps, warmup), batch, window=workers)
+    # Untimed (the timer's syncs would count), and only where the device plugin counts.
+    traffic = per_step_traffic(train_step, backend, steps)
 
     # NOTE: the workers kept loading while the last steps ran: drain what they prefetched
     # in the warm-up (cheap here, no model step), or the first timed batches come for free.
@@ -178,7 +188,7 @@ def measure(trainer: Trainer, steps: int, warmup: int) -> dict[str, Any]:
         },
         "model_step": model, "input_pipeline": pipeline, "end_to_end": end_to_end,
         "peak_memory_mib": backend.peak_memory_bytes() / 2**20 if not backend.on_host else None,
-        "bound": bound, "verdict": advice,
+        "bound": bound, "verdict": advice, "traffic_per_step": traffic,
     }
 
 
@@ -201,5 +211,7 @@ def format_table(figures: dict[str, Any]) -> str:
     lines += [f"{name:<16}{f['img_per_s']:>10.1f}{f['step_s_median'] * 1e3:>10.1f}  {note}" for name, f, note in rows]
     if figures.get("peak_memory_mib") is not None:
         lines.append(f"peak device memory: {figures['peak_memory_mib']:.0f} MiB")
+    if figures.get("traffic_per_step"):
+        lines.append(f"device traffic per step (train_step over the loader): {format_traffic(figures['traffic_per_step'])}")
     lines.append(f"bound: {figures['bound']}: {figures['verdict']}")
     return "\n".join(lines)

@@ -98,7 +98,7 @@ class OptimConfig:
     momentum: float = _field(0.9, "SGD momentum")
     weight_decay: float = _field(1e-4, "weight decay")
     nesterov: bool = _field(False, "Nesterov momentum for SGD")
-    implementation: str = _field("auto", "optimizer step kernel: foreach/fused where supported", ("auto", "foreach", "fused", "loop"))
+    implementation: str = _field("auto", "optimizer step kernel; auto: torch's default, fused SGD with a loss scaler where the device runs it (no host sync per step)", ("auto", "foreach", "fused", "loop"))
 
 
 @dataclass

@@ -11,14 +11,19 @@ from timm.optim import create_optimizer_v2
 from trainer.config import OptimConfig, ScheduleConfig
 
 
-def create_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
-    """timm's optimizer factory; like the reference script, weight decay applies to all parameters."""
+def create_optimizer(model: torch.nn.Module, cfg: OptimConfig, prefer_fused: bool = False) -> torch.optim.Optimizer:
+    """timm's optimizer factory; like the reference script, weight decay applies to all parameters.
+
+    Args:
+        prefer_fused: take the fused SGD kernel when `cfg.implementation` is auto (the
+            caller knows the device runs it; with a loss scaler it avoids a sync per step).
+    """
     kwargs = {}
     if cfg.name in ("sgd", "momentum", "nesterov"):
         kwargs = dict(momentum=cfg.momentum, nesterov=cfg.nesterov)
     if cfg.implementation in ("foreach", "loop"):
         kwargs["foreach"] = cfg.implementation == "foreach"
-    elif cfg.implementation == "fused":
+    elif cfg.implementation == "fused" or (cfg.implementation == "auto" and prefer_fused and cfg.name in ("sgd", "momentum", "nesterov")):
         kwargs["fused"] = True
     return create_optimizer_v2(model, opt=cfg.name, lr=cfg.lr, weight_decay=cfg.weight_decay, filter_bias_and_bn=False, **kwargs)
 

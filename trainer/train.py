@@ -63,7 +63,10 @@ class Trainer:
         model = create_model(cfg.model, self.data.num_classes(cfg.model.num_classes))
         if t.channels_last:
             model = model.to(memory_format=torch.channels_last)
-        optimizer = create_optimizer(model, cfg.optim)
+        # NOTE: with a loss scaler only a fused optimizer skips an overflowing step on the
+        # device; any other makes GradScaler call .item() on its inf check every step.
+        fused = acc.scaler is not None and self.backend.supports_fused_optimizer()
+        optimizer = create_optimizer(model, cfg.optim, prefer_fused=fused)
         self.pipeline = create_pipeline(self.data, cfg.data, acc, self.backend.pin_memory_kwargs(cfg.data.pin_memory), t.channels_last)
         self.train_loader, self.val_loader, self.normalize = self.pipeline.train, self.pipeline.val, self.pipeline.normalize
         if t.compile:
@@ -143,7 +146,7 @@ class Trainer:
             updated = self.boundary.backward(loss)
         if not stand_in:
             (top1,) = topk_correct(logits.detach(), labels, (1,))
-            n = torch.tensor(labels.numel(), device=labels.device)
+            n = labels.new_full((), labels.numel())  # made on the device: torch.tensor(..., device=) is a blocking copy
             sums.add(loss.detach() * n, top1.sum(), n)
             self.guard.observe(loss)
         return updated
@@ -171,7 +174,7 @@ class Trainer:
             if self._checkpoint_due(step_in_epoch):
                 self._fold(window, sums)
                 self._save_checkpoint()
-            if self.stop.epoch_over(state.global_step, batches.ended) or step_in_epoch >= self.steps_per_epoch:
+            if self.stop.epoch_over(state.global_step, batches.ended, at_log_point=stats is not None) or step_in_epoch >= self.steps_per_epoch:
                 break
         progress.close()
         self._fold(window, sums)

@@ -1,8 +1,11 @@
 """StopAgreement: SIGTERM/Ctrl-C and exhausted stream shards, agreed across processes.
 
 A stop asked of one process must stop all of them at the same step, or the others wait
-in their next collective for ever. Processes compare flags every `every_steps` optimizer
-steps (one small all-reduce), so a signal costs at most that many steps.
+in their next collective for ever. Processes compare flags (one small all-reduce) at the
+loop's log points, the same steps on all of them.
+
+NOTE: reading the agreement waits for the device, so on an accelerator it happens only
+where the loop already reads the loss, never between log points.
 """
 
 from __future__ import annotations
@@ -21,8 +24,8 @@ log = logging.getLogger("trainer")
 class StopAgreement:
     """`requested` once a signal arrived here or, after agreeing, on any process."""
 
-    def __init__(self, accelerator: Any, every_steps: int = 10) -> None:
-        self.accelerator, self.every_steps, self.requested = accelerator, every_steps, False
+    def __init__(self, accelerator: Any) -> None:
+        self.accelerator, self.requested = accelerator, False
 
     @contextlib.contextmanager
     def signals(self) -> Iterator[None]:
@@ -37,12 +40,12 @@ class StopAgreement:
     def _request(self, signum: int, frame: Any) -> None:
         self.requested = True
 
-    def epoch_over(self, step: int, stream_ended: bool) -> bool:
+    def epoch_over(self, step: int, stream_ended: bool, at_log_point: bool) -> bool:
         """True once a stop was requested, or every process's stream shard has run out."""
         acc = self.accelerator
         if acc.num_processes == 1:
             return self.requested
-        if step % self.every_steps:
+        if not at_log_point:
             return False
         flags = torch.tensor([int(self.requested), int(stream_ended)], device=acc.device)
         stops, ended = acc.reduce(flags, "sum").tolist()

@@ -12,6 +12,7 @@ reduce-scatter, so both are built from SUM all-reduces.
 from __future__ import annotations
 
 import datetime
+import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -308,6 +309,34 @@ class ProcessGroupCNCL(dist.ProcessGroup):
         options.timeout = self._timeout
         self._gloo.barrier(options).wait()
         return _CompletedWork([])
+
+
+# NOTE: staging through host memory is the emulation's own doing (NCCL and CNCL move
+# device memory directly), so the transfer counters of torch.mlu.transfer_stats() must
+# not see it: every collective runs inside the extension's internal scope.
+_COLLECTIVES = (
+    "allreduce", "allreduce_coalesced", "broadcast", "reduce", "allgather", "allgather_coalesced",
+    "all_gather_single", "all_gather_single_coalesced", "reduce_scatter", "reduce_scatter_single",
+    "reduce_scatter_single_coalesced", "gather", "scatter", "alltoall", "all_to_all_single", "send",
+    "recv", "barrier",
+)
+
+
+def _uncounted(method: Any) -> Any:
+    @functools.wraps(method)
+    def staged(*args: Any, **kwargs: Any) -> Any:
+        ops = torch.ops.emulated_mlu
+        ops.begin_internal()
+        try:
+            return method(*args, **kwargs)
+        finally:
+            ops.end_internal()
+
+    return staged
+
+
+for _name in _COLLECTIVES:
+    setattr(ProcessGroupCNCL, _name, _uncounted(getattr(ProcessGroupCNCL, _name)))
 
 
 def create_process_group(

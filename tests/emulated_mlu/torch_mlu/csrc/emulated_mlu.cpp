@@ -18,8 +18,10 @@
 #include <c10/core/impl/alloc_cpu.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
+#include <vector>
 
 namespace {
 
@@ -33,6 +35,50 @@ thread_local c10::DeviceIndex t_current_device = 0;
 
 std::atomic<int64_t> g_allocated[kMaxDevices];
 std::atomic<int64_t> g_peak[kMaxDevices];
+
+// ------------------------------------------------------- transfer counters
+// What a real device would see cross between host and device: every copy
+// (count, bytes, direction, and whether the caller asked for non_blocking),
+// every scalar read (.item(), bool(t)), which waits for the device, and every
+// explicit synchronization. The emulation's own staging (the CPU fallback
+// moving an op's operands to host and back, the cncl process group) happens
+// inside an InternalScope and is not counted: a real MLU does not do it.
+
+enum Traffic : int {
+  kH2DCopies,
+  kH2DBytes,
+  kH2DBlocking,
+  kD2HCopies,
+  kD2HBytes,
+  kD2HBlocking,
+  kScalarReads,
+  kSyncCalls,
+  kTrafficCount,
+};
+std::atomic<int64_t> g_traffic[kTrafficCount];
+thread_local int t_internal_depth = 0;
+
+struct InternalScope {
+  InternalScope() { ++t_internal_depth; }
+  ~InternalScope() { --t_internal_depth; }
+};
+
+void count_copy(const at::Tensor& src, const at::Tensor& dst, bool non_blocking) {
+  if (t_internal_depth > 0) return;
+  const bool from_host = src.device().is_cpu(), to_host = dst.device().is_cpu();
+  if (from_host == to_host) return;  // host to host, or device to device
+  // Bytes on the wire: a dtype conversion can run on either side of the
+  // copy, so the narrower of the two is what has to cross.
+  const int64_t bytes = std::min(src.numel() * src.element_size(),
+                                 dst.numel() * dst.element_size());
+  g_traffic[from_host ? kH2DCopies : kD2HCopies] += 1;
+  g_traffic[from_host ? kH2DBytes : kD2HBytes] += bytes;
+  if (!non_blocking) g_traffic[from_host ? kH2DBlocking : kD2HBlocking] += 1;
+}
+
+void count_sync() {
+  if (t_internal_depth == 0) g_traffic[kSyncCalls] += 1;
+}
 
 // ---------------------------------------------------------------- allocator
 
@@ -125,10 +171,10 @@ struct MluGuardImpl final : c10::impl::DeviceGuardImplInterface {
   }
   void block(void*, const c10::Stream&) const override {}
   bool queryEvent(void*) const override { return true; }
-  void synchronizeEvent(void*) const override {}
+  void synchronizeEvent(void*) const override { count_sync(); }
   bool queryStream(const c10::Stream&) const override { return true; }
-  void synchronizeStream(const c10::Stream&) const override {}
-  void synchronizeDevice(const c10::DeviceIndex) const override {}
+  void synchronizeStream(const c10::Stream&) const override { count_sync(); }
+  void synchronizeDevice(const c10::DeviceIndex) const override { count_sync(); }
   double elapsedTime(void* start, void* end, const c10::DeviceIndex) const override {
     TORCH_CHECK(start && end, "both events must be recorded before elapsed_time()");
     using TP = std::chrono::steady_clock::time_point;
@@ -193,7 +239,8 @@ at::Tensor empty_strided(c10::IntArrayRef size, c10::IntArrayRef stride,
       c10::dtype_or_default(dtype));
 }
 
-at::Tensor copy_from(const at::Tensor& self, const at::Tensor& dst, bool) {
+at::Tensor copy_from(const at::Tensor& self, const at::Tensor& dst, bool non_blocking) {
+  count_copy(self, dst, non_blocking);
   host_alias(dst).copy_(host_alias(self));
   return dst;
 }
@@ -201,7 +248,7 @@ at::Tensor copy_from(const at::Tensor& self, const at::Tensor& dst, bool) {
 at::Tensor copy_from_and_resize(const at::Tensor& self, const at::Tensor& dst) {
   // The fallback uses this to write CPU results into out= arguments.
   if (dst.sizes() != self.sizes()) dst.resize_(self.sizes());
-  return copy_from(self, dst, false);
+  return copy_from(self, dst, /*non_blocking=*/false);
 }
 
 const at::Tensor& resize_(const at::Tensor& self, c10::IntArrayRef size,
@@ -219,6 +266,10 @@ at::Tensor& set_storage(at::Tensor& self, at::Storage source, int64_t offset,
 }
 
 at::Scalar local_scalar_dense(const at::Tensor& self) {
+  if (t_internal_depth == 0) {
+    g_traffic[kScalarReads] += 1;
+    g_traffic[kD2HBytes] += self.element_size();
+  }
   return at::_local_scalar_dense(host_alias(self));
 }
 
@@ -241,6 +292,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> native_batch_norm(
     const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& running_mean,
     const std::optional<at::Tensor>& running_var, bool training, double momentum,
     double eps) {
+  const InternalScope internal;
   auto alias = [](const std::optional<at::Tensor>& t) -> std::optional<at::Tensor> {
     if (!t.has_value() || !t->defined()) return t;
     return host_alias(*t);
@@ -252,6 +304,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> native_batch_norm(
 }
 
 void mlu_cpu_fallback(const c10::OperatorHandle& op, torch::jit::Stack* stack) {
+  const InternalScope internal;
   at::native::cpu_fallback(op, stack);
 }
 
@@ -260,6 +313,7 @@ void mlu_cpu_fallback(const c10::OperatorHandle& op, torch::jit::Stack* stack) {
 // them natively and accumulates in fp32. Computing in fp32 and rounding the
 // results to fp16 keeps the device's numerics and the test suite's runtime.
 void mlu_conv_fallback(const c10::OperatorHandle& op, torch::jit::Stack* stack) {
+  const InternalScope internal;
   const auto num_args = op.schema().arguments().size();
   bool half = false;
   for (auto i = stack->size() - num_args; i < stack->size(); ++i) {
@@ -361,6 +415,21 @@ void reset_peak_memory_stats(int64_t d) {
   g_peak[d] = g_allocated[d].load();
 }
 
+// In Traffic's order: h2d copies, bytes, blocking; d2h copies, bytes,
+// blocking; scalar reads; synchronize calls.
+std::vector<int64_t> transfer_stats() {
+  std::vector<int64_t> out(kTrafficCount);
+  for (int i = 0; i < kTrafficCount; ++i) out[i] = g_traffic[i].load();
+  return out;
+}
+void reset_transfer_stats() {
+  for (auto& counter : g_traffic) counter = 0;
+}
+void synchronize() { count_sync(); }
+// Staging that only the emulation does (the cncl group) runs between these.
+void begin_internal() { ++t_internal_depth; }
+void end_internal() { --t_internal_depth; }
+
 // Runs when the library is loaded, before Python renames PrivateUse1.
 const bool g_hooks_registered = [] {
   static MluHooks hooks;
@@ -378,4 +447,9 @@ TORCH_LIBRARY(emulated_mlu, m) {
   m.def("memory_allocated", memory_allocated);
   m.def("max_memory_allocated", max_memory_allocated);
   m.def("reset_peak_memory_stats", reset_peak_memory_stats);
+  m.def("transfer_stats", transfer_stats);
+  m.def("reset_transfer_stats", reset_transfer_stats);
+  m.def("synchronize", synchronize);
+  m.def("begin_internal", begin_internal);
+  m.def("end_internal", end_internal);
 }

@@ -52,8 +52,10 @@ __all__ = [
     "set_device",
     "set_rng_state",
     "set_rng_state_all",
+    "reset_transfer_stats",
     "stream",
     "synchronize",
+    "transfer_stats",
     "visible_device_count",
 ]
 
@@ -147,8 +149,40 @@ class device:  # noqa: N801  (mirrors torch.cuda.device)
 
 
 def synchronize(device: DeviceLike = None) -> None:
-    """Wait for the device to finish: kernels are synchronous, so a no-op."""
+    """Wait for the device to finish: kernels are synchronous, so only counted."""
     _index(device)
+    _ops().synchronize()
+
+
+# -------------------------------------------------------------- traffic
+
+_TRAFFIC_KEYS = ("h2d_copies", "h2d_bytes", "h2d_blocking", "d2h_copies", "d2h_bytes", "d2h_blocking", "scalar_reads", "sync_calls")
+
+
+def transfer_stats() -> dict[str, int]:
+    """Return the host<->device traffic counted since the last reset, all devices together.
+
+    Not part of the real torch_mlu: a test double's window on what a device would see.
+
+    * ``h2d_*`` / ``d2h_*``: copies from host to device and back, their bytes, and how
+      many of them were blocking (``non_blocking=False``: the host waits for the device);
+    * ``scalar_reads``: ``.item()``, ``bool(t)``, ... on a device tensor (a wait plus a
+      few bytes back, counted in ``d2h_bytes`` only);
+    * ``sync_calls``: ``torch.mlu.synchronize()``, stream and event synchronization;
+    * ``syncs``: every point where the host waits for the device: blocking copies,
+      scalar reads and synchronize calls.
+
+    The emulation's own staging (operands moved to host for the CPU kernels, collectives
+    over gloo) is not counted: a real device does not do it.
+    """
+    stats = dict(zip(_TRAFFIC_KEYS, (int(v) for v in _ops().transfer_stats())))
+    stats["syncs"] = stats["h2d_blocking"] + stats["d2h_blocking"] + stats["scalar_reads"] + stats["sync_calls"]
+    return stats
+
+
+def reset_transfer_stats() -> None:
+    """Zero the counters of :func:`transfer_stats`."""
+    _ops().reset_transfer_stats()
 
 
 def is_initialized() -> bool:
@@ -340,7 +374,8 @@ class Stream:
         self.priority = priority
 
     def synchronize(self) -> None:
-        """Wait for the stream's work: already done."""
+        """Wait for the stream's work: already done, so only counted."""
+        _ops().synchronize()
 
     def query(self) -> bool:
         """Return True: all work is complete."""
