@@ -35,11 +35,17 @@ def cmd_train(args: argparse.Namespace) -> int:
     from trainer.progress import setup_logging
     from trainer.train import Trainer
 
+    from trainer.collectives import CollectiveError, exit_now, named_collective_failures
+
     cfg = _load(args)
     trainer = Trainer(cfg)
     setup_logging(trainer.accelerator.is_main_process, args.debug)
     try:
-        record = trainer.fit()
+        with named_collective_failures(trainer.accelerator.process_index, lambda: trainer.state.global_step, cfg.backend.collective_timeout_s):
+            record = trainer.fit()
+    except CollectiveError as err:
+        print(f"trainer: error: {err}", file=sys.stderr)
+        exit_now(3)  # NOTE: no teardown: the process group's threads would abort the process
     finally:
         trainer.close()
     if trainer.accelerator.is_main_process:

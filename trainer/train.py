@@ -55,7 +55,7 @@ class Trainer:
         t = cfg.train
         check_trackers(cfg.output.log_with, cfg.source)
         self.accelerator, self.backend = create_accelerator(
-            cfg.backend.device, t.precision, cfg.backend.host_memory, gradient_accumulation_steps=t.grad_accum_steps,
+            cfg.backend.device, t.precision, cfg.backend.host_memory, cfg.backend.collective_timeout_s, gradient_accumulation_steps=t.grad_accum_steps,
             log_with=cfg.output.log_with or None, project_dir=str(self.run_dir),
             dataloader_config=DataLoaderConfiguration(non_blocking=True),
         )
@@ -137,6 +137,8 @@ class Trainer:
             # NOTE: a failed load may already have put its weights in the model (Accelerate
             # loads the model before the optimizer): never train on from those as if fresh.
             raise CheckpointError(f"train.resume={self.cfg.train.resume}: none of the {len(candidates)} checkpoints in {self.checkpoints.directory} could be loaded; move them away to start fresh")
+        if self.accelerator.is_main_process:
+            self.run.metrics.drop_from_epoch(0)  # records of a run killed before its first checkpoint: it starts again
 
     # -- the loop --------------------------------------------------------------------
     def train_step(self, batch: dict[str, Any], sums: RunningSums) -> None:
@@ -279,12 +281,15 @@ class Trainer:
     def _epoch_over(self) -> bool:
         """True once SIGTERM/SIGINT arrived, or every process's stream shard has run out.
 
-        Processes agree every 10 steps, when they all ask: a stop asked of one stops all,
+        Processes agree every step on the CPU and every 10 steps on accelerators, when they all ask: a stop asked of one stops all,
         and a stream shard that ran out (`_past_the_stream`) ends the epoch once all have.
         """
         if self.accelerator.num_processes == 1:
             return self.stop_requested
-        if self.state.global_step % 10:
+        # NOTE: every step on the CPU, where a step takes seconds and reading the flags costs
+        # no overlap, so that a stop (torchrun forwards Ctrl-C as SIGINT, then SIGKILLs after
+        # 30 s) is agreed within a step; every 10 steps on accelerators, whose steps are short.
+        if self.state.global_step % (1 if self.backend.host_sync_is_free else 10):
             return False
         flags = torch.tensor([int(self.stop_requested), int(self._stream_ended)], device=self.accelerator.device)
         stops, ended = self.accelerator.reduce(flags, "sum").tolist()
