@@ -130,6 +130,12 @@ def cmd_check_data(args: argparse.Namespace) -> int:
     return check_data_command(_load(args), args)
 
 
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from trainer.doctor import doctor_command
+
+    return doctor_command(_load(args), args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="trainer", description="Train timm image classifiers on MLU, CUDA or CPU through Accelerate.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -165,6 +171,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=0, help="check only the first N images of each split (0: all)")
     p.add_argument("--examples", type=int, default=5, help="example paths shown per problem")
     p.set_defaults(func=cmd_check_data)
+
+    p = sub.add_parser("doctor", help="launch preflight under accelerate launch: devices, process group, all-reduce, data and output on every process", epilog=sections, formatter_class=fmt)
+    _config_args(p)
+    p.add_argument("--bandwidth-mb", type=int, default=100, help="all-reduce size per process for the bandwidth figure (0: skip)")
+    p.set_defaults(func=cmd_doctor)
 
     p = sub.add_parser("plot", help="write PNG curves of a run to RUN_DIR/plots/")
     p.add_argument("run_dir")

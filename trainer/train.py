@@ -71,8 +71,9 @@ class Trainer:
             model = model.to(memory_format=torch.channels_last)
         optimizer = create_optimizer(model, cfg.optim)
         pin = self.backend.pin_memory_kwargs()
-        train_loader = create_loader(self.data.train, cfg.data, cfg.data.batch_size_per_device, pin, self.data.train_sampler, drop_last=True)
-        val_loader = create_loader(self.data.val, cfg.data, cfg.data.val_batch_size_per_device or cfg.data.batch_size_per_device, pin)
+        wait_s = cfg.backend.collective_timeout_s  # a stuck loader worker is named too, not waited for
+        train_loader = create_loader(self.data.train, cfg.data, cfg.data.batch_size_per_device, pin, self.data.train_sampler, drop_last=True, timeout_s=wait_s)
+        val_loader = create_loader(self.data.val, cfg.data, cfg.data.val_batch_size_per_device or cfg.data.batch_size_per_device, pin, timeout_s=wait_s)
         if t.compile:
             model = torch.compile(model)
         streamed = self.data.train_sampler is None  # the reader already shards by process

@@ -142,12 +142,15 @@ def start_worker_server(workers: int) -> None:
         multiprocessing.forkserver.ensure_running()
 
 
-def create_loader(dataset: Any, cfg: DataConfig, batch_size: int, pin_kwargs: dict, sampler: Any = None, drop_last: bool = False) -> DataLoader:
-    """A DataLoader with the configured workers, prefetch and pinning; workers via `worker_context`."""
+def create_loader(dataset: Any, cfg: DataConfig, batch_size: int, pin_kwargs: dict, sampler: Any = None, drop_last: bool = False, timeout_s: float = 0) -> DataLoader:
+    """A DataLoader with the configured workers, prefetch and pinning; workers via `worker_context`.
+
+    `timeout_s` > 0 bounds the wait for one batch from the workers (a stuck worker).
+    """
     workers = cfg.workers
     kwargs: dict[str, Any] = dict(num_workers=workers, collate_fn=collate, drop_last=drop_last, **pin_kwargs)
     if workers > 0:
-        kwargs.update(prefetch_factor=cfg.prefetch_factor, persistent_workers=cfg.persistent_workers, multiprocessing_context=worker_context())
+        kwargs.update(prefetch_factor=cfg.prefetch_factor, persistent_workers=cfg.persistent_workers, multiprocessing_context=worker_context(), timeout=timeout_s)
     if sampler is None and not isinstance(dataset, torch.utils.data.IterableDataset):
         sampler = EpochSampler(len(dataset), shuffle=False, seed=0)
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, **kwargs)
