@@ -155,7 +155,9 @@ def test_a_killed_process_is_survived_with_max_restarts_and_ends_bit_for_bit(tmp
     launch = Launch(config, "output.run_name=restarted", launch_args=("--max_restarts", "1"))
     launch.wait_for("epoch 2/4 step 1/")
     os.kill(launch.worker(1), signal.SIGKILL)
-    assert launch.finish() == 0, launch.text[-3000:]
+    rc = launch.finish()
+    (tmp_path / "launch.log").write_text(launch.text)
+    assert rc == 0, launch.text[-6000:]
     assert "resumed from" in launch.text, launch.text[-3000:]
     runs = tmp_path / "runs"
     a, b = load_file(str(runs / "straight" / "model.safetensors")), load_file(str(runs / "restarted" / "model.safetensors"))

@@ -292,6 +292,33 @@ def retain_freed_host_memory() -> bool:
     return bool(mallopt(m_mmap_max, 0)) and bool(mallopt(m_trim_threshold, 2**31 - 1))
 
 
+def init_restarted_process_group(device_type: str, timeout_s: float) -> bool:
+    """After a torchrun restart, form the process group on a store prefixed by the attempt.
+
+    NOTE: torchrun's static rendezvous (the `rdzv_backend: static` of the shipped launch
+    configs) serves one store for all restarts, and the process group's keys carry no
+    attempt number: a restarted group reads the addresses the dead processes published
+    and fails ("Gloo connectFullMesh failed ... Connection refused"). Forming the group
+    here, before Accelerate would, keys it by `TORCHELASTIC_RESTART_COUNT`; Accelerate then
+    uses it as it is. Returns whether it formed one.
+    """
+    env = os.environ
+    attempt = int(env.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
+    world_size = int(env.get("WORLD_SIZE", "1"))
+    if attempt == 0 or world_size < 2 or env.get("TORCHELASTIC_USE_AGENT_STORE") != "True" or "MASTER_ADDR" not in env:
+        return False
+    import torch.distributed as dist
+    from datetime import timedelta
+
+    if dist.is_initialized():
+        return False
+    timeout = timedelta(seconds=timeout_s)
+    store = dist.TCPStore(env["MASTER_ADDR"], int(env["MASTER_PORT"]), world_size, is_master=False, timeout=timeout)
+    dist.init_process_group(PROCESS_GROUP_BACKENDS[device_type], store=dist.PrefixStore(f"trainer/attempt_{attempt}", store),
+                            rank=int(env["RANK"]), world_size=world_size, timeout=timeout)
+    return True
+
+
 def create_accelerator(device: str, precision: str, host_memory: str = "auto", collective_timeout_s: float = 300.0, **accelerator_kwargs: Any) -> tuple[Any, Backend]:
     """Build the Accelerator on the requested device and check Accelerate agrees.
 
@@ -321,6 +348,7 @@ def create_accelerator(device: str, precision: str, host_memory: str = "auto", c
 
     if device_type in ASYNC_ERROR_HANDLING_VARS:
         os.environ.setdefault(ASYNC_ERROR_HANDLING_VARS[device_type], "1")
+    init_restarted_process_group(device_type, collective_timeout_s)
     handlers = [*accelerator_kwargs.pop("kwargs_handlers", []), InitProcessGroupKwargs(timeout=timedelta(seconds=collective_timeout_s))]
     with warnings.catch_warnings():
         # Accelerate builds the deprecated `torch.mlu.amp.GradScaler`; it is replaced below.
