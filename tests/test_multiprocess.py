@@ -102,6 +102,7 @@ def test_ctrl_c_saves_a_checkpoint_and_every_process_exits_0_within_seconds(tmp_
     launch.finish(timeout_s=60)
     elapsed = time.monotonic() - start
     text = launch.text
+    (tmp_path / "launch.log").write_text(text)
     assert elapsed < 15, (elapsed, text[-3000:])
     assert "stop requested: checkpoint saved at step" in text, text[-3000:]
     assert "Unable to shutdown process" not in text  # torchrun never had to SIGKILL a worker

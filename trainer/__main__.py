@@ -32,10 +32,9 @@ def _load(args: argparse.Namespace):
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from trainer.collectives import CollectiveError, exit_now, named_collective_failures
     from trainer.progress import setup_logging
     from trainer.train import Trainer
-
-    from trainer.collectives import CollectiveError, exit_now, named_collective_failures
 
     cfg = _load(args)
     trainer = Trainer(cfg)

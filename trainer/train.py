@@ -294,7 +294,8 @@ class Trainer:
             return False
         flags = torch.tensor([int(self.stop_requested), int(self._stream_ended)], device=self.accelerator.device)
         stops, ended = self.accelerator.reduce(flags, "sum").tolist()
-        self.stop_requested = stops > 0
+        # NOTE: `or`: a signal handled while the reduce ran must not be overwritten by its result.
+        self.stop_requested = self.stop_requested or stops > 0
         if ended == self.accelerator.num_processes:
             log.info("step %d: every process's stream shard has run out; the epoch ends here", self.state.global_step)
         return self.stop_requested or ended == self.accelerator.num_processes
