@@ -68,6 +68,16 @@ def test_precision_per_device(monkeypatch, requested, device, bf16, expected):
     assert resolve_precision(requested, device) == expected
 
 
+@pytest.mark.parametrize(("native_bf16", "expected"), [(False, "no"), (True, "bf16")], ids=["avx2_cpu", "amx_or_avx512_bf16_cpu"])
+def test_auto_on_either_cpu_kind_follows_the_bf16_probe(monkeypatch, native_bf16, expected):
+    # The probe itself (oneDNN's instruction check) patched: AMD EPYC with avx2 only says
+    # no, an Intel Xeon with AMX or avx512_bf16 says yes; `auto` must follow it either way.
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: native_bf16, raising=False)
+    assert backend.is_bf16_supported("cpu") is native_bf16
+    assert resolve_precision("auto", "cpu") == expected
+    assert resolve_precision("fp32", "cpu") == "no"
+
+
 def test_bf16_without_support_is_a_clear_error(monkeypatch):
     monkeypatch.setattr(backend, "is_bf16_supported", lambda d: False)
     with pytest.raises(BackendError, match="no native bf16"):

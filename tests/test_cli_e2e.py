@@ -140,8 +140,8 @@ def test_streaming_parquet_trains_sharded(tmp_path):
 def test_two_processes_stream_uneven_shards_in_step(tmp_path):
     # Two train files of 12 and 4 rows: `datasets` gives each process one whole file, so one
     # process runs out after 2 steps and must step on until the other is done (6 steps);
-    # processes agree at log points (every 2 steps here) whether all have run out, which
-    # ends the epoch at step 8 rather than at the 40 steps asked for.
+    # on the CPU processes agree every step whether all have run out, which ends the epoch
+    # at step 7 (the first step both have run out) rather than at the 40 steps asked for.
     root = tmp_path / "parquet"
     (root / "data").mkdir(parents=True)
     splits = helpers.make_hf_splits(train_per_class=6)  # 18 train rows; 16 used
@@ -152,7 +152,7 @@ def test_two_processes_stream_uneven_shards_in_step(tmp_path):
     config = tiny_config(tmp_path, data, train={"epochs": 1, "max_steps_per_epoch": 40})
     proc = run_cli("train", "--config", str(config), launcher=two_process_launcher(), timeout=240)
     (record,) = read_metrics(tmp_path / "runs" / "tiny")
-    assert record["step"] == 8 and record["train_samples"] == 16 and record["val_samples"] == 9
+    assert record["step"] == 7 and record["train_samples"] == 16 and record["val_samples"] == 9
     assert "stream shard ran out after 2 of the epoch's 40 batches" in proc.stderr
     assert "every process's stream shard has run out; the epoch ends here" in proc.stderr
 

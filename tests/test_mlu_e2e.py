@@ -53,7 +53,9 @@ def tiny(tmp_path_factory) -> Path:
     cfg = {
         "model": {"name": "test_resnet"},
         "data": {"root": str(data), "img_size": 32, "batch_size_per_device": 4, "workers": 0},
-        "train": {"epochs": 1, "log_every_steps": 2},
+        # NOTE: precision pinned (fp16 is what an MLU370 trains in): `auto` must never decide
+        # an outcome, since on a CPU with native bf16 it picks bf16 for the CPU runs.
+        "train": {"epochs": 1, "log_every_steps": 2, "precision": "fp16"},
         "output": {"dir": str(root / "runs"), "plots": False},
     }
     (root / "tiny.yaml").write_text(yaml.safe_dump(cfg))
@@ -126,12 +128,26 @@ def test_checkpoint_moves_between_mlu_and_cpu(tiny, first, second):
     assert all(torch.equal(resumed[k], straight[k]) for k in straight)
 
 
-def test_demo_on_two_emulated_mlus_is_within_two_points_of_cpu(tmp_path):
-    # The command, as a user types it, against the same run on two CPU processes.
-    args = ["--config", "configs/demo.yaml", "train.epochs=1", f"output.dir={tmp_path}"]
+def test_two_emulated_mlus_in_fp32_end_bit_for_bit_where_two_cpu_processes_do(tiny):
+    # fp32 on the emulated MLU computes as the CPU does (every kernel is the CPU's), and
+    # cncl reduces as gloo does: two processes on either must end with the same weights.
+    args = ["--config", str(tiny / "tiny.yaml"), "train.precision=fp32"]
+    launch("mlu_2card.yaml", *args, "output.run_name=fp32_mlu", mlu=True)
+    launch("cpu_2proc.yaml", *args, "output.run_name=fp32_cpu", mlu=False)
+    on_mlu = load_file(str(tiny / "runs" / "fp32_mlu" / "model.safetensors"))
+    on_cpu = load_file(str(tiny / "runs" / "fp32_cpu" / "model.safetensors"))
+    different = [k for k in on_cpu if not torch.equal(on_mlu[k], on_cpu[k])]
+    assert not different, different[:3]
+
+
+def test_demo_on_two_emulated_mlus_learns_in_fp16(tmp_path):
+    # The command, as a user types it, with precision pinned to what an MLU370 uses.
+    # NOTE: fp16 + loss scaler is judged by its own learning bar, not against a CPU run: the
+    # CPU side would train in fp32 or bf16 depending on the CPU kind, and either rounds
+    # differently. 10 classes: chance is 0.1; one epoch of fp16 reached 0.82 when measured.
+    args = ["--config", "configs/demo.yaml", "train.epochs=1", "train.precision=fp16", f"output.dir={tmp_path}"]
     mlu = launch("mlu_2card.yaml", *args, "output.run_name=mlu", mlu=True)
     assert "MULTI_MLU, process group cncl" in mlu.stderr and "fp16 + loss scaler" in mlu.stderr
-    launch("cpu_2proc.yaml", *args, "output.run_name=cpu", mlu=False)
-    on_mlu, on_cpu = last_record(tmp_path / "mlu"), last_record(tmp_path / "cpu")
-    assert on_mlu["val_samples"] == on_cpu["val_samples"] == 355
-    assert abs(on_mlu["val_top1"] - on_cpu["val_top1"]) <= 0.02, (on_mlu["val_top1"], on_cpu["val_top1"])
+    record = last_record(tmp_path / "mlu")
+    assert record["val_samples"] == 355
+    assert record["val_top1"] >= 0.6, record["val_top1"]

@@ -34,13 +34,18 @@ def _load(args: argparse.Namespace):
 
 def cmd_train(args: argparse.Namespace) -> int:
     cfg = _load(args)  # NOTE: before the heavy imports, so a config error answers at once
+    from trainer.collectives import CollectiveError, exit_now, named_collective_failures
     from trainer.progress import setup_logging
     from trainer.train import Trainer
 
     trainer = Trainer(cfg)
     setup_logging(trainer.accelerator.is_main_process, args.debug)
     try:
-        record = trainer.fit()
+        with named_collective_failures(trainer.accelerator.process_index, lambda: trainer.state.global_step, cfg.backend.collective_timeout_s):
+            record = trainer.fit()
+    except CollectiveError as err:
+        print(f"trainer: error: {err}", file=sys.stderr)
+        exit_now(3)  # NOTE: no teardown: the process group's threads would abort the process
     finally:
         trainer.close()
     if trainer.accelerator.is_main_process:
@@ -92,6 +97,12 @@ def cmd_check_data(args: argparse.Namespace) -> int:
     return check_data_command(_load(args), args)
 
 
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from trainer.doctor import doctor_command
+
+    return doctor_command(_load(args), args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="trainer", description="Train timm image classifiers on MLU, CUDA or CPU through Accelerate.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -127,6 +138,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=0, help="check only the first N images of each split (0: all)")
     p.add_argument("--examples", type=int, default=5, help="example paths shown per problem")
     p.set_defaults(func=cmd_check_data)
+
+    p = sub.add_parser("doctor", help="launch preflight under accelerate launch: devices, process group, all-reduce, data and output on every process", epilog=sections, formatter_class=fmt)
+    _config_args(p)
+    p.add_argument("--bandwidth-mb", type=int, default=100, help="all-reduce size per process for the bandwidth figure (0: skip)")
+    p.set_defaults(func=cmd_doctor)
 
     p = sub.add_parser("plot", help="write PNG curves of a run to RUN_DIR/plots/")
     p.add_argument("run_dir")

@@ -39,6 +39,9 @@ VISIBLE_DEVICES_VARS = {
     "xpu": ("ZE_AFFINITY_MASK",),
 }
 MIXED_PRECISION = {"fp32": "no", "fp16": "fp16", "bf16": "bf16"}
+# NOTE: with async error handling a collective past its timeout aborts the communicator and
+# ends the process instead of waiting for ever; torch_mlu mirrors NCCL's variable (MLU_NOTES).
+ASYNC_ERROR_HANDLING_VARS = {"mlu": "TORCH_CNCL_ASYNC_ERROR_HANDLING", "cuda": "TORCH_NCCL_ASYNC_ERROR_HANDLING"}
 
 
 def _pin_names_device() -> bool:
@@ -232,6 +235,11 @@ class Backend:
         except (RuntimeError, NotImplementedError):
             pass
 
+    @property
+    def host_sync_is_free(self) -> bool:
+        """True where reading a device value costs no lost overlap (the CPU computes synchronously)."""
+        return self.device_type == "cpu"
+
     def timer(self) -> DeviceTimer:
         return DeviceTimer(self)
 
@@ -341,7 +349,35 @@ def retain_freed_host_memory() -> bool:
     return bool(mallopt(m_mmap_max, 0)) and bool(mallopt(m_trim_threshold, 2**31 - 1))
 
 
-def create_accelerator(device: str, precision: str, host_memory: str = "auto", **accelerator_kwargs: Any) -> tuple[Any, Backend]:
+def init_restarted_process_group(device_type: str, timeout_s: float) -> bool:
+    """After a torchrun restart, form the process group on a store prefixed by the attempt.
+
+    NOTE: torchrun's static rendezvous (the `rdzv_backend: static` of the shipped launch
+    configs) serves one store for all restarts, and the process group's keys carry no
+    attempt number: a restarted group reads the addresses the dead processes published
+    and fails ("Gloo connectFullMesh failed ... Connection refused"). Forming the group
+    here, before Accelerate would, keys it by `TORCHELASTIC_RESTART_COUNT`; Accelerate then
+    uses it as it is. Returns whether it formed one.
+    """
+    env = os.environ
+    attempt = int(env.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
+    world_size = int(env.get("WORLD_SIZE", "1"))
+    if attempt == 0 or world_size < 2 or env.get("TORCHELASTIC_USE_AGENT_STORE") != "True" or "MASTER_ADDR" not in env:
+        return False
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        return False
+    timeout = timedelta(seconds=timeout_s)
+    store = dist.TCPStore(env["MASTER_ADDR"], int(env["MASTER_PORT"]), world_size, is_master=False, timeout=timeout)
+    dist.init_process_group(PROCESS_GROUP_BACKENDS[device_type], store=dist.PrefixStore(f"trainer/attempt_{attempt}", store),
+                            rank=int(env["RANK"]), world_size=world_size, timeout=timeout)
+    return True
+
+
+def create_accelerator(device: str, precision: str, host_memory: str = "auto", collective_timeout_s: float = 300.0, **accelerator_kwargs: Any) -> tuple[Any, Backend]:
     """Build the Accelerator on the requested device and check Accelerate agrees.
 
     Args:
@@ -350,6 +386,9 @@ def create_accelerator(device: str, precision: str, host_memory: str = "auto", *
         host_memory: `backend.host_memory`: `retain` keeps freed host memory for reuse
             (`retain_freed_host_memory`), `release` leaves the C library's defaults, and
             `auto` retains when the model runs on the CPU, where the activations live.
+        collective_timeout_s: `backend.collective_timeout_s`, the process group's timeout
+            (gloo's default is 30 min, NCCL's 10); on MLU and CUDA async error handling is
+            switched on (unless set already) so that a stuck collective aborts.
         **accelerator_kwargs: passed to `accelerate.Accelerator`.
 
     Raises:
@@ -360,13 +399,20 @@ def create_accelerator(device: str, precision: str, host_memory: str = "auto", *
     mixed_precision = resolve_precision(precision, device_type)
     wants_retained = host_memory == "retain" or (host_memory == "auto" and device_type == "cpu")
     retained = wants_retained and retain_freed_host_memory()
+    from datetime import timedelta
+
     import torch
     from accelerate import Accelerator
+    from accelerate.utils import InitProcessGroupKwargs
 
+    if device_type in ASYNC_ERROR_HANDLING_VARS:
+        os.environ.setdefault(ASYNC_ERROR_HANDLING_VARS[device_type], "1")
+    init_restarted_process_group(device_type, collective_timeout_s)
+    handlers = [*accelerator_kwargs.pop("kwargs_handlers", []), InitProcessGroupKwargs(timeout=timedelta(seconds=collective_timeout_s))]
     with warnings.catch_warnings():
         # Accelerate builds the deprecated `torch.mlu.amp.GradScaler`; it is replaced below.
         warnings.filterwarnings("ignore", message=r".*amp\.GradScaler.*deprecated")
-        accelerator = Accelerator(cpu=device_type == "cpu", mixed_precision=mixed_precision, **accelerator_kwargs)
+        accelerator = Accelerator(cpu=device_type == "cpu", mixed_precision=mixed_precision, kwargs_handlers=handlers, **accelerator_kwargs)
     if mixed_precision == "fp16" and accelerator.scaler is not None:
         # NOTE: Accelerate builds the deprecated `torch.mlu.amp.GradScaler` on MLU.
         accelerator.scaler = torch.amp.GradScaler(device_type, **(accelerator.scaler_handler.to_kwargs() if accelerator.scaler_handler else {}))

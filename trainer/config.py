@@ -135,6 +135,7 @@ class BackendConfig:
     host_memory: str = _field(
         "auto", "retain: the C library keeps freed host memory for reuse (no page faults for each step's activations); "
         "release: its defaults; auto: retain when the model runs on the cpu", ("auto", "retain", "release"))
+    collective_timeout_s: float = _field(300.0, "seconds a collective (gradient all-reduce, barrier, ...) may wait for the other processes before every process stops with a line naming the wait")
 
 
 @dataclass
@@ -144,6 +145,7 @@ class OutputConfig:
     log_with: list = _field([], "extra trackers through Accelerate: tensorboard, wandb, mlflow")
     progress: str = _field("auto", "progress display: a bar on a terminal, log lines otherwise", ("auto", "bar", "log"))
     plots: bool = _field(True, "write PNG curves to plots/ after every epoch")
+    overwrite: bool = _field(False, "replace a run already in the run directory (its metrics, checkpoints and weights); without it such a run stops, unless train.resume continues it")
 
 
 @dataclass
@@ -255,6 +257,7 @@ def _validate(cfg: Config, origins: dict[str, str]) -> None:
         ("train.log_every_steps", t.log_every_steps >= 1, "must be >= 1"),
         ("train.max_steps_per_epoch", t.max_steps_per_epoch >= 0, "must be >= 0"),
         ("train.max_non_finite_steps", t.max_non_finite_steps >= 1, "must be >= 1"),
+        ("backend.collective_timeout_s", cfg.backend.collective_timeout_s > 0, "must be > 0"),
         ("data.root", bool(d.root), "must name the dataset (a folder, a parquet/save_to_disk dir or a hub id)"),
     ]
     for key, ok, why in checks:

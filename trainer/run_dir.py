@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import shutil
 from pathlib import Path
 from typing import Any
 
-from trainer.checkpoint import export_weights
+from trainer.checkpoint import PREFIX, STATE_FILE, export_weights
 from trainer.config import Config, ConfigError, save_config
 from trainer.metrics import MetricsWriter
 from trainer.plots import write_plots
@@ -22,14 +24,42 @@ class RunDirectory:
         self.metrics = MetricsWriter(self.path)
 
     def prepare(self) -> None:
-        """Create the directory and save the resolved config; a one-line error if it cannot."""
+        """Create the directory and save the resolved config; a one-line error if it cannot.
+
+        A directory that already holds a run is continued only with `train.resume`, and
+        replaced only with `output.overwrite=true`: a new run never mixes its records with
+        an earlier one's.
+
+        NOTE: the main process decides and tells the others, so that every process stops
+        with the same line instead of the others waiting for it at the next collective.
+        """
+        problem = None
         if self.accelerator.is_main_process:
             try:
-                self.path.mkdir(parents=True, exist_ok=True)
-                save_config(self.cfg, self.path / "config.yaml")
+                problem = self._claim()
             except OSError as err:
-                raise ConfigError(f"{self.cfg.source}: output.dir: cannot write {self.path} ({err.strerror or err})") from None
-        self.accelerator.wait_for_everyone()
+                problem = f"{self.cfg.source}: output.dir: cannot write {self.path} ({err.strerror or err})"
+        if self.accelerator.num_processes > 1:
+            from accelerate.utils import broadcast_object_list
+
+            problem = broadcast_object_list([problem], from_process=0)[0]
+        if problem:
+            raise ConfigError(problem)
+
+    def _claim(self) -> str | None:
+        """Make the directory this run's (main process); the reason it cannot, or None."""
+        existing = describe_run(self.path)
+        if existing and not self.cfg.train.resume:
+            if not self.cfg.output.overwrite:
+                return (f"{self.cfg.source}: {self.path} already holds a run ({existing}); continue it with train.resume=auto, "
+                        f"or start another with output.run_name=<new name> (output.overwrite=true replaces it)")
+            log.warning("output.overwrite=true: replacing the run in %s (%s)", self.path, existing)
+            for name in RUN_FILES:
+                target = self.path / name
+                shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
+        self.path.mkdir(parents=True, exist_ok=True)
+        save_config(self.cfg, self.path / "config.yaml")
+        return None
 
     def record_skipped(self, lines: list[str]) -> int:
         """Append `path<TAB>reason` lines to skipped.txt; returns how many."""
@@ -60,3 +90,26 @@ class RunDirectory:
             export_weights(self.accelerator.unwrap_model(model), path)
         self.accelerator.wait_for_everyone()
         return path
+
+
+# What a run leaves in its directory besides config.yaml; output.overwrite=true removes them.
+RUN_FILES = ("metrics.jsonl", "metrics.csv", "checkpoints", "model.safetensors", "plots", "skipped.txt")
+
+
+def describe_run(path: Path) -> str:
+    """What the run in `path` got to ("finished, last step 360"), or "" when none is there."""
+    checkpoints = path / "checkpoints"
+    steps = sorted(int(p.name[len(PREFIX):]) for p in checkpoints.glob(f"{PREFIX}*") if p.name[len(PREFIX):].isdigit() and (p / STATE_FILE).is_file()) if checkpoints.is_dir() else []
+    records = []
+    if (path / "metrics.jsonl").is_file():
+        for line in (path / "metrics.jsonl").read_text().splitlines():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:  # a line cut short by a kill
+                continue
+    if not steps and not records and not (path / "model.safetensors").exists():
+        return ""
+    finished = "finished" if (path / "model.safetensors").exists() else "not finished"
+    last_step = max([*steps, *(r.get("step", 0) for r in records)], default=0)
+    epochs = f", {len(records)} epoch(s) recorded" if records else ""
+    return f"{finished}, last step {last_step}{epochs}"

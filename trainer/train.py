@@ -50,6 +50,7 @@ class Trainer:
             cfg.backend.device,
             t.precision,
             cfg.backend.host_memory,
+            cfg.backend.collective_timeout_s,
             gradient_accumulation_steps=t.grad_accum_steps,
             log_with=cfg.output.log_with or None,
             project_dir=str(self.run_dir),
@@ -67,7 +68,9 @@ class Trainer:
         # device; any other makes GradScaler call .item() on its inf check every step.
         fused = acc.scaler is not None and self.backend.supports_fused_optimizer()
         optimizer = create_optimizer(model, cfg.optim, prefer_fused=fused)
-        self.pipeline = create_pipeline(self.data, cfg.data, acc, self.backend.pin_memory_kwargs(cfg.data.pin_memory), t.channels_last)
+        pin = self.backend.pin_memory_kwargs(cfg.data.pin_memory)
+        # a stuck loader worker is named too, not waited for
+        self.pipeline = create_pipeline(self.data, cfg.data, acc, pin, t.channels_last, wait_s=cfg.backend.collective_timeout_s)
         self.train_loader, self.val_loader, self.normalize = self.pipeline.train, self.pipeline.val, self.pipeline.normalize
         if t.compile:
             model = torch.compile(model)
@@ -80,7 +83,7 @@ class Trainer:
         self.state = TrainState()
         self.boundary = OptimizerStep(acc, self.model, self.optimizer, self.scheduler, self.state)
         self.guard = NonFiniteGuard(acc.device, t.max_non_finite_steps, acc.scaler is not None, self.checkpoints.directory)
-        self.stop = StopAgreement(acc)
+        self.stop = StopAgreement(acc, every_step=self.backend.host_sync_is_free)
         self.stand_in = StandIn(self.data.data_config["input_size"], acc.device)
 
     # -- setup helpers ---------------------------------------------------------------
@@ -121,6 +124,9 @@ class Trainer:
             raise CheckpointError(
                 f"train.resume={self.cfg.train.resume}: none of the {len(candidates)} checkpoints in {self.checkpoints.directory} could be loaded; move them away to start fresh"
             )
+            raise CheckpointError(f"train.resume={self.cfg.train.resume}: none of the {len(candidates)} checkpoints in {self.checkpoints.directory} could be loaded; move them away to start fresh")
+        if self.accelerator.is_main_process:
+            self.run.metrics.drop_from_epoch(0)  # records of a run killed before its first checkpoint: it starts again
 
     # -- the loop --------------------------------------------------------------------
     def train_step(self, batch: dict[str, Any], sums: RunningSums) -> bool:

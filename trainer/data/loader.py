@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import multiprocessing
+import multiprocessing.forkserver
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -80,6 +82,7 @@ def create_datasets(cfg: DataConfig, model_name: str, seed: int, rank: int, worl
         DataError: for a missing root or split, or val classes absent from train; the
             message names the path and the expected layout.
     """
+    start_worker_server(cfg.workers)
     if cfg.create_if_missing and not Path(cfg.root).expanduser().exists():
         BUILTIN_DATASETS[cfg.create_if_missing](Path(cfg.root).expanduser())
     source = get_source(cfg.source)
@@ -110,12 +113,47 @@ def create_datasets(cfg: DataConfig, model_name: str, seed: int, rank: int, worl
     return Datasets(ImageDataset(train_reader, decoder(train_tf, size, classes)), val_ds, classes, sampler, input_cfg, len(train_reader), len(val_reader))
 
 
-def create_loader(dataset: Any, cfg: DataConfig, batch_size: int, pin_kwargs: dict, sampler: Any = None, drop_last: bool = False) -> DataLoader:
-    """A DataLoader with the configured workers, prefetch and pinning."""
+# Modules the fork server imports once, so that each worker it forks starts with them.
+WORKER_PRELOAD = ["trainer.data.dataset", "timm.data"]
+
+
+def worker_context() -> multiprocessing.context.BaseContext:
+    """The start method of loader workers: a fork server, never a fork of this process.
+
+    NOTE: by the time a loader starts its workers, this process runs other threads: the
+    process group's (gloo/NCCL/CNCL), the pin-memory thread, tqdm's monitor, the other
+    loader's machinery. `fork` copies only the calling thread, so a lock another thread
+    held at that moment stays locked in the child for ever (seen: a validation worker
+    stuck inside `os.fork` in `PyThreadState` cleanup, and the other process waiting in
+    its all-reduce). Starting the workers before any thread exists cannot be kept up
+    (Accelerate forms the process group before the loaders exist, and a later feature
+    would break it silently), so workers are forked instead by a fork server: a fresh,
+    single-threaded process that imports `WORKER_PRELOAD` once and then forks a worker
+    per request. The dataset reaches each worker pickled, which is why readers and
+    transforms hold no closures or open handles. Cost: the server's start and the
+    pickling, paid once per loader with persistent workers (benchmarks/README.md).
+    """
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(WORKER_PRELOAD)
+    return context
+
+
+def start_worker_server(workers: int) -> None:
+    """Start the workers' fork server now, so its imports overlap the model's set-up."""
+    if workers > 0:
+        worker_context()
+        multiprocessing.forkserver.ensure_running()
+
+
+def create_loader(dataset: Any, cfg: DataConfig, batch_size: int, pin_kwargs: dict, sampler: Any = None, drop_last: bool = False, timeout_s: float = 0) -> DataLoader:
+    """A DataLoader with the configured workers, prefetch and pinning; workers via `worker_context`.
+
+    `timeout_s` > 0 bounds the wait for one batch from the workers (a stuck worker).
+    """
     workers = cfg.workers
     kwargs: dict[str, Any] = dict(num_workers=workers, collate_fn=collate, drop_last=drop_last, **pin_kwargs)
     if workers > 0:
-        kwargs.update(prefetch_factor=cfg.prefetch_factor, persistent_workers=cfg.persistent_workers)
+        kwargs.update(prefetch_factor=cfg.prefetch_factor, persistent_workers=cfg.persistent_workers, multiprocessing_context=worker_context(), timeout=timeout_s)
     if sampler is None and not isinstance(dataset, torch.utils.data.IterableDataset):
         sampler = EpochSampler(len(dataset), shuffle=False, seed=0)
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, **kwargs)

@@ -60,19 +60,22 @@ def place(loader: Any, accelerator: Any, shard: bool, even_batches: bool = True)
     )
 
 
-def create_pipeline(data: Datasets, cfg: DataConfig, accelerator: Any, pin_kwargs: dict, channels_last: bool, train: bool = True) -> InputPipeline:
+def create_pipeline(
+    data: Datasets, cfg: DataConfig, accelerator: Any, pin_kwargs: dict, channels_last: bool, train: bool = True, wait_s: float = 0
+) -> InputPipeline:
     """Both loaders (or the val loader alone) on the device, and the normalizer for their batches.
 
     A streamed split is already sharded by process in its reader: it is only placed. A
     map-style train split is sharded by Accelerate; validation shards without padding
     (even_batches=False): each image is seen by exactly one process and per-process sums
     are reduced, so the metrics stay exact even when an undecodable image is skipped.
+    `wait_s` > 0 bounds each wait for a batch from the loader workers.
     """
     shard = not data.streamed
     train_loader = None
     if train:
-        loader = create_loader(data.train, cfg, cfg.batch_size_per_device, pin_kwargs, data.train_sampler, drop_last=True)
+        loader = create_loader(data.train, cfg, cfg.batch_size_per_device, pin_kwargs, data.train_sampler, drop_last=True, timeout_s=wait_s)
         train_loader = place(loader, accelerator, shard)
-    val_loader = create_loader(data.val, cfg, cfg.val_batch_size_per_device or cfg.batch_size_per_device, pin_kwargs)
+    val_loader = create_loader(data.val, cfg, cfg.val_batch_size_per_device or cfg.batch_size_per_device, pin_kwargs, timeout_s=wait_s)
     normalize = Normalizer(data.data_config["mean"], data.data_config["std"], accelerator.device, channels_last)
     return InputPipeline(train_loader, place(val_loader, accelerator, shard, even_batches=False), normalize)

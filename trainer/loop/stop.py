@@ -2,10 +2,12 @@
 
 A stop asked of one process must stop all of them at the same step, or the others wait
 in their next collective for ever. Processes compare flags (one small all-reduce) at the
-loop's log points, the same steps on all of them.
+loop's log points, the same steps on all of them, and on the CPU at every step.
 
 NOTE: reading the agreement waits for the device, so on an accelerator it happens only
-where the loop already reads the loss, never between log points.
+where the loop already reads the loss, never between log points. On the CPU, which
+computes synchronously, it costs no overlap, and agreeing every step means a Ctrl-C
+(torchrun forwards SIGINT, then SIGKILLs after 30 s) is agreed within one step.
 """
 
 from __future__ import annotations
@@ -24,8 +26,8 @@ log = logging.getLogger("trainer")
 class StopAgreement:
     """`requested` once a signal arrived here or, after agreeing, on any process."""
 
-    def __init__(self, accelerator: Any) -> None:
-        self.accelerator, self.requested = accelerator, False
+    def __init__(self, accelerator: Any, every_step: bool = False) -> None:
+        self.accelerator, self.every_step, self.requested = accelerator, every_step, False
 
     @contextlib.contextmanager
     def signals(self) -> Iterator[None]:
@@ -45,11 +47,12 @@ class StopAgreement:
         acc = self.accelerator
         if acc.num_processes == 1:
             return self.requested
-        if not at_log_point:
+        if not (at_log_point or self.every_step):
             return False
         flags = torch.tensor([int(self.requested), int(stream_ended)], device=acc.device)
         stops, ended = acc.reduce(flags, "sum").tolist()
-        self.requested = stops > 0
+        # NOTE: `or`: a signal handled while the reduce ran must not be overwritten by its result.
+        self.requested = self.requested or stops > 0
         if ended == acc.num_processes:
             log.info("step %d: every process's stream shard has run out; the epoch ends here", step)
         return self.requested or ended == acc.num_processes

@@ -1,0 +1,166 @@
+"""Several processes, nothing hangs: Ctrl-C, a stuck process, a lost process, restarts.
+
+Each test launches two CPU processes with `accelerate launch` on a tiny recipe and acts on
+one of them by pid (found by a marker in its environment).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+import helpers
+
+REPO = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.slow
+
+
+def tiny(tmp_path: Path, **train: object) -> Path:
+    data = helpers.make_image_folder(tmp_path / "data", train_per_class=8)
+    cfg = {
+        "model": {"name": "test_resnet"},
+        "data": {"root": str(data), "img_size": 32, "batch_size_per_device": 4, "workers": 0},
+        "train": {"epochs": 4, "precision": "fp32", "channels_last": False, "log_every_steps": 1, **train},
+        "output": {"dir": str(tmp_path / "runs"), "plots": False, "progress": "log"},
+    }
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+class Launch:
+    """`accelerate launch` of two CPU processes, its stderr collected as it comes."""
+
+    def __init__(self, config: Path, *overrides: str, launch_args: tuple[str, ...] = ()) -> None:
+        self.marker = f"{os.getpid()}-{time.monotonic_ns()}"
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(REPO / "configs/accelerate/cpu_2proc.yaml"),
+               "--main_process_port", str(helpers.free_port()), *launch_args, "-m", "trainer", "train", "--config", str(config), *overrides]
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "TRAINER_TEST_RUN": self.marker}
+        self.proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        self.lines: list[str] = []
+        self.reader = threading.Thread(target=lambda: self.lines.extend(self.proc.stdout), daemon=True)
+        self.reader.start()
+
+    @property
+    def text(self) -> str:
+        return "".join(self.lines)
+
+    def wait_for(self, needle: str, timeout_s: float = 300) -> None:
+        end = time.monotonic() + timeout_s
+        while needle not in self.text:
+            assert self.proc.poll() is None or needle in self.text, f"exited {self.proc.returncode} before {needle!r}:\n{self.text[-3000:]}"
+            assert time.monotonic() < end, f"no {needle!r} after {timeout_s} s:\n{self.text[-3000:]}"
+            time.sleep(0.05)
+
+    def worker(self, rank: int) -> int:
+        """The pid of the training process with LOCAL_RANK=rank."""
+        needles = {f"TRAINER_TEST_RUN={self.marker}".encode(), f"LOCAL_RANK={rank}".encode()}
+        for proc in Path("/proc").iterdir():
+            try:
+                if proc.name.isdigit() and needles <= set((proc / "environ").read_bytes().split(b"\0")):
+                    return int(proc.name)
+            except OSError:
+                continue
+        raise AssertionError(f"no process with LOCAL_RANK={rank}")
+
+    def finish(self, timeout_s: float = 300) -> int:
+        try:
+            rc = self.proc.wait(timeout=timeout_s)
+        finally:
+            _kill_marked(self.marker)  # torchrun starts its workers in sessions of their own
+        self.reader.join(timeout=10)
+        return rc
+
+
+def _kill_marked(marker: str) -> None:
+    needle = f"TRAINER_TEST_RUN={marker}".encode()
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and needle in (proc / "environ").read_bytes().split(b"\0"):
+                os.kill(int(proc.name), signal.SIGKILL)
+        except OSError:
+            continue
+
+
+def test_ctrl_c_saves_a_checkpoint_and_every_process_exits_0_within_seconds(tmp_path):
+    config = tiny(tmp_path, epochs=200)
+    launch = Launch(config, "output.run_name=interrupted")
+    launch.wait_for("epoch 2/200 step 1/")
+    pids = [launch.worker(0), launch.worker(1)]
+    start = time.monotonic()
+    launch.proc.send_signal(signal.SIGINT)  # what Ctrl-C gives the launcher; torchrun forwards it
+    launch.finish(timeout_s=60)
+    elapsed = time.monotonic() - start
+    text = launch.text
+    (tmp_path / "launch.log").write_text(text)
+    assert elapsed < 15, (elapsed, text[-3000:])
+    assert "stop requested: checkpoint saved at step" in text, text[-3000:]
+    assert "Unable to shutdown process" not in text  # torchrun never had to SIGKILL a worker
+    assert all(not Path(f"/proc/{pid}").exists() for pid in pids)
+    for rank in (0, 1):  # torchrun reports a worker's non-zero exit; none here
+        assert f"local_rank: {rank} (pid: " not in text
+    assert "trainer: error" not in text
+    checkpoints = sorted((tmp_path / "runs" / "interrupted" / "checkpoints").iterdir())
+    assert checkpoints and checkpoints[-1].name.startswith("step_")
+
+
+def test_a_stuck_process_times_out_and_every_process_stops_with_one_line(tmp_path):
+    config = tiny(tmp_path, epochs=200)
+    launch = Launch(config, "output.run_name=stuck", "backend.collective_timeout_s=4")
+    launch.wait_for("epoch 2/200 step 1/")
+    stuck = launch.worker(1)
+    os.kill(stuck, signal.SIGSTOP)  # stuck, as in a hung loader or a deadlock
+    try:
+        launch.wait_for("process 0: step", timeout_s=60)
+    finally:
+        os.kill(stuck, signal.SIGCONT)
+    rc = launch.finish(timeout_s=90)
+    text = launch.text
+    assert rc != 0
+    line = next(line for line in text.splitlines() if "process 0: step" in line)
+    assert line.startswith("trainer: error: process 0: step ") and "timed out after backend.collective_timeout_s=4 s waiting in" in line, line
+    assert "train.resume=auto" in line
+    assert "Traceback" not in text.split("process 0: step")[0]  # no trainer traceback before the line
+
+
+def test_a_lost_process_without_restarts_ends_the_survivor_with_one_line(tmp_path):
+    config = tiny(tmp_path, epochs=200)
+    launch = Launch(config, "output.run_name=lost")
+    launch.wait_for("epoch 2/200 step 1/")
+    survivor = launch.worker(0)
+    start = time.monotonic()
+    os.kill(launch.worker(1), signal.SIGKILL)
+    rc = launch.finish(timeout_s=120)
+    assert rc != 0
+    assert time.monotonic() - start < 60
+    assert not Path(f"/proc/{survivor}").exists()
+    lines = [line for line in launch.text.splitlines() if line.startswith("trainer: error: process 0: step ")]
+    assert len(lines) == 1 and "lost another process during" in lines[0], launch.text[-3000:]
+
+
+def test_a_killed_process_is_survived_with_max_restarts_and_ends_bit_for_bit(tmp_path):
+    config = tiny(tmp_path, epochs=4, resume="auto", checkpoint_every_steps=1)
+    straight = Launch(config, "output.run_name=straight")
+    assert straight.finish() == 0, straight.text[-3000:]
+
+    launch = Launch(config, "output.run_name=restarted", launch_args=("--max_restarts", "1"))
+    launch.wait_for("epoch 2/4 step 1/")
+    os.kill(launch.worker(1), signal.SIGKILL)
+    rc = launch.finish()
+    (tmp_path / "launch.log").write_text(launch.text)
+    assert rc == 0, launch.text[-6000:]
+    assert "resumed from" in launch.text, launch.text[-3000:]
+    runs = tmp_path / "runs"
+    a, b = load_file(str(runs / "straight" / "model.safetensors")), load_file(str(runs / "restarted" / "model.safetensors"))
+    different = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not different, different[:3]
