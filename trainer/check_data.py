@@ -17,6 +17,7 @@ from pathlib import Path
 
 from trainer.config import Config, DataConfig
 from trainer.data.decode import inspect_image
+from trainer.data.flat_val import is_flat
 from trainer.data.readers import FolderReader, Reader, create_reader
 
 PROGRESS_EVERY = 5000  # files between progress lines
@@ -52,8 +53,8 @@ class Findings:
 
 def _open_split(cfg: DataConfig, split: str, classes: list[str] | None) -> tuple[Reader, list[str]]:
     """The split's reader and its empty classes (folder source only)."""
-    if cfg.source == "folder":
-        reader = FolderReader(Path(cfg.root).expanduser() / split, allow_empty_classes=True)
+    if cfg.source == "folder" and (classes is None or not (cfg.val_labels or is_flat(Path(cfg.root).expanduser() / split))):
+        reader = FolderReader(Path(cfg.root).expanduser() / split, allow_empty_classes=True, index_cache=cfg.index_cache, index_wait_s=cfg.index_wait_s)
         return reader, reader.empty_classes
     return create_reader(cfg, split, classes), []
 
@@ -119,7 +120,7 @@ def check_data_command(cfg: Config, args: Namespace) -> int:
     val_split = d.val_split or ("val" if d.source == "folder" else "validation")
     workers = min(d.workers, os.cpu_count() or 1)
     train, empty_train = _open_split(d, d.train_split, None)
-    val, empty_val = _open_split(d, val_split, train.classes if d.source == "hf" else None)
+    val, empty_val = _open_split(d, val_split, train.classes)
     num_classes = cfg.model.num_classes or len(train.classes)
     if d.source == "folder" and num_classes < len(train.classes):  # folder labels are in range by construction
         findings.add("label problems", "model.num_classes below the class folders", f"model.num_classes={num_classes} < {len(train.classes)} classes")
@@ -128,7 +129,7 @@ def check_data_command(cfg: Config, args: Namespace) -> int:
         for name in empty:
             findings.add("empty classes", f"empty {split} class folders", f"{split}/{name}")
         counts[split] = (min(args.limit, len(reader)) if args.limit > 0 else len(reader), len(reader))
-        seen[split] = _scan(reader, split, counts[split][0], workers, num_classes if d.source == "hf" else None, findings)
+        seen[split] = _scan(reader, split, counts[split][0], workers, None if d.source == "folder" else num_classes, findings)
     if d.source == "folder":  # a class is its folder name, whatever the labels
         names = {d.train_split: set(train.classes) - set(empty_train), val_split: set(val.classes) - set(empty_val)}
     else:

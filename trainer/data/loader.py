@@ -88,9 +88,9 @@ def create_datasets(cfg: DataConfig, model_name: str, seed: int, rank: int, worl
         sizes = [_split_size(train_reader), _split_size(val_reader)]
         return Datasets(StreamingImageDataset(train_reader, decoder), StreamingImageDataset(val_reader, val_decoder), classes, None, input_cfg, *sizes)
 
-    train_reader = SpreadSubset.of(create_reader(cfg, cfg.train_split), cfg.max_train_samples)
+    train_reader = SpreadSubset.of(create_reader(cfg, cfg.train_split, rank=rank), cfg.max_train_samples)
     classes = train_reader.classes
-    val_reader = SpreadSubset.of(create_reader(cfg, val_split, classes=classes), cfg.max_val_samples)
+    val_reader = SpreadSubset.of(create_reader(cfg, val_split, classes=classes, rank=rank), cfg.max_val_samples)
     decoder = _SampleDecoder(train_tf, num_classes or len(classes), size if draft else None, cfg.on_error, seed)
     val_decoder = _SampleDecoder(val_tf, num_classes or len(classes), int(size / input_cfg["crop_pct"]) if draft else None, cfg.on_error, seed)
     sampler = EpochSampler(len(train_reader), shuffle=True, seed=seed)
