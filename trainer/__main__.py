@@ -1,4 +1,4 @@
-"""Command line: `trainer train|eval|env|plot|prepare-digits ...` (also `python -m trainer`).
+"""Command line: `trainer train|eval|env|bench|check-data|convert|plot|prepare-digits ...` (also `python -m trainer`).
 
 Under `accelerate launch -m trainer train ...` every process runs the same command;
 Accelerate supplies the process group, this CLI the recipe.
@@ -124,6 +124,12 @@ def cmd_check_data(args: argparse.Namespace) -> int:
     return check_data_command(_load(args), args)
 
 
+def cmd_convert(args: argparse.Namespace) -> int:
+    from trainer.data.convert import convert_command
+
+    return convert_command(_load(args), args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="trainer", description="Train timm image classifiers on MLU, CUDA or CPU through Accelerate.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -159,6 +165,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=0, help="check only the first N images of each split (0: all)")
     p.add_argument("--examples", type=int, default=5, help="example paths shown per problem")
     p.set_defaults(func=cmd_check_data)
+
+    p = sub.add_parser("convert", help="write the configured data as tar shards (wds) or parquet shards, and verify them", epilog=sections, formatter_class=fmt)
+    p.add_argument("out", help="output directory (new or empty)")  # NOTE: before the overrides, which take the positionals after it
+    _config_args(p)
+    p.add_argument("--to", required=True, choices=("wds", "parquet"), help="output format: WebDataset tar shards or HF parquet shards")
+    p.add_argument("--shard-size", type=int, default=1250, help="samples per shard")
+    p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("plot", help="write PNG curves of a run to RUN_DIR/plots/")
     p.add_argument("run_dir")

@@ -127,6 +127,9 @@ def write(path: Path, key: dict, arrays: dict[str, np.ndarray], meta: dict) -> N
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
     try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o644 & ~umask)  # mkstemp's 0600 would hide the cache from the other users of shared data
         with os.fdopen(fd, "wb") as f:
             f.write(MAGIC + struct.pack("<Q", len(body)) + body)
             for name, array in arrays.items():

@@ -78,11 +78,15 @@ def create_datasets(cfg: DataConfig, model_name: str, seed: int, rank: int, worl
     draft = cfg.draft_decode
 
     if cfg.streaming:
-        if cfg.source != "hf":
-            raise DataError("data.streaming: only the hf source streams; a folder is read directly")
-        train_reader = HFStreamReader(cfg, cfg.train_split, rank, world_size, seed, shuffle=True, num_classes=num_classes)
+        if cfg.source not in ("hf", "wds"):
+            raise DataError("data.streaming: only the hf and wds sources stream; a folder is read directly")
+        if cfg.source == "wds":
+            from trainer.data.wds import TarShardStream
+
+        stream_reader = TarShardStream.from_config if cfg.source == "wds" else HFStreamReader
+        train_reader = stream_reader(cfg, cfg.train_split, rank, world_size, seed, shuffle=True, num_classes=num_classes)
         classes = train_reader.classes
-        val_reader = HFStreamReader(cfg, val_split, rank, world_size, seed, shuffle=False, classes=classes)
+        val_reader = stream_reader(cfg, val_split, rank, world_size, seed, shuffle=False, classes=classes)
         decoder = _SampleDecoder(train_tf, num_classes or len(classes), size if draft else None, cfg.on_error, seed)
         val_decoder = _SampleDecoder(val_tf, num_classes or len(classes), int(size / input_cfg["crop_pct"]) if draft else None, cfg.on_error, seed)
         sizes = [_split_size(train_reader), _split_size(val_reader)]
@@ -101,6 +105,8 @@ def create_datasets(cfg: DataConfig, model_name: str, seed: int, rank: int, worl
 
 
 def _split_size(reader: HFStreamReader) -> int:
+    if hasattr(reader, "num_samples"):  # tar shards: from _info.json, 0 when unknown
+        return reader.num_samples
     info = getattr(reader._ds, "info", None)
     splits = getattr(info, "splits", None) or {}
     split = splits.get(reader.split) if hasattr(splits, "get") else None
