@@ -97,15 +97,27 @@ def stream_keys(root: Path, rank: int, world: int, workers: int, epoch: int, shu
     return list(loader)
 
 
-@pytest.mark.parametrize("shards", [12, 2])  # enough shards to deal out, and fewer than the consumers
-def test_streamed_shards_give_every_sample_once_per_epoch_on_1_2_3_processes(tmp_path, shards):
-    written = make_shards(tmp_path / "wds", samples=36, per_shard=36 // shards)
+def write_info(root: Path, per_shard: list[int]) -> None:
+    names = sorted(p.name for p in root.glob("*-train-*.tar"))
+    (root / "_info.json").write_text(json.dumps({"splits": {"train": {"num_samples": sum(per_shard), "filenames": names, "shard_lengths": per_shard}}}))
+
+
+# 12 shards: enough to deal out whole; 2: fewer than the consumers; with sizes: balanced ranges.
+@pytest.mark.parametrize("shards, sizes", [(12, False), (2, False), (5, True)])
+def test_streamed_shards_give_every_sample_once_per_epoch_on_1_2_3_processes(tmp_path, shards, sizes):
+    per_shard = -(-37 // shards)
+    written = make_shards(tmp_path / "wds", samples=37, per_shard=per_shard)
+    if sizes:
+        write_info(tmp_path / "wds", [per_shard] * (shards - 1) + [37 - per_shard * (shards - 1)])
     everything = sorted(key for key, _ in written)
     for world in (1, 2, 3):
         epochs = []
         for epoch in (0, 1):
-            keys = [k for rank in range(world) for k in stream_keys(tmp_path / "wds", rank, world, workers=2, epoch=epoch)]
+            per_rank = [stream_keys(tmp_path / "wds", rank, world, workers=2, epoch=epoch) for rank in range(world)]
+            keys = [k for rank_keys in per_rank for k in rank_keys]
             assert sorted(keys) == everything, (world, epoch)
+            if sizes:  # 2 workers per process: at most 2 samples apart
+                assert max(map(len, per_rank)) - min(map(len, per_rank)) <= 2
             epochs.append(keys)
         assert epochs[0] != epochs[1]  # reshuffled each epoch
     # The same (seed, epoch, rank, worker) replays the same order: resuming by replay is exact.
@@ -139,3 +151,10 @@ def test_convert_folder_to_wds_and_parquet_holds_the_same_samples(tmp_path, caps
     assert parquet.classes == folder.classes and as_pairs(parquet) == as_pairs(folder)
     assert main(["convert", "--config", str(config), "--to", "wds", str(tmp_path / "wds")]) == 2  # not empty: one line
     assert "output directory is not empty" in capsys.readouterr().err
+
+
+def test_sizes_file_that_disagrees_with_a_shard_is_one_line(tmp_path):
+    make_shards(tmp_path / "wds", samples=6, per_shard=3)
+    write_info(tmp_path / "wds", [3, 4])
+    with pytest.raises(DataError, match=r"imagenet1k-train-0001.tar: 3 samples, but .*_info.json says 4"):
+        stream_keys(tmp_path / "wds", 0, 1, 0, 0, shuffle=False)

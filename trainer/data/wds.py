@@ -207,17 +207,19 @@ def iter_shard(path: Path) -> Iterator[tuple[str, bytes | None, int]]:
 class TarShardStream:
     """The split's shards streamed in order, split over processes and loader workers.
 
-    Each epoch shuffles the shard order (seeded by seed and epoch) and deals the shards
-    out to the processes x workers; with fewer shards than that, every consumer reads
-    every shard and keeps every n-th sample. Either way each sample is read by exactly
-    one consumer per epoch, and the order is a pure function of (seed, epoch, process,
-    worker), so replaying the stream to a mid-epoch position resumes exactly.
+    Each epoch shuffles the shard order (seeded by seed and epoch) and splits the samples
+    over the processes x workers (see `_spans`). Either way each sample is read by
+    exactly one consumer per epoch, and the order is a pure function of (seed, epoch,
+    process, worker), so replaying the stream to a mid-epoch position resumes exactly.
     """
 
     def __init__(self, root: Path, split: str, rank: int, world_size: int, seed: int, shuffle: bool, classes: list[str] | None = None, num_classes: int = 0) -> None:
         self.shards = find_shards(root, split)
         info = read_info(root)
-        self.num_samples = int(info.get("splits", {}).get(split, {}).get("num_samples", 0) or 0)
+        split_info = info.get("splits", {}).get(split, {})
+        self.num_samples = int(split_info.get("num_samples", 0) or 0)
+        lengths = dict(zip(split_info.get("filenames", []), split_info.get("shard_lengths", [])))
+        self.shard_lengths = [int(lengths[p.name]) for p in self.shards] if all(p.name in lengths for p in self.shards) else None
         self.classes = class_names(info, classes, None, num_classes)
         if not self.classes:
             raise DataError(f"{root} [{split}]: streamed shards name no classes (no classes in _info.json); set model.num_classes")
@@ -228,6 +230,29 @@ class TarShardStream:
         """The constructor with `HFStreamReader`'s arguments, so the loader can pick either."""
         return cls(Path(cfg.root).expanduser(), split, rank, world_size, seed, shuffle, classes, num_classes)
 
+    def _spans(self, order: list[int], consumers: int, me: int) -> list[tuple[int, int, int]]:
+        """(shard, first, end) sample ranges this consumer reads, in order.
+
+        With the shard sizes known (`_info.json`), the epoch's sample sequence is cut into
+        `consumers` contiguous ranges that differ by at most one sample, so the processes
+        stay balanced; a consumer reads at most two shards partly. Without them, whole
+        shards are dealt out when there are enough, else every consumer reads every shard
+        and keeps every n-th sample (first = -1 marks that).
+        """
+        if self.shard_lengths is not None:
+            total = sum(self.shard_lengths)
+            start, end = total * me // consumers, total * (me + 1) // consumers
+            spans, position = [], 0
+            for number in order:
+                length = self.shard_lengths[number]
+                if position < end and position + length > start:
+                    spans.append((number, max(start - position, 0), min(end - position, length)))
+                position += length
+            return spans
+        if len(order) >= consumers:
+            return [(number, 0, -1) for number in order[me::consumers]]
+        return [(number, -1, -1) for number in order]
+
     def iter_samples(self, epoch: int) -> Iterator[Sample]:
         worker = torch.utils.data.get_worker_info()
         workers, worker_id = (worker.num_workers, worker.id) if worker else (1, 0)
@@ -235,18 +260,19 @@ class TarShardStream:
         order = list(range(len(self.shards)))
         if self.shuffle:
             order = torch.randperm(len(order), generator=torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)).tolist()
-        by_shard = len(order) >= consumers
-        mine = order[me::consumers] if by_shard else order
         rng = random.Random(f"{self.seed}/{epoch}/{me}")
         buffer: list[Sample] = []
-        ordinal = 0
-        for number in mine:
+        ordinal = 0  # samples seen over all shards (the every-n-th split)
+        for number, first, end in self._spans(order, consumers, me):
             path = self.shards[number]
+            count = 0
             try:
-                for key, image, label in iter_shard(path):
-                    ordinal += 1
-                    if not by_shard and (ordinal - 1) % consumers != me:
+                for position, (key, image, label) in enumerate(iter_shard(path)):
+                    count, ordinal = position + 1, ordinal + 1
+                    if first == -1 and (ordinal - 1) % consumers != me or position < first:
                         continue
+                    if end != -1 and position >= end:
+                        break
                     sample = Sample(image, label, f"{path}:{key}")
                     if not self.shuffle:
                         yield sample
@@ -256,6 +282,10 @@ class TarShardStream:
                         yield buffer.pop(rng.randrange(len(buffer)))
             except (OSError, tarfile.TarError) as err:
                 # NOTE: the rest of a broken shard is lost; name it, as a skipped sample, and go on.
-                yield Sample(None, -1, f"{path}: unreadable from sample {ordinal} on ({err})")
+                yield Sample(None, -1, f"{path}: unreadable after {count} samples ({err})")
+                continue
+            if self.shard_lengths is not None and end >= self.shard_lengths[number] and count != self.shard_lengths[number]:
+                raise DataError(f"{path}: {count} samples, but {self.root / '_info.json'} says {self.shard_lengths[number]}; "
+                                "fix or delete _info.json (without it whole shards are dealt out)")
         rng.shuffle(buffer)
         yield from buffer
