@@ -14,6 +14,7 @@ from trainer.config import DataConfig
 from trainer.data.dataset import EpochSampler, ImageDataset, StreamingImageDataset, _SampleDecoder, collate
 from trainer.data.digits import write_digits
 from trainer.data.readers import DataError, HFStreamReader, SpreadSubset, create_reader
+from trainer.data.worker_memory import bound_worker_heap
 
 BUILTIN_DATASETS = {"digits": write_digits}
 
@@ -118,7 +119,7 @@ def create_loader(dataset: Any, cfg: DataConfig, batch_size: int, pin_kwargs: di
     workers = cfg.workers
     kwargs: dict[str, Any] = dict(num_workers=workers, collate_fn=collate, drop_last=drop_last, **pin_kwargs)
     if workers > 0:
-        kwargs.update(prefetch_factor=cfg.prefetch_factor, persistent_workers=cfg.persistent_workers)
+        kwargs.update(prefetch_factor=cfg.prefetch_factor, persistent_workers=cfg.persistent_workers, worker_init_fn=bound_worker_heap)
     if sampler is None and not isinstance(dataset, torch.utils.data.IterableDataset):
         sampler = EpochSampler(len(dataset), shuffle=False, seed=0)
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, **kwargs)
