@@ -282,7 +282,7 @@ def main() -> int:
     workdir.mkdir(parents=True, exist_ok=True)
     out = Path(args.out)
     results = json.loads(out.read_text()) if out.is_file() else {}
-    results["machine"] = {"cpu": platform.processor() or open("/proc/cpuinfo").read().split("model name")[1].split("\n")[0].strip(": "),
+    results["machine"] = {"cpu": platform.processor() or open("/proc/cpuinfo").read().split("model name")[1].split("\n")[0].strip(" \t:"),
                           "cores": len(os.sched_getaffinity(0)), "python": platform.python_version()}
     steps = [("tree", lambda: build_tree(root)), ("index", lambda: index_figures(root, cache)),
              ("listings", lambda: listings_per_job(root, cache)), ("launch", lambda: launch_to_first_step(root, cache, workdir)),
