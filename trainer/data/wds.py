@@ -12,7 +12,9 @@ existing `EpochSampler` then gives a global shuffle, sharding by process, and ex
 mid-epoch resume for free, and each sample costs one `pread` on an already open shard
 (1,024 files instead of 1.28 M: no per-file metadata on NFS or Lustre). Both libraries
 stream instead: a shuffle buffer of decoded-in-memory samples per worker, and resume
-by replaying the stream. The streamed mode (`data.streaming=true`) is here too, for
+by replaying the stream. Measured on 25,000 samples (benchmarks/README.md): 44,100
+samples/s by index in random order, against 2,760/s through `datasets`' streamed
+webdataset loader (the `webdataset` package was not installed). The streamed mode (`data.streaming=true`) is here too, for
 data read once in order, without an index.
 """
 
