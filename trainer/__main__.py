@@ -1,4 +1,4 @@
-"""Command line: `trainer train|eval|env|plot|prepare-digits ...` (also `python -m trainer`).
+"""Command line: `trainer train|eval|env|bench|check-data|convert|plot|prepare-digits ...` (also `python -m trainer`).
 
 Under `accelerate launch -m trainer train ...` every process runs the same command;
 Accelerate supplies the process group, this CLI the recipe.
@@ -101,6 +101,10 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     from trainer.doctor import doctor_command
 
     return doctor_command(_load(args), args)
+def cmd_convert(args: argparse.Namespace) -> int:
+    from trainer.data.convert import convert_command
+
+    return convert_command(_load(args), args)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -143,6 +147,12 @@ def build_parser() -> argparse.ArgumentParser:
     _config_args(p)
     p.add_argument("--bandwidth-mb", type=int, default=100, help="all-reduce size per process for the bandwidth figure (0: skip)")
     p.set_defaults(func=cmd_doctor)
+    p = sub.add_parser("convert", help="write the configured data as tar shards (wds) or parquet shards, and verify them", epilog=sections, formatter_class=fmt)
+    p.add_argument("out", help="output directory (new or empty)")  # NOTE: before the overrides, which take the positionals after it
+    _config_args(p)
+    p.add_argument("--to", required=True, choices=("wds", "parquet"), help="output format: WebDataset tar shards or HF parquet shards")
+    p.add_argument("--shard-size", type=int, default=1250, help="samples per shard")
+    p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("plot", help="write PNG curves of a run to RUN_DIR/plots/")
     p.add_argument("run_dir")

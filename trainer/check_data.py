@@ -121,7 +121,7 @@ def check_data_command(cfg: Config, args: Namespace) -> int:
     val_split = source.val_split(d)
     workers = min(d.workers, os.cpu_count() or 1)
     train, empty_train = _open_split(source, d, d.train_split, None)
-    val, empty_val = _open_split(source, d, val_split, None if by_folder else train.classes)
+    val, empty_val = _open_split(source, d, val_split, train.classes)
     num_classes = effective_num_classes(cfg.model.num_classes, train.classes)
     if by_folder and num_classes < len(train.classes):
         findings.add("label problems", "model.num_classes below the class folders", f"model.num_classes={num_classes} < {len(train.classes)} classes")

@@ -59,14 +59,14 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    source: str = _field("folder", "where images come from", ("folder", "hf"))
-    root: str = _field("", "folder: ImageNet root with train/ and val/; hf: hub id in the local cache, parquet dir or save_to_disk dir")
+    source: str = _field("folder", "where images come from (wds: WebDataset tar shards)", ("folder", "hf", "wds"))
+    root: str = _field("", "folder: ImageNet root with train/ and val/; hf: hub id in the local cache, parquet dir or save_to_disk dir; wds: folder of *-<split>-NNNN.tar shards")
     create_if_missing: str = _field("", "write a built-in dataset into `root` when it does not exist", ("", "digits"))
     train_split: str = _field("train", "training split: sub-folder (folder) or split name (hf)")
     val_split: str = _field("", "validation split: sub-folder (folder) or split name (hf); empty: val (folder), validation (hf)")
     image_column: str = _field("image", "hf: column holding the image ({bytes, path} or a decoded image)")
     label_column: str = _field("label", "hf: column holding the integer class label")
-    streaming: bool = _field(False, "hf: stream rows instead of loading the split, sharded across processes")
+    streaming: bool = _field(False, "hf, wds: stream rows (tar shards) in order instead of reading by index, sharded across processes")
     hf_cache_dir: str = _field("", "hf: datasets cache directory; empty uses HF_DATASETS_CACHE / the default")
     batch_size_per_device: int = _field(128, "images per device per step (global batch = this x processes x grad_accum_steps)")
     val_batch_size_per_device: int = _field(0, "validation batch per device; 0 uses batch_size_per_device")
@@ -89,6 +89,9 @@ class DataConfig:
     on_error: str = _field("skip", "undecodable image: skip it (counted, listed in skipped.txt) or raise", ("skip", "raise"))
     max_train_samples: int = _field(0, "use only the first N training samples; 0 uses all")
     max_val_samples: int = _field(0, "use only the first N validation samples; 0 uses all")
+    index_cache: str = _field("", "folder, wds: where the file index is cached, built once per job by process 0: empty = beside the data if writable, else ~/.cache/trainer/index; a directory; or off (every process scans)")
+    index_wait_s: float = _field(600.0, "folder, wds: how long processes other than 0 wait for process 0's index file")
+    val_labels: str = _field("", "folder: labels file of a flat val/*.JPEG (LOC_val_solution.csv or file,class CSV); empty: looked for in the root")
 
 
 @dataclass
@@ -237,6 +240,7 @@ def _validate(cfg: Config, origins: dict[str, str]) -> None:
         ("data.hflip", 0.0 <= d.hflip <= 1.0, "must be a probability in [0, 1]"),
         ("data.max_train_samples", d.max_train_samples >= 0, "must be >= 0"),
         ("data.max_val_samples", d.max_val_samples >= 0, "must be >= 0"),
+        ("data.index_wait_s", d.index_wait_s > 0, "must be > 0"),
         ("model.num_classes", cfg.model.num_classes >= 0, "must be >= 0"),
         # NOTE: the optimizers scale by lr and weight decay in float32: a larger value is a
         # RuntimeError ("cannot be converted to type float without overflow") at step 1.

@@ -17,6 +17,7 @@ from trainer.data.dataset import EpochSampler, ImageDataset, StreamingImageDatas
 from trainer.data.digits import write_digits
 from trainer.data.readers import SpreadSubset
 from trainer.data.sources import class_names, create_reader, create_stream_reader, get_source
+from trainer.data.worker_memory import bound_worker_heap
 
 BUILTIN_DATASETS = {"digits": write_digits}
 
@@ -103,9 +104,9 @@ def create_datasets(cfg: DataConfig, model_name: str, seed: int, rank: int, worl
         return Datasets(train_ds, val_ds, classes, None, input_cfg, train_reader.num_samples, val_reader.num_samples, streamed=True)
 
     classes = None if train else class_names(cfg)
-    train_reader = SpreadSubset.of(create_reader(cfg, cfg.train_split), cfg.max_train_samples) if train or classes is None else None
+    train_reader = SpreadSubset.of(create_reader(cfg, cfg.train_split, rank=rank), cfg.max_train_samples) if train or classes is None else None
     classes = classes or train_reader.classes
-    val_reader = SpreadSubset.of(create_reader(cfg, val_split, classes=classes), cfg.max_val_samples)
+    val_reader = SpreadSubset.of(create_reader(cfg, val_split, classes=classes, rank=rank), cfg.max_val_samples)
     val_ds = ImageDataset(val_reader, decoder(val_tf, int(size / input_cfg["crop_pct"]), classes))
     if not train:
         return Datasets(None, val_ds, classes, None, input_cfg, 0, len(val_reader))
@@ -153,7 +154,10 @@ def create_loader(dataset: Any, cfg: DataConfig, batch_size: int, pin_kwargs: di
     workers = cfg.workers
     kwargs: dict[str, Any] = dict(num_workers=workers, collate_fn=collate, drop_last=drop_last, **pin_kwargs)
     if workers > 0:
-        kwargs.update(prefetch_factor=cfg.prefetch_factor, persistent_workers=cfg.persistent_workers, multiprocessing_context=worker_context(), timeout=timeout_s)
+        kwargs.update(
+            prefetch_factor=cfg.prefetch_factor, persistent_workers=cfg.persistent_workers,
+            multiprocessing_context=worker_context(), timeout=timeout_s, worker_init_fn=bound_worker_heap,
+        )
     if sampler is None and not isinstance(dataset, torch.utils.data.IterableDataset):
         sampler = EpochSampler(len(dataset), shuffle=False, seed=0)
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, **kwargs)

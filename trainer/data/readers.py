@@ -54,32 +54,29 @@ class StreamReader(Protocol):
 class FolderReader:
     """`root/<class>/<file>` with classes indexed by sorted folder name, like torchvision's ImageFolder."""
 
-    def __init__(self, split_dir: Path, classes: list[str] | None = None, allow_empty_classes: bool = False) -> None:
-        """Scan `split_dir`; an empty class folder is an error unless `allow_empty_classes`
-        (check-data lists them all), in which case it is recorded in `empty_classes`."""
-        if not split_dir.is_dir():
-            raise DataError(f"{split_dir}: split folder not found; expected {FOLDER_LAYOUT}")
-        found = sorted(e.name for e in os.scandir(split_dir) if e.is_dir())
-        if not found:
-            raise DataError(f"{split_dir}: no class folders; expected {FOLDER_LAYOUT} (a flat ImageNet val/ needs its images moved into val/<wnid>/)")
+    def __init__(self, split_dir: Path, classes: list[str] | None = None, allow_empty_classes: bool = False,
+                 index_cache: str = "off", rank: int = 0, index_wait_s: float = 600.0) -> None:
+        """Index `split_dir` (once per job, see `folder_index`); an empty class folder is an
+        error unless `allow_empty_classes` (check-data lists them all), in which case it is
+        recorded in `empty_classes`."""
+        from trainer.data.folder_index import folder_index
+
+        index = folder_index(split_dir, index_cache, rank, index_wait_s)
+        found, counts = index.meta["classes"], index.arrays["counts"]
         self.classes = classes if classes is not None else found
-        index = {name: i for i, name in enumerate(self.classes)}
-        unknown = [name for name in found if name not in index]
+        lookup = {name: i for i, name in enumerate(self.classes)}
+        unknown = [name for name in found if name not in lookup]
         if unknown:
             raise DataError(f"{split_dir}: {len(unknown)} class folders absent from the training split, e.g. {unknown[:3]}")
-        paths, labels, self.empty_classes = [], [], []
-        for name in found:
-            files = sorted(e.name for e in os.scandir(split_dir / name) if e.is_file() and e.name.lower().endswith(IMG_EXTENSIONS))
-            if not files and allow_empty_classes:
-                self.empty_classes.append(name)
-            elif not files:
-                raise DataError(f"{split_dir / name}: empty class folder (no {', '.join(IMG_EXTENSIONS)} files); expected {FOLDER_LAYOUT}")
-            paths.extend(f"{name}/{f}" for f in files)
-            labels.extend([index[name]] * len(files))
-        self.root = split_dir
-        # NOTE: numpy arrays, not lists of str: 1.28M paths pickle to workers in one buffer.
-        self._paths = np.array(paths, dtype=np.bytes_)
-        self._labels = np.array(labels, dtype=np.int64)
+        self.empty_classes = [name for name, count in zip(found, counts) if not count]
+        if self.empty_classes and not allow_empty_classes:
+            raise DataError(f"{split_dir / self.empty_classes[0]}: empty class folder (no {', '.join(IMG_EXTENSIONS)} files); expected {FOLDER_LAYOUT}")
+        self.root, self.cache_file = split_dir, index.path
+        # NOTE: numpy arrays, not lists of str: 1.28M paths pickle to workers in one buffer,
+        # and a memory-mapped cache is shared by every process through the page cache.
+        self._paths = index.arrays["paths"]
+        remap = np.array([lookup[name] for name in found], dtype=np.int32)
+        self._labels = remap[index.arrays["labels"]] if classes is not None else index.arrays["labels"]
 
     def __len__(self) -> int:
         return len(self._paths)

@@ -27,11 +27,14 @@ class Source:
         name: the `data.source` value.
         layout: the expected layout, quoted by errors.
         default_val_split: the val split when `data.val_split` is empty.
-        open: `(cfg, split, classes)` -> a random-access `Reader`; `classes` None takes the split's own.
+        open: `(cfg, split, classes, rank)` -> a random-access `Reader`; `classes` None takes the
+            split's own; `rank` is this process's global index (process 0 builds a file index
+            that the others load).
         open_stream: `(cfg, split, rank, world_size, seed, shuffle, classes, num_classes)` -> a
             `StreamReader` sharded by process; None when the source cannot stream.
-        open_for_check: like `open`, for `trainer check-data`: returns the reader and the
-            classes it found empty (reported, not raised); None uses `open` and finds none.
+        open_for_check: like `open` (given the training classes for another split), for
+            `trainer check-data`: returns the reader and the classes it found empty (reported,
+            not raised); None uses `open` and finds none.
         labels_from_folders: labels are class folder names, so they are in range by construction
             and class mismatches are told by name (check-data).
     """
@@ -39,7 +42,7 @@ class Source:
     name: str
     layout: str
     default_val_split: str
-    open: Callable[[DataConfig, str, list[str] | None], Reader]
+    open: Callable[[DataConfig, str, list[str] | None, int], Reader]
     open_stream: Callable[..., StreamReader] | None = None
     open_for_check: Callable[[DataConfig, str, list[str] | None], tuple[Reader, list[str]]] | None = None
     labels_from_folders: bool = False
@@ -56,8 +59,28 @@ def _folder_root(cfg: DataConfig) -> Path:
     return root
 
 
+def _is_flat_val(cfg: DataConfig, split_dir: Path, classes: list[str] | None) -> bool:
+    """A split other than training, laid out as ILSVRC's flat `val/*.JPEG` plus a labels file."""
+    from trainer.data.flat_val import is_flat
+
+    return classes is not None and bool(cfg.val_labels or is_flat(split_dir))
+
+
+def _open_folder(cfg: DataConfig, split: str, classes: list[str] | None, rank: int = 0) -> Reader:
+    root = _folder_root(cfg)
+    if _is_flat_val(cfg, root / split, classes):
+        from trainer.data.flat_val import FlatValReader, find_labels_file
+
+        return FlatValReader(root / split, find_labels_file(root, root / split, cfg.val_labels), classes)
+    return FolderReader(root / split, classes, index_cache=cfg.index_cache, rank=rank, index_wait_s=cfg.index_wait_s)
+
+
 def _open_folder_for_check(cfg: DataConfig, split: str, classes: list[str] | None) -> tuple[Reader, list[str]]:
-    reader = FolderReader(_folder_root(cfg) / split, allow_empty_classes=True)
+    """Class folders are read as found (mismatches are told by name); a flat val takes the training classes."""
+    root = _folder_root(cfg)
+    if _is_flat_val(cfg, root / split, classes):
+        return _open_folder(cfg, split, classes), []
+    reader = FolderReader(root / split, allow_empty_classes=True, index_cache=cfg.index_cache, index_wait_s=cfg.index_wait_s)
     return reader, reader.empty_classes
 
 
@@ -69,7 +92,7 @@ FOLDER = Source(
     name="folder",
     layout=FOLDER_LAYOUT,
     default_val_split="val",
-    open=lambda cfg, split, classes: FolderReader(_folder_root(cfg) / split, classes),
+    open=_open_folder,
     open_for_check=_open_folder_for_check,
     labels_from_folders=True,
 )
@@ -78,13 +101,33 @@ HF = Source(
     name="hf",
     layout=HF_LAYOUT,
     default_val_split="validation",
-    open=lambda cfg, split, classes: HFReader(cfg.root, split, classes, **_hf_columns(cfg)),
+    open=lambda cfg, split, classes, rank=0: HFReader(cfg.root, split, classes, **_hf_columns(cfg)),
     open_stream=lambda cfg, split, rank, world_size, seed, shuffle, classes=None, num_classes=0: HFStreamReader(
         cfg.root, split, rank, world_size, seed, shuffle, classes, num_classes, **_hf_columns(cfg)
     ),
 )
 
-SOURCES: dict[str, Source] = {source.name: source for source in (FOLDER, HF)}
+def _open_shards(cfg: DataConfig, split: str, classes: list[str] | None, rank: int = 0) -> Reader:
+    from trainer.data.wds import TarShardReader
+
+    return TarShardReader(Path(cfg.root).expanduser(), split, classes, index_cache=cfg.index_cache, rank=rank, index_wait_s=cfg.index_wait_s)
+
+
+def _stream_shards(cfg: DataConfig, split: str, rank: int, world_size: int, seed: int, shuffle: bool, classes=None, num_classes=0) -> StreamReader:
+    from trainer.data.wds import TarShardStream
+
+    return TarShardStream(Path(cfg.root).expanduser(), split, rank, world_size, seed, shuffle, classes, num_classes)
+
+
+WDS = Source(
+    name="wds",
+    layout="ROOT/<name>-<split>-NNNN.tar shards of <key>.jpg + <key>.cls members (timm's imagenet-1k-wds), optional ROOT/_info.json",
+    default_val_split="validation",
+    open=_open_shards,
+    open_stream=_stream_shards,
+)
+
+SOURCES: dict[str, Source] = {source.name: source for source in (FOLDER, HF, WDS)}
 
 
 def get_source(name: str) -> Source:
@@ -95,9 +138,9 @@ def get_source(name: str) -> Source:
         raise DataError(f"data.source: unknown source '{name}' (registered: {', '.join(SOURCES)})") from None
 
 
-def create_reader(cfg: DataConfig, split: str, classes: list[str] | None = None) -> Reader:
-    """A random-access reader for one split of the configured source."""
-    return get_source(cfg.source).open(cfg, split, classes)
+def create_reader(cfg: DataConfig, split: str, classes: list[str] | None = None, rank: int = 0) -> Reader:
+    """A random-access reader for one split of the configured source (`rank`: this process's global index)."""
+    return get_source(cfg.source).open(cfg, split, classes, rank)
 
 
 def create_stream_reader(

@@ -1,0 +1,22 @@
+"""Tests for trainer.data.worker_memory: loader workers reset glibc's heap settings."""
+
+from __future__ import annotations
+
+import platform
+
+import pytest
+
+from trainer.config import DataConfig
+from trainer.data.loader import create_loader
+from trainer.data.worker_memory import bound_worker_heap
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt is glibc's")
+def test_bound_worker_heap_sets_every_option():
+    assert bound_worker_heap(0) is True
+
+
+def test_loaders_with_workers_use_it():
+    loader = create_loader(list(range(4)), DataConfig(workers=1), 2, {})
+    assert loader.worker_init_fn is bound_worker_heap
+    assert create_loader(list(range(4)), DataConfig(workers=0), 2, {}).worker_init_fn is None
