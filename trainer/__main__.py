@@ -124,6 +124,12 @@ def cmd_check_data(args: argparse.Namespace) -> int:
     return check_data_command(_load(args), args)
 
 
+def cmd_import_args(args: argparse.Namespace) -> int:
+    from trainer.import_args import import_args_command
+
+    return import_args_command(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="trainer", description="Train timm image classifiers on MLU, CUDA or CPU through Accelerate.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -159,6 +165,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=0, help="check only the first N images of each split (0: all)")
     p.add_argument("--examples", type=int, default=5, help="example paths shown per problem")
     p.set_defaults(func=cmd_check_data)
+
+    p = sub.add_parser("import-args", help="turn a `python main.py ...` (pytorch/examples imagenet) command line into a recipe and a launch command")
+    p.add_argument("--device", default="auto", help="device to launch on; auto reads it from main.py's --dist-backend / --no-accel")
+    p.add_argument("--devices", type=int, default=0, help="devices per machine under --multiprocessing-distributed (0: assume 8)")
+    p.add_argument("--output", default=None, help="write the recipe here and print the launch command (default: the recipe to stdout)")
+    p.add_argument("main_py", nargs=argparse.REMAINDER, help="-- python main.py DIR -a resnet50 -b 128 ...")
+    p.set_defaults(func=cmd_import_args)
 
     p = sub.add_parser("plot", help="write PNG curves of a run to RUN_DIR/plots/")
     p.add_argument("run_dir")

@@ -35,6 +35,16 @@ VISIBLE_DEVICES_VARS = {
     "npu": ("ASCEND_RT_VISIBLE_DEVICES",),
     "xpu": ("ZE_AFFINITY_MASK",),
 }
+# NOTE: main.py (pytorch/examples imagenet) defaults to nccl, i.e. CUDA.
+REFERENCE_DEFAULT_PROCESS_GROUP = "nccl"
+
+
+def device_for_process_group(process_group: str) -> str | None:
+    """The device a collective backend implies (gloo: cpu), or None for one no device uses."""
+    by_group = {pg: device for device, pg in PROCESS_GROUP_BACKENDS.items()}  # cpu, listed last, wins gloo
+    return by_group.get(process_group)
+
+
 MIXED_PRECISION = {"fp32": "no", "fp16": "fp16", "bf16": "bf16"}
 # NOTE: torch 2.9 made pinning follow the current accelerator and deprecated naming it.
 _PIN_NAMES_DEVICE = tuple(int(p) for p in torch.__version__.split(".")[:2]) < (2, 9)
