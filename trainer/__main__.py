@@ -51,6 +51,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
+    from trainer.ema import EMA_WEIGHTS
     from trainer.progress import setup_logging
     from trainer.train import Trainer
 
@@ -58,7 +59,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     trainer = Trainer(cfg)
     setup_logging(trainer.accelerator.is_main_process, args.debug)
     path = Path(args.checkpoint).expanduser()
-    weights = path / "model.safetensors" if path.is_dir() else path
+    weights = path / (EMA_WEIGHTS if args.ema else "model.safetensors") if path.is_dir() else path
     if not weights.is_file():
         raise ConfigError(f"--checkpoint: {weights} not found (give a checkpoint directory or a .safetensors file)")
     try:
@@ -142,7 +143,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", help="evaluate a checkpoint on the val split (the reference's -e)", epilog=sections, formatter_class=fmt)
     _config_args(p)
-    p.add_argument("--checkpoint", required=True, help="checkpoint directory or model.safetensors")
+    p.add_argument("--checkpoint", required=True, help="checkpoint or run directory, or a .safetensors file (model.safetensors, model_ema.safetensors)")
+    p.add_argument("--ema", action="store_true", help="with a directory: evaluate its EMA weights (model_ema.safetensors) instead of the raw ones")
     p.add_argument("--output", default=None, help="directory for eval.json and plots (default: RUN_DIR/eval)")
     p.add_argument("--no-confusion", dest="confusion", action="store_false", help="skip the confusion matrix and per-class CSV")
     p.set_defaults(func=cmd_eval)

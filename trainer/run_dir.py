@@ -48,9 +48,9 @@ class RunDirectory:
         if self.cfg.output.plots:
             write_plots(self.path)
 
-    def export(self, model: Any) -> Path:
-        """The final weights as model.safetensors, loadable by timm."""
-        path = self.path / "model.safetensors"
+    def export(self, model: Any, name: str = "model.safetensors") -> Path:
+        """The final weights as model.safetensors (or `name`: the EMA's), loadable by timm."""
+        path = self.path / name
         if self.accelerator.is_main_process:
             export_weights(self.accelerator.unwrap_model(model), path)
         self.accelerator.wait_for_everyone()

@@ -8,17 +8,21 @@ import math
 import signal
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from functools import partial
+from typing import Any, Callable, Iterator
 
 import torch
 from accelerate.data_loader import prepare_data_loader
 from accelerate.utils import DataLoaderConfiguration, set_seed
 
 from trainer.backend import create_accelerator
+from trainer.batch_augment import create_batch_augment
 from trainer.checkpoint import CheckpointError, CheckpointManager, TrainState
 from trainer.config import Config, ConfigError, config_to_dict
 from trainer.data.loader import create_datasets, create_loader
+from trainer.ema import EMA_WEIGHTS, create_ema
 from trainer.evaluate import evaluate
+from trainer.loss import create_loss, hard_labels
 from trainer.metrics import RunningSums, topk_correct
 from trainer.model import create_model
 from trainer.optim import create_lr_scheduler, create_optimizer
@@ -93,7 +97,17 @@ class Trainer:
         )
         self.steps_per_epoch = self._steps_per_epoch()
         self.scheduler = create_lr_scheduler(self.optimizer, cfg.schedule, self.steps_per_epoch, t.epochs)
-        self.criterion = torch.nn.CrossEntropyLoss(label_smoothing=t.label_smoothing)
+        # Recipe components (issue 13), each None when its keys leave it off: erasing and
+        # mixup/cutmix on the device batch, the loss for the targets they give, the EMA.
+        self.batch_augment = create_batch_augment(cfg.mixup, cfg.data, num_classes, t.label_smoothing, t.seed, acc.process_index)
+        soft_targets = self.batch_augment is not None and self.batch_augment.soft_targets
+        self.criterion = create_loss(t.loss, t.label_smoothing, t.bce_target_threshold, soft_targets)
+        self.ema = create_ema(cfg.ema, acc.unwrap_model(self.model))
+        # What follows each optimizer step, in order, called with the step count (1-based).
+        self.step_hooks: list[Callable[[int], None]] = []
+        if self.ema is not None:
+            self.step_hooks.append(partial(self.ema.after_step, acc.unwrap_model(self.model)))
+        self.grad_norms = RunningSums(acc.device, ("norm", "steps"))  # this epoch's clipped steps
         self.normalize = Normalizer(self.data.data_config["mean"], self.data.data_config["std"], acc.device, t.channels_last)
         self.checkpoints = CheckpointManager(acc, self.run_dir / "checkpoints", t.keep_last_checkpoints)
         self.run = RunDirectory(cfg, acc)
@@ -129,6 +143,9 @@ class Trainer:
                 log.warning("skipping checkpoint: %s", err)
                 continue
             self.scheduler.load_state_dict(self.state.scheduler)
+            if self.ema is not None and not self.ema.load(path):
+                log.warning("%s has no %s: the EMA starts from the resumed weights", path, EMA_WEIGHTS)
+                self.ema.ema.set(self.accelerator.unwrap_model(self.model))
             log.info("resumed from %s (epoch %d, step %d)", path, self.state.epoch + 1, self.state.global_step)
             if self.accelerator.is_main_process:
                 self.run.metrics.drop_from_epoch(self.state.epoch)  # the resumed run writes them again
@@ -153,18 +170,26 @@ class Trainer:
         else:
             self._last_batch = batch
         images, labels = self.normalize(batch["images"]), batch["labels"]
+        targets = labels
+        if self.batch_augment is not None:  # seeded by the micro-batch's place in the epoch: exact on resume
+            images, targets = self.batch_augment(images, labels, self.state.epoch, self.state.batches_done)
         with self.accelerator.accumulate(self.model):
             with self.accelerator.autocast():
                 logits = self.model(images)
-                loss = self.criterion(logits, labels)
+                loss = self.criterion(logits, targets)
                 if stand_in:
                     loss = loss * 0.0
             self.accelerator.backward(loss)
+            if self.accelerator.sync_gradients and self.cfg.train.grad_clip_norm:
+                # NOTE: Accelerate unscales fp16 gradients first, and clips only at the
+                # accumulation boundary, on the summed gradient.
+                norm = self.accelerator.clip_grad_norm_(self.model.parameters(), self.cfg.train.grad_clip_norm)
+                self.grad_norms.add(norm, torch.ones((), device=norm.device))
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
         if stand_in:
             return
-        (top1,) = topk_correct(logits.detach(), labels, (1,))
+        (top1,) = topk_correct(logits.detach(), hard_labels(targets), (1,))  # mixed: the dominant image's class
         n = torch.tensor(labels.numel(), device=labels.device)
         sums.add(loss.detach() * n, top1.sum(), n)
         # Consecutive non-finite losses, counted on the device: read only at log points.
@@ -185,6 +210,7 @@ class Trainer:
         sums = RunningSums(acc.device, ("loss", "top1", "n"))
         window = RunningSums(acc.device, ("loss", "top1", "n"))
         skipped, start_s, window_s = 0, time.perf_counter(), time.perf_counter()
+        self.grad_norms.reset()
         self._stream_ended = False
         if self.data.train_sampler is None and acc.num_processes > 1:
             loader = itertools.chain(loader, self._past_the_stream(epoch))
@@ -201,6 +227,8 @@ class Trainer:
             self.state.global_step += 1
             step_in_epoch += 1
             self.scheduler.step()
+            for hook in self.step_hooks:
+                hook(self.state.global_step)
             stats = None
             if step_in_epoch % t.log_every_steps == 0 or step_in_epoch == self.steps_per_epoch:
                 stats = self._read_window(window, sums, time.perf_counter() - window_s)
@@ -218,10 +246,13 @@ class Trainer:
         # One collective for the epoch: every process's sums and skip count, added up.
         local = torch.cat([sums.values, torch.tensor([skipped], dtype=sums.values.dtype, device=acc.device)])
         loss, top1, n, skipped_total = acc.reduce(local, "sum").tolist()
-        return {
+        record = {
             "train_loss": loss / max(n, 1), "train_top1": top1 / max(n, 1), "img_per_s": n / elapsed,
             "epoch_time_s": elapsed, "skipped": int(skipped_total), "train_samples": int(n),
         }
+        if t.grad_clip_norm:
+            record["grad_norm"] = self._mean_grad_norm()
+        return record
 
     def _past_the_stream(self, epoch: int) -> Iterator[dict[str, Any]]:
         """Empty batches after this process's stream shard ran out, until the epoch's last step.
@@ -254,7 +285,15 @@ class Trainer:
         self._fold(window, sums)
         self._check_finite()
         n = max(w["n"], 1)
-        return {"loss": w["loss"] / n, "top1": w["top1"] / n, "lr": self.scheduler.get_last_lr()[0], "img_per_s": w["n"] * self.accelerator.num_processes / max(elapsed_s, 1e-9)}
+        stats = {"loss": w["loss"] / n, "top1": w["top1"] / n, "lr": self.scheduler.get_last_lr()[0], "img_per_s": w["n"] * self.accelerator.num_processes / max(elapsed_s, 1e-9)}
+        if self.cfg.train.grad_clip_norm:
+            stats["grad_norm"] = self._mean_grad_norm()
+        return stats
+
+    def _mean_grad_norm(self) -> float:
+        """The gradient norm before clipping, mean over this epoch's steps so far (the same on every process)."""
+        norms = self.grad_norms.totals()
+        return norms["norm"] / max(norms["steps"], 1)
 
     def _check_finite(self) -> None:
         """Stop after too many consecutive non-finite losses; fp16's loss scaler skips them itself."""
@@ -274,7 +313,7 @@ class Trainer:
         if not bool(torch.stack([torch.isfinite(p.detach()).all() for p in self.model.parameters()]).all()):
             log.warning("step %d: the weights hold non-finite values; checkpoint not saved", self.state.global_step)
             return
-        self.checkpoints.save(self.state, self.scheduler)
+        self.checkpoints.save(self.state, self.scheduler, extra_weights={EMA_WEIGHTS: self.ema.module} if self.ema is not None else None)
 
     def _epoch_over(self) -> bool:
         """True once SIGTERM/SIGINT arrived, or every process's stream shard has run out.
@@ -297,6 +336,14 @@ class Trainer:
         """Val loss, top-1 and top-5 over every val image exactly once (`trainer.evaluate`)."""
         return evaluate(self.accelerator, self.model, self.val_loader, self.normalize, self.run.record_skipped, num_classes_for_confusion)
 
+    def evaluate_ema(self) -> dict[str, Any]:
+        """The same figures for the EMA weights, keyed `val_top1_ema` etc.; {} without an EMA."""
+        if self.ema is None:
+            return {}
+        result = evaluate(self.accelerator, self.ema.module, self.val_loader, self.normalize, len)  # skips were recorded by the raw pass
+        self.ema.module.eval()  # NOTE: evaluate leaves a model in train mode; the EMA never trains
+        return {f"{k}_ema": v for k, v in result.items() if k not in ("val_samples", "val_skipped")}
+
     def fit(self) -> dict[str, Any]:
         """Train all epochs; returns the last epoch's metrics."""
         self.run.prepare()
@@ -318,6 +365,7 @@ class Trainer:
                 last = epoch + 1 == self.cfg.train.epochs
                 if last or (epoch + 1) % self.cfg.train.eval_every_epochs == 0:
                     record.update(self.evaluate())
+                    record.update(self.evaluate_ema())
                 record.update(step=self.state.global_step, lr=self.scheduler.get_last_lr()[0])
                 self.state.epoch, self.state.batches_done = epoch + 1, 0
                 name = f"step_{self.state.global_step:08d}"
@@ -332,6 +380,8 @@ class Trainer:
             for sig, handler in previous.items():
                 signal.signal(getattr(signal, sig), handler)
         weights = self.run.export(self.model)
+        if self.ema is not None:
+            self.run.export(self.ema.module, EMA_WEIGHTS)
         self._log_end(history, time.perf_counter() - fit_start_s, weights)
         return record
 
