@@ -64,3 +64,11 @@ def test_state_round_trips_through_the_checkpoint_file(tmp_path):
     assert other.load(tmp_path)
     assert all(torch.equal(a, b) for a, b in zip(ema.state_dict().values(), other.state_dict().values()))
     assert not other.load(tmp_path / "elsewhere")
+
+
+def test_reset_to_copies_the_model_in():
+    m = model()
+    ema = create_ema(EmaConfig(enabled=True, decay=0.9), m)
+    shift(m, 2.0)
+    ema.reset_to(m)
+    assert all(torch.equal(a, b) for a, b in zip(ema.state_dict().values(), m.state_dict().values()))

@@ -40,6 +40,10 @@ class WeightsEma:
             return
         self.ema.update(model, step=global_step // self.cfg.every_steps)
 
+    def reset_to(self, model: torch.nn.Module) -> None:
+        """Copy `model`'s weights in (an EMA turned on at resume starts from the resumed weights)."""
+        self.ema.set(model)
+
     def state_dict(self) -> dict[str, torch.Tensor]:
         return self.module.state_dict()
 

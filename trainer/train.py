@@ -145,7 +145,7 @@ class Trainer:
             self.scheduler.load_state_dict(self.state.scheduler)
             if self.ema is not None and not self.ema.load(path):
                 log.warning("%s has no %s: the EMA starts from the resumed weights", path, EMA_WEIGHTS)
-                self.ema.ema.set(self.accelerator.unwrap_model(self.model))
+                self.ema.reset_to(self.accelerator.unwrap_model(self.model))
             log.info("resumed from %s (epoch %d, step %d)", path, self.state.epoch + 1, self.state.global_step)
             if self.accelerator.is_main_process:
                 self.run.metrics.drop_from_epoch(self.state.epoch)  # the resumed run writes them again
