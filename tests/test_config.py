@@ -217,6 +217,19 @@ def test_missing_file_names_it(tmp_path):
     ("train.keep_last_checkpoints=0", "train.keep_last_checkpoints"),
     ("train.label_smoothing=1", "train.label_smoothing"),
     ("data.root=", "data.root"),
+    ("data.re_prob=1.5", "data.re_prob"),
+    ("data.re_count=0", "data.re_count"),
+    ("data.repeated_aug=-1", "data.repeated_aug"),
+    ("data.test_img_size=-1", "data.test_img_size"),
+    ("train.bce_target_threshold=1", "train.bce_target_threshold"),
+    ("train.grad_clip_norm=-1", "train.grad_clip_norm"),
+    ("mixup.mixup_alpha=-0.1", "mixup.mixup_alpha"),
+    ("mixup.cutmix_alpha=-1", "mixup.cutmix_alpha"),
+    ("mixup.prob=1.5", "mixup.prob"),
+    ("mixup.switch_prob=-0.5", "mixup.switch_prob"),
+    ("ema.decay=1", "ema.decay"),
+    ("ema.every_steps=0", "ema.every_steps"),
+    ("ema.warmup_power=0", "ema.warmup_power"),
 ])
 def test_impossible_values_name_the_key_and_where_they_came_from(tmp_path, override, key):
     path = write_yaml(tmp_path, "data:\n  root: /a\n")
@@ -259,6 +272,9 @@ def test_warmup_must_end_before_training_does(tmp_path):
     ("train.precision=fp8", "train.precision"),
     ("data.on_error=ignore", "data.on_error"),
     ("backend.device=tpu", "backend.device"),
+    ("train.loss=focal", "train.loss"),
+    ("mixup.mode=row", "mixup.mode"),
+    ("data.re_mode=blur", "data.re_mode"),
 ])
 def test_values_outside_choices_are_rejected(override, key):
     with pytest.raises(ConfigError, match="is not one of") as err:

@@ -170,3 +170,59 @@ def test_accelerate_launch_config_is_valid(path):
     assert cfg.use_cpu is ("cpu" in path.name)
     if "cpu" in path.name and cfg.num_processes > 1:
         assert distributed == DistributedType.MULTI_GPU, "MULTI_CPU would launch one process without mpirun"
+
+
+# --- Modern recipes: DLE 90 epochs and RSB A3 -----------------------------------------------
+
+MODERN = [CONFIGS / "resnet50_dle.yaml", CONFIGS / "resnet50_rsb_a3.yaml"]
+
+
+def test_dle_recipe_is_nvidias():
+    cfg = load_config(CONFIGS / "resnet50_dle.yaml")
+    o, s, t = cfg.optim, cfg.schedule, cfg.train
+    assert (o.name, o.lr, o.momentum, o.weight_decay, o.no_decay_norm_bias) == ("sgd", 2.048, 0.875, 1 / 32768, True)
+    assert o.lr == pytest.approx(0.256 * 8 * cfg.data.batch_size_per_device / 256)
+    assert (s.name, s.warmup_epochs, t.epochs, t.label_smoothing, t.precision) == ("cosine", 8, 90, 0.1, "fp16")
+    assert cfg.mixup.mixup_alpha == 0 and not cfg.ema.enabled and t.loss == "ce"
+
+
+def test_rsb_a3_recipe_is_the_papers():
+    cfg = load_config(CONFIGS / "resnet50_rsb_a3.yaml")
+    d, o, t = cfg.data, cfg.optim, cfg.train
+    assert (d.img_size, d.test_img_size, d.crop_pct, d.interpolation, d.auto_augment) == (160, 224, 0.95, "bicubic", "rand-m6-mstd0.5-inc1")
+    assert (d.re_prob, d.repeated_aug) == (0.0, 0)
+    assert (o.name, o.lr, o.weight_decay, o.no_decay_norm_bias) == ("lamb", 8e-3, 0.02, True)
+    assert 8 * d.batch_size_per_device == 2048
+    assert (cfg.schedule.name, cfg.schedule.warmup_epochs, t.epochs) == ("cosine", 5, 100)
+    assert (t.loss, t.bce_target_threshold, t.label_smoothing, t.grad_clip_norm) == ("bce", 0.2, 0.0, 0.0)
+    assert (cfg.mixup.mixup_alpha, cfg.mixup.cutmix_alpha) == (0.1, 1.0) and not cfg.ema.enabled
+
+
+@pytest.mark.parametrize("path", MODERN, ids=lambda p: p.name)
+def test_modern_recipe_header_names_source_top1_batch_and_lr_scaling(path):
+    header = path.read_text().split("\nmodel:")[0].lower()
+    for words in ("source:", "published top-1", "global batch", "lr ="):
+        assert words in header, (path.name, words)
+
+
+@pytest.mark.parametrize("path", MODERN, ids=lambda p: p.name)
+def test_modern_recipe_trains_two_steps_on_tiny_data(path, tmp_path):
+    import helpers
+    from trainer.train import Trainer
+
+    root = helpers.make_image_folder(tmp_path / "imagenet")
+    overrides = [f"data.root={root}", "model.name=test_resnet", "data.img_size=32", "data.batch_size_per_device=4", "data.workers=0",
+                 "train.precision=fp32", "train.max_steps_per_epoch=2", f"output.dir={tmp_path / 'runs'}", "output.plots=false"]
+    if load_config(path).data.test_img_size:
+        overrides.append("data.test_img_size=40")
+    trainer = Trainer(load_config(path, overrides))
+    try:
+        trainer.run.prepare()
+        before = [p.detach().clone() for p in trainer.model.parameters()]
+        record = trainer.train_epoch(0)
+        assert trainer.state.global_step == 2 and record["train_samples"] == 8
+        assert torch.isfinite(torch.tensor(record["train_loss"]))
+        assert any(not torch.equal(a, b) for a, b in zip(before, trainer.model.parameters()))
+        assert trainer.evaluate()["val_samples"] == 9
+    finally:
+        trainer.close()

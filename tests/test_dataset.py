@@ -306,3 +306,46 @@ def test_streaming_dataset_decodes_the_same_images(hf_parquet_dir, monkeypatch):
     for i, (image, label) in enumerate(streamed):
         expected, expected_label = mapped[(2, i)]
         assert label == expected_label and torch.equal(image, expected)
+
+
+# --- transforms for the modern recipes: test size, TrivialAugment, policy errors -------------------
+
+
+def test_test_img_size_sets_the_val_crop_apart_from_the_train_crop():
+    from trainer.data.loader import create_transforms, resolve_input_config
+
+    cfg = DataConfig(root="/x", img_size=160, test_img_size=224, crop_pct=0.95)
+    train, val = create_transforms(cfg, resolve_input_config(cfg, "resnet50"))
+    assert tuple(train.transforms[0].size) == (160, 160)
+    crops = [t for t in val.transforms if type(t).__name__ == "CenterCrop"]
+    assert tuple(crops[0].size) == (224, 224) and val.transforms[0].size in (int(224 / 0.95), [int(224 / 0.95)])
+
+
+@pytest.mark.parametrize("policy", ["trivial", "ta_wide"])
+def test_trivial_augment_follows_the_flip(policy):
+    from torchvision.transforms import RandomHorizontalFlip, TrivialAugmentWide
+
+    from trainer.data.loader import create_transforms, resolve_input_config
+
+    cfg = DataConfig(root="/x", img_size=32, auto_augment=policy)
+    train, _ = create_transforms(cfg, resolve_input_config(cfg, "resnet50"))
+    kinds = [type(t) for t in train.transforms]
+    assert kinds.index(TrivialAugmentWide) == kinds.index(RandomHorizontalFlip) + 1
+
+
+def test_an_unknown_augment_policy_is_a_config_error():
+    from trainer.config import ConfigError
+    from trainer.data.loader import create_transforms, resolve_input_config
+
+    cfg = DataConfig(root="/x", img_size=32, auto_augment="bogus")
+    with pytest.raises(ConfigError, match=r"^data.auto_augment: 'bogus' is not a timm policy"):
+        create_transforms(cfg, resolve_input_config(cfg, "resnet50"))
+
+
+def test_repeated_copies_are_augmented_differently(tmp_path: Path):
+    root = helpers.make_image_folder(tmp_path / "imagenet", classes=1, train_per_class=2)
+    transform = create_transform(SIZE, is_training=True, use_prefetcher=True)
+    dataset = ImageDataset(FolderReader(root / "train"), _SampleDecoder(transform, 1, None, "raise", seed=0))
+    copies = [dataset[(0, 1, c)][0] for c in range(3)]
+    assert not np.array_equal(np.asarray(copies[0]), np.asarray(copies[1])) and not np.array_equal(np.asarray(copies[1]), np.asarray(copies[2]))
+    assert np.array_equal(np.asarray(dataset[(0, 1, 0)][0]), np.asarray(dataset[(0, 1)][0]))  # copy 0 is the plain key

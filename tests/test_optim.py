@@ -179,3 +179,27 @@ def test_adamw_takes_lr_and_weight_decay_without_sgd_arguments():
     opt = create_optimizer(linear_model(), OptimConfig(name="adamw", lr=1e-3, weight_decay=0.05))
     assert isinstance(opt, torch.optim.AdamW)
     assert {(g["lr"], g["weight_decay"]) for g in opt.param_groups} == {(1e-3, 0.05)}
+
+
+# --- timm optimizers for the modern recipes ---------------------------------------------------
+
+
+@pytest.mark.parametrize(("name", "cls"), [("sgd", "SGD"), ("adamw", "AdamW"), ("lamb", "Lamb"), ("lars", "Lars"), ("nlars", "Lars")])
+def test_recipe_optimizers_come_from_timm(name, cls):
+    optimizer = create_optimizer(linear_model(), OptimConfig(name=name, lr=0.01, momentum=0.875))
+    assert type(optimizer).__name__ == cls
+    if name in ("sgd", "lars", "nlars"):
+        assert optimizer.param_groups[0]["momentum"] == 0.875
+    if name == "nlars":
+        assert optimizer.param_groups[0]["nesterov"] is True  # the name's Nesterov survives optim.nesterov=false
+
+
+def test_no_decay_norm_bias_spares_norm_weights_and_biases():
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Flatten(), torch.nn.Linear(4, 2))
+    optimizer = create_optimizer(model, OptimConfig(name="sgd", weight_decay=3e-5, no_decay_norm_bias=True))
+    by_decay = {g["weight_decay"]: {id(p) for p in g["params"]} for g in optimizer.param_groups}
+    decayed = {id(model[0].weight), id(model[3].weight)}
+    assert by_decay[3e-5] == decayed
+    assert by_decay[0.0] == {id(p) for p in model.parameters()} - decayed  # conv/linear biases and both BN parameters
+    plain = create_optimizer(model, OptimConfig(name="sgd", weight_decay=3e-5))
+    assert len(plain.param_groups) == 1 and plain.param_groups[0]["weight_decay"] == 3e-5

@@ -58,7 +58,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     cfg = _load(args)
     from trainer.evaluate import eval_command
 
-    result = eval_command(cfg, args.checkpoint, args.output, args.confusion, args.debug)
+    result = eval_command(cfg, args.checkpoint, args.output, args.confusion, args.debug, ema=args.ema)
     if result is not None:
         print(json.dumps(result))
     return 0
@@ -101,10 +101,18 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     from trainer.doctor import doctor_command
 
     return doctor_command(_load(args), args)
+
+
 def cmd_convert(args: argparse.Namespace) -> int:
     from trainer.data.convert import convert_command
 
     return convert_command(_load(args), args)
+
+
+def cmd_import_args(args: argparse.Namespace) -> int:
+    from trainer.import_args import import_args_command
+
+    return import_args_command(args)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -119,7 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", help="evaluate a checkpoint on the val split (the reference's -e)", epilog=sections, formatter_class=fmt)
     _config_args(p)
-    p.add_argument("--checkpoint", required=True, help="checkpoint directory or model.safetensors")
+    p.add_argument("--checkpoint", required=True, help="checkpoint or run directory, or a .safetensors file (model.safetensors, model_ema.safetensors)")
+    p.add_argument("--ema", action="store_true", help="with a directory: evaluate its EMA weights (model_ema.safetensors) instead of the raw ones")
     p.add_argument("--output", default=None, help="directory for eval.json and plots (default: RUN_DIR/eval)")
     p.add_argument("--no-confusion", dest="confusion", action="store_false", help="skip the confusion matrix and per-class CSV")
     p.set_defaults(func=cmd_eval)
@@ -147,12 +156,20 @@ def build_parser() -> argparse.ArgumentParser:
     _config_args(p)
     p.add_argument("--bandwidth-mb", type=int, default=100, help="all-reduce size per process for the bandwidth figure (0: skip)")
     p.set_defaults(func=cmd_doctor)
+
     p = sub.add_parser("convert", help="write the configured data as tar shards (wds) or parquet shards, and verify them", epilog=sections, formatter_class=fmt)
     p.add_argument("out", help="output directory (new or empty)")  # NOTE: before the overrides, which take the positionals after it
     _config_args(p)
     p.add_argument("--to", required=True, choices=("wds", "parquet"), help="output format: WebDataset tar shards or HF parquet shards")
     p.add_argument("--shard-size", type=int, default=1250, help="samples per shard")
     p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("import-args", help="turn a `python main.py ...` (pytorch/examples imagenet) command line into a recipe and a launch command")
+    p.add_argument("--device", default="auto", help="device to launch on; auto reads it from main.py's --dist-backend / --no-accel")
+    p.add_argument("--devices", type=int, default=0, help="devices per machine under --multiprocessing-distributed (0: assume 8)")
+    p.add_argument("--output", default=None, help="write the recipe here and print the launch command (default: the recipe to stdout)")
+    p.add_argument("main_py", nargs=argparse.REMAINDER, help="-- python main.py DIR -a resnet50 -b 128 ...")
+    p.set_defaults(func=cmd_import_args)
 
     p = sub.add_parser("plot", help="write PNG curves of a run to RUN_DIR/plots/")
     p.add_argument("run_dir")

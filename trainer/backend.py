@@ -38,6 +38,16 @@ VISIBLE_DEVICES_VARS = {
     "npu": ("ASCEND_RT_VISIBLE_DEVICES",),
     "xpu": ("ZE_AFFINITY_MASK",),
 }
+# NOTE: main.py (pytorch/examples imagenet) defaults to nccl, i.e. CUDA.
+REFERENCE_DEFAULT_PROCESS_GROUP = "nccl"
+
+
+def device_for_process_group(process_group: str) -> str | None:
+    """The device a collective backend implies (gloo: cpu), or None for one no device uses."""
+    by_group = {pg: device for device, pg in PROCESS_GROUP_BACKENDS.items()}  # cpu, listed last, wins gloo
+    return by_group.get(process_group)
+
+
 MIXED_PRECISION = {"fp32": "no", "fp16": "fp16", "bf16": "bf16"}
 # NOTE: with async error handling a collective past its timeout aborts the communicator and
 # ends the process instead of waiting for ever; torch_mlu mirrors NCCL's variable (MLU_NOTES).

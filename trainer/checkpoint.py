@@ -68,8 +68,12 @@ class CheckpointManager:
         found = [p for p in self.directory.iterdir() if p.name.startswith(PREFIX) and p.name[len(PREFIX):].isdigit() and (p / STATE_FILE).is_file()]
         return sorted(found, key=lambda p: int(p.name[len(PREFIX):]))
 
-    def save(self, state: TrainState, scheduler: torch.optim.lr_scheduler.LRScheduler) -> Path:
-        """Write a checkpoint of the current step atomically; every process must call it."""
+    def save(self, state: TrainState, scheduler: torch.optim.lr_scheduler.LRScheduler, extra_weights: dict[str, torch.nn.Module] | None = None) -> Path:
+        """Write a checkpoint of the current step atomically; every process must call it.
+
+        `extra_weights` maps file names to models saved beside Accelerate's state as plain
+        safetensors (the EMA's `model_ema.safetensors`), inside the same atomic rename.
+        """
         acc = self.accelerator
         name = checkpoint_name(state.global_step)
         final, tmp = self.directory / name, self.directory / f"{TMP_PREFIX}{name}"
@@ -82,6 +86,8 @@ class CheckpointManager:
             acc.save_state(str(tmp), safe_serialization=True)
             acc.wait_for_everyone()
             if acc.is_main_process:
+                for file_name, module in (extra_weights or {}).items():
+                    export_weights(module, tmp / file_name)
                 with open(tmp / STATE_FILE, "w") as f:
                     json.dump(asdict(state), f)
                     f.flush()

@@ -92,6 +92,11 @@ class DataConfig:
     index_cache: str = _field("", "folder, wds: where the file index is cached, built once per job by process 0: empty = beside the data if writable, else ~/.cache/trainer/index; a directory; or off (every process scans)")
     index_wait_s: float = _field(600.0, "folder, wds: how long processes other than 0 wait for process 0's index file")
     val_labels: str = _field("", "folder: labels file of a flat val/*.JPEG (LOC_val_solution.csv or file,class CSV); empty: looked for in the root")
+    test_img_size: int = _field(0, "val crop size when it differs from the train size (RSB A3: train 160, test 224); 0 uses img_size")
+    re_prob: float = _field(0.0, "random erasing probability per image (timm RandomErasing, on the normalized batch); 0 disables it")
+    re_mode: str = _field("pixel", "random erasing fill: per-pixel normal noise, per-channel noise, or zeros", ("pixel", "rand", "const"))
+    re_count: int = _field(1, "random erasing: at most this many boxes per image")
+    repeated_aug: int = _field(0, "repeated augmentation (timm RepeatAugSampler): each image this many times per epoch, differently augmented, epoch length kept; 0 or 1 disables it")
 
 
 @dataclass
@@ -102,6 +107,7 @@ class OptimConfig:
     weight_decay: float = _field(1e-4, "weight decay")
     nesterov: bool = _field(False, "Nesterov momentum for SGD")
     implementation: str = _field("auto", "optimizer step kernel; auto: torch's default, fused SGD with a loss scaler where the device runs it (no host sync per step)", ("auto", "foreach", "fused", "loop"))
+    no_decay_norm_bias: bool = _field(False, "no weight decay on normalization weights and biases (timm's filter_bias_and_bn), as the DLE and RSB recipes")
 
 
 @dataclass
@@ -130,6 +136,27 @@ class TrainConfig:
     log_every_steps: int = _field(50, "read the loss and log a line every N optimizer steps")
     max_steps_per_epoch: int = _field(0, "stop each epoch after N optimizer steps; 0 runs the whole epoch")
     max_non_finite_steps: int = _field(10, "stop after this many consecutive non-finite losses (without a loss scaler)")
+    loss: str = _field("ce", "training loss: cross-entropy, or binary cross-entropy per class (timm BinaryCrossEntropy, the RSB recipes)", ("ce", "bce"))
+    bce_target_threshold: float = _field(0.0, "bce: targets at or above this become 1, below 0 (RSB: 0.2); 0 keeps soft targets")
+    grad_clip_norm: float = _field(0.0, "clip the gradient's global L2 norm to this before each update (unscaled first under fp16); 0 disables it")
+
+
+@dataclass
+class MixupConfig:
+    mixup_alpha: float = _field(0.0, "mixup Beta(alpha, alpha) parameter (timm Mixup); 0 disables mixup")
+    cutmix_alpha: float = _field(0.0, "cutmix Beta(alpha, alpha) parameter; 0 disables cutmix")
+    prob: float = _field(1.0, "probability of mixing a batch when mixup or cutmix is on")
+    switch_prob: float = _field(0.5, "with both on: probability of cutmix instead of mixup")
+    mode: str = _field("batch", "one draw per batch, per pair of images or per image", ("batch", "pair", "elem"))
+
+
+@dataclass
+class EmaConfig:
+    enabled: bool = _field(False, "keep an exponential moving average of the weights (timm ModelEmaV3), validated and exported beside them")
+    decay: float = _field(0.9998, "EMA decay per update")
+    every_steps: int = _field(1, "update the EMA every N optimizer steps")
+    warmup: bool = _field(False, "ramp the decay up from 0 as 1 - (1 + updates)^-warmup_power (timm's EMA warmup)")
+    warmup_power: float = _field(0.75, "warmup: exponent of the decay ramp (3/4 for short runs, 2/3 for long ones)")
 
 
 @dataclass
@@ -160,6 +187,8 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     backend: BackendConfig = field(default_factory=BackendConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
+    mixup: MixupConfig = field(default_factory=MixupConfig)
+    ema: EmaConfig = field(default_factory=EmaConfig)
     source: str = field(default="<defaults>", compare=False, repr=False)
     """The file this config was read from, for error messages and the default run name."""
 
@@ -262,6 +291,19 @@ def _validate(cfg: Config, origins: dict[str, str]) -> None:
         ("train.max_steps_per_epoch", t.max_steps_per_epoch >= 0, "must be >= 0"),
         ("train.max_non_finite_steps", t.max_non_finite_steps >= 1, "must be >= 1"),
         ("backend.collective_timeout_s", cfg.backend.collective_timeout_s > 0, "must be > 0"),
+        ("data.test_img_size", d.test_img_size >= 0, "must be >= 0"),
+        ("data.re_prob", 0.0 <= d.re_prob <= 1.0, "must be a probability in [0, 1]"),
+        ("data.re_count", d.re_count >= 1, "must be >= 1"),
+        ("data.repeated_aug", d.repeated_aug >= 0, "must be >= 0"),
+        ("train.bce_target_threshold", 0 <= t.bce_target_threshold < 1, "must be in [0, 1)"),
+        ("train.grad_clip_norm", 0 <= t.grad_clip_norm <= _FLOAT32_MAX, "must be >= 0"),
+        ("mixup.mixup_alpha", cfg.mixup.mixup_alpha >= 0, "must be >= 0"),
+        ("mixup.cutmix_alpha", cfg.mixup.cutmix_alpha >= 0, "must be >= 0"),
+        ("mixup.prob", 0 <= cfg.mixup.prob <= 1, "must be a probability in [0, 1]"),
+        ("mixup.switch_prob", 0 <= cfg.mixup.switch_prob <= 1, "must be a probability in [0, 1]"),
+        ("ema.decay", 0 <= cfg.ema.decay < 1, "must be in [0, 1)"),
+        ("ema.every_steps", cfg.ema.every_steps >= 1, "must be >= 1"),
+        ("ema.warmup_power", cfg.ema.warmup_power > 0, "must be > 0"),
         ("data.root", bool(d.root), "must name the dataset (a folder, a parquet/save_to_disk dir or a hub id)"),
     ]
     for key, ok, why in checks:

@@ -65,8 +65,8 @@ def evaluate(accelerator: Any, model: torch.nn.Module, loader: Any, normalize: C
     return result
 
 
-def load_weights(model: torch.nn.Module, checkpoint: str, description: str) -> Path:
-    """Load a checkpoint directory's model.safetensors (or a .safetensors file) into `model`; returns the file.
+def load_weights(model: torch.nn.Module, checkpoint: str, description: str, ema: bool = False) -> Path:
+    """Load a checkpoint directory's model.safetensors (model_ema.safetensors with `ema`), or a .safetensors file, into `model`; returns the file.
 
     Raises:
         ConfigError: when the file is missing or does not fit `model` (`description` names the model).
@@ -74,10 +74,11 @@ def load_weights(model: torch.nn.Module, checkpoint: str, description: str) -> P
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
+    from trainer.ema import EMA_WEIGHTS
     from trainer.errors import ConfigError
 
     path = Path(checkpoint).expanduser()
-    weights = path / "model.safetensors" if path.is_dir() else path
+    weights = path / (EMA_WEIGHTS if ema else "model.safetensors") if path.is_dir() else path
     if not weights.is_file():
         raise ConfigError(f"--checkpoint: {weights} not found (give a checkpoint directory or a .safetensors file)")
     try:
@@ -88,8 +89,8 @@ def load_weights(model: torch.nn.Module, checkpoint: str, description: str) -> P
     return weights
 
 
-def eval_command(cfg: Any, checkpoint: str, output: str | None, confusion: bool, debug: bool = False) -> dict[str, Any] | None:
-    """`trainer eval`: evaluate `checkpoint` on the val split; write eval.json (and plots) and say where.
+def eval_command(cfg: Any, checkpoint: str, output: str | None, confusion: bool, debug: bool = False, ema: bool = False) -> dict[str, Any] | None:
+    """`trainer eval`: evaluate `checkpoint` (its EMA weights with `ema`) on the val split; write eval.json (and plots) and say where.
 
     Returns the metrics on the main process, None on the others.
     """
@@ -111,7 +112,7 @@ def eval_command(cfg: Any, checkpoint: str, output: str | None, confusion: bool,
     check_val_size(data.val_size, acc.num_processes, cfg)
     num_classes = data.num_classes(cfg.model.num_classes)
     model = create_model(cfg.model, num_classes)
-    weights = load_weights(model, checkpoint, f"{cfg.model.name} with {num_classes} classes")
+    weights = load_weights(model, checkpoint, f"{cfg.model.name} with {num_classes} classes", ema=ema)
     if cfg.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
     pipeline = create_pipeline(data, cfg.data, acc, backend.pin_memory_kwargs(cfg.data.pin_memory), cfg.train.channels_last, train=False)

@@ -17,7 +17,10 @@ if TYPE_CHECKING:
 
 METRICS_FILENAME = "metrics.jsonl"
 STEPS_FILENAME = "steps.jsonl"  # one record per logged step: step, loss, top1, lr, img_per_s
-METRIC_KEYS = ("epoch", "step", "train_loss", "train_top1", "val_loss", "val_top1", "val_top5", "lr", "img_per_s", "epoch_time_s", "train_samples", "val_samples", "skipped", "val_skipped")
+METRIC_KEYS = (
+    "epoch", "step", "train_loss", "train_top1", "val_loss", "val_top1", "val_top5", "lr", "img_per_s", "epoch_time_s", "train_samples", "val_samples",
+    "skipped", "val_skipped", "val_loss_ema", "val_top1_ema", "val_top5_ema", "grad_norm",
+)
 
 
 def topk_correct(logits: torch.Tensor, labels: torch.Tensor, ks: tuple[int, ...] = (1, 5)) -> list[torch.Tensor]:

@@ -12,20 +12,26 @@ from trainer.config import OptimConfig, ScheduleConfig
 
 
 def create_optimizer(model: torch.nn.Module, cfg: OptimConfig, prefer_fused: bool = False) -> torch.optim.Optimizer:
-    """timm's optimizer factory; like the reference script, weight decay applies to all parameters.
+    """timm's optimizer factory (sgd, momentum, adamw, lamb, lars, ...).
+
+    Like the reference script, weight decay applies to all parameters unless
+    `optim.no_decay_norm_bias`, which puts norm weights and biases (every 1-d parameter)
+    in a group without decay, as timm's `filter_bias_and_bn` does.
 
     Args:
         prefer_fused: take the fused SGD kernel when `cfg.implementation` is auto (the
             caller knows the device runs it; with a loss scaler it avoids a sync per step).
     """
     kwargs = {}
-    if cfg.name in ("sgd", "momentum", "nesterov"):
+    if cfg.name in ("sgd", "momentum", "lars", "larc"):
         kwargs = dict(momentum=cfg.momentum, nesterov=cfg.nesterov)
+    elif cfg.name in ("nesterov", "nlars", "nlarc"):  # Nesterov by name: optim.nesterov must not turn it off
+        kwargs = dict(momentum=cfg.momentum)
     if cfg.implementation in ("foreach", "loop"):
         kwargs["foreach"] = cfg.implementation == "foreach"
     elif cfg.implementation == "fused" or (cfg.implementation == "auto" and prefer_fused and cfg.name in ("sgd", "momentum", "nesterov")):
         kwargs["fused"] = True
-    return create_optimizer_v2(model, opt=cfg.name, lr=cfg.lr, weight_decay=cfg.weight_decay, filter_bias_and_bn=False, **kwargs)
+    return create_optimizer_v2(model, opt=cfg.name, lr=cfg.lr, weight_decay=cfg.weight_decay, filter_bias_and_bn=cfg.no_decay_norm_bias, **kwargs)
 
 
 def lr_factor(step: int, cfg: ScheduleConfig, steps_per_epoch: int, epochs: int) -> float:

@@ -35,6 +35,7 @@ MAX_NAMED_CLASSES = 40  # above this, ticks show class indices instead of names
 LOG_LR_SPAN = 10.0  # lr axis goes logarithmic when max/min exceeds this
 
 TRAIN_COLOR, VAL_COLOR = "tab:blue", "tab:orange"
+EMA_COLOR = "tab:purple"  # the EMA weights' validation, when ema.enabled
 
 
 @dataclass(frozen=True)
@@ -49,12 +50,12 @@ class _FigureSpec:
 
 _FIGURES = (
     _FigureSpec("loss.png", "Loss", "cross-entropy loss",
-                (("train_loss", "train", TRAIN_COLOR), ("val_loss", "val", VAL_COLOR))),
+                (("train_loss", "train", TRAIN_COLOR), ("val_loss", "val", VAL_COLOR), ("val_loss_ema", "val EMA", EMA_COLOR))),
     _FigureSpec("top1.png", "Top-1 accuracy", "top-1 accuracy (%)",
-                (("train_top1", "train", TRAIN_COLOR), ("val_top1", "val", VAL_COLOR)),
+                (("train_top1", "train", TRAIN_COLOR), ("val_top1", "val", VAL_COLOR), ("val_top1_ema", "val EMA", EMA_COLOR)),
                 percent=True),
     _FigureSpec("top5.png", "Top-5 accuracy", "top-5 accuracy (%)",
-                (("val_top5", "val", VAL_COLOR),), percent=True),
+                (("val_top5", "val", VAL_COLOR), ("val_top5_ema", "val EMA", EMA_COLOR)), percent=True),
     _FigureSpec("lr.png", "Learning rate", "learning rate",
                 (("lr", "lr", "tab:green"),)),
     _FigureSpec("throughput.png", "Training throughput", "throughput (img/s)",

@@ -83,9 +83,9 @@ class RunDirectory:
         if self.cfg.output.plots:
             write_plots(self.path)
 
-    def export(self, model: Any) -> Path:
-        """The final weights as model.safetensors, loadable by timm."""
-        path = self.path / "model.safetensors"
+    def export(self, model: Any, name: str = "model.safetensors") -> Path:
+        """The final weights as model.safetensors (or `name`: the EMA's), loadable by timm."""
+        path = self.path / name
         if self.accelerator.is_main_process:
             export_weights(self.accelerator.unwrap_model(model), path)
         self.accelerator.wait_for_everyone()
@@ -93,7 +93,7 @@ class RunDirectory:
 
 
 # What a run leaves in its directory besides config.yaml; output.overwrite=true removes them.
-RUN_FILES = ("metrics.jsonl", "metrics.csv", "checkpoints", "model.safetensors", "plots", "skipped.txt")
+RUN_FILES = ("metrics.jsonl", "metrics.csv", "steps.jsonl", "checkpoints", "model.safetensors", "model_ema.safetensors", "plots", "skipped.txt")
 
 
 def describe_run(path: Path) -> str:

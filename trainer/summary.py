@@ -43,6 +43,7 @@ def end_summary(history: list[dict[str, Any]], total_s: float, weights: Path, ch
     return _table([
         ("best val", f"top-1 {best.get('val_top1', float('nan')):.4f} top-5 {best.get('val_top5', float('nan')):.4f} (epoch {best['epoch'] + 1})"),
         ("final val", f"top-1 {last.get('val_top1', float('nan')):.4f} top-5 {last.get('val_top5', float('nan')):.4f}"),
+        *([("final val EMA", f"top-1 {last['val_top1_ema']:.4f} top-5 {last.get('val_top5_ema', float('nan')):.4f}")] if last.get("val_top1_ema") is not None else []),
         ("time", f"{total_s:.1f} s, {mean_img_s:.1f} img/s mean"),
         ("weights", str(weights)), ("checkpoints", str(checkpoints)),
     ])

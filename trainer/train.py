@@ -17,16 +17,20 @@ import torch
 from accelerate.utils import DataLoaderConfiguration, set_seed
 
 from trainer.backend import create_accelerator
+from trainer.batch_augment import create_batch_augment
 from trainer.checkpoint import CheckpointError, CheckpointManager, TrainState, checkpoint_name
 from trainer.config import Config, ConfigError, config_to_dict
 from trainer.data.loader import create_datasets
 from trainer.data.pipeline import create_pipeline
+from trainer.ema import EMA_WEIGHTS, EmaStepHook, create_ema
 from trainer.errors import TrainingStopped
 from trainer.evaluate import evaluate
+from trainer.loop.clip import GradClip
 from trainer.loop.lockstep import Lockstep, StandIn, is_empty
 from trainer.loop.nonfinite import NonFiniteGuard
 from trainer.loop.step import OptimizerStep
 from trainer.loop.stop import StopAgreement
+from trainer.loss import create_loss, hard_labels
 from trainer.metrics import RunningSums, reduce_sums, topk_correct
 from trainer.model import create_model
 from trainer.optim import create_lr_scheduler, create_optimizer
@@ -61,7 +65,8 @@ class Trainer:
         with acc.main_process_first():
             self.data = create_datasets(cfg.data, cfg.model.name, t.seed, acc.process_index, acc.num_processes, cfg.model.num_classes)
         check_val_size(self.data.val_size, acc.num_processes, cfg)
-        model = create_model(cfg.model, self.data.num_classes(cfg.model.num_classes))
+        num_classes = self.data.num_classes(cfg.model.num_classes)
+        model = create_model(cfg.model, num_classes)
         if t.channels_last:
             model = model.to(memory_format=torch.channels_last)
         # NOTE: with a loss scaler only a fused optimizer skips an overflowing step on the
@@ -77,11 +82,20 @@ class Trainer:
         self.model, self.optimizer = acc.prepare(model, optimizer)
         self.steps_per_epoch = self._steps_per_epoch()
         self.scheduler = create_lr_scheduler(self.optimizer, cfg.schedule, self.steps_per_epoch, t.epochs)
-        self.criterion = torch.nn.CrossEntropyLoss(label_smoothing=t.label_smoothing)
+        # Recipe components, each None when its keys leave it off: random erasing and
+        # mixup/cutmix on the device batch, and the loss for the targets they give.
+        self.batch_augment = create_batch_augment(cfg.mixup, cfg.data, num_classes, t.label_smoothing, t.seed, acc.process_index)
+        soft_targets = self.batch_augment is not None and self.batch_augment.soft_targets
+        self.criterion = create_loss(t.loss, t.label_smoothing, t.bce_target_threshold, soft_targets)
         self.checkpoints = CheckpointManager(acc, self.run_dir / "checkpoints", t.keep_last_checkpoints)
         self.run = RunDirectory(cfg, acc)
         self.state = TrainState()
         self.boundary = OptimizerStep(acc, self.model, self.optimizer, self.scheduler, self.state)
+        self.clip = GradClip(acc, self.model, t.grad_clip_norm) if t.grad_clip_norm else None
+        self.ema = create_ema(cfg.ema, acc.unwrap_model(self.model))
+        for hook in (self.clip, self.ema and EmaStepHook(self.ema, acc.unwrap_model(self.model))):
+            if hook:
+                self.boundary.add_hook(hook)
         self.guard = NonFiniteGuard(acc.device, t.max_non_finite_steps, acc.scaler is not None, self.checkpoints.directory)
         self.stop = StopAgreement(acc, every_step=self.backend.host_sync_is_free)
         self.stand_in = StandIn(self.data.data_config["input_size"], acc.device)
@@ -113,6 +127,9 @@ class Trainer:
                 continue
             vars(self.state).update(vars(state))  # in place: the step boundary holds this object
             self.scheduler.load_state_dict(self.state.scheduler)
+            if self.ema is not None and not self.ema.load(path):
+                log.warning("%s has no %s: the EMA starts from the resumed weights", path, EMA_WEIGHTS)
+                self.ema.reset_to(self.accelerator.unwrap_model(self.model))
             log.info("resumed from %s (epoch %d, step %d)", path, self.state.epoch + 1, self.state.global_step)
             if self.accelerator.is_main_process:  # the resumed run writes them again
                 self.run.metrics.drop_from_epoch(self.state.epoch)
@@ -143,15 +160,18 @@ class Trainer:
         else:
             self.stand_in.remember(batch)
         images, labels = self.normalize(batch["images"]), batch["labels"]
+        targets = labels
+        if self.batch_augment is not None:  # seeded by the micro-batch's place in the epoch: exact on resume
+            images, targets = self.batch_augment(images, labels, self.state.epoch, self.state.batches_done)
         with self.boundary.accumulate():
             with self.accelerator.autocast():
                 logits = self.model(images)
-                loss = self.criterion(logits, labels)
+                loss = self.criterion(logits, targets)
                 if stand_in:
                     loss = loss * 0.0
             updated = self.boundary.backward(loss)
         if not stand_in:
-            (top1,) = topk_correct(logits.detach(), labels, (1,))
+            (top1,) = topk_correct(logits.detach(), hard_labels(targets), (1,))  # mixed: the dominant image's class
             n = labels.new_full((), labels.numel())  # made on the device: torch.tensor(..., device=) is a blocking copy
             sums.add(loss.detach() * n, top1.sum(), n)
             self.guard.observe(loss)
@@ -199,7 +219,11 @@ class Trainer:
     def _epoch_metrics(self, sums: RunningSums, skipped: int, elapsed_s: float) -> dict[str, float]:
         totals = reduce_sums(self.accelerator, sums, skipped)
         n = max(totals["n"], 1)
+        clipped = {"grad_norm": self.clip.mean_norm()} if self.clip else {}
+        if self.clip:
+            self.clip.reset()
         return {
+            **clipped,
             "train_loss": totals["loss"] / n,
             "train_top1": totals["top1"] / n,
             "img_per_s": totals["n"] / elapsed_s,
@@ -231,17 +255,27 @@ class Trainer:
         self.guard.check(self.state.global_step)
         n, img_per_s = max(w["n"], 1), w["n"] * self.accelerator.num_processes / max(elapsed_s, 1e-9)
         stats = {"loss": w["loss"] / n, "top1": w["top1"] / n, "lr": self.boundary.lr, "img_per_s": img_per_s}
+        if self.clip:
+            stats["grad_norm"] = self.clip.mean_norm()
         self.run.write_step({"step": self.state.global_step, **stats})
         return stats
 
     def _save_checkpoint(self) -> None:
         """Checkpoint unless the latest loss or the weights are non-finite: never overwrite good state with NaNs."""
         if self.guard.safe_to_save(self.model, self.state.global_step):
-            self.checkpoints.save(self.state, self.scheduler)
+            self.checkpoints.save(self.state, self.scheduler, extra_weights={EMA_WEIGHTS: self.ema.module} if self.ema else None)
 
     def evaluate(self, num_classes_for_confusion: int = 0) -> dict[str, Any]:
         """Val loss, top-1 and top-5 over every val image exactly once (`trainer.evaluate`)."""
         return evaluate(self.accelerator, self.model, self.val_loader, self.normalize, self.run.record_skipped, num_classes_for_confusion)
+
+    def evaluate_ema(self) -> dict[str, Any]:
+        """The same figures for the EMA weights, keyed `val_top1_ema` etc.; {} without an EMA."""
+        if self.ema is None:
+            return {}
+        result = evaluate(self.accelerator, self.ema.module, self.val_loader, self.normalize, len)  # skips were recorded by the raw pass
+        self.ema.module.eval()  # NOTE: evaluate leaves a model in train mode; the EMA never trains
+        return {f"{k}_ema": v for k, v in result.items() if k not in ("val_samples", "val_skipped")}
 
     def fit(self) -> dict[str, Any]:
         """Train all epochs; returns the last epoch's metrics."""
@@ -257,11 +291,13 @@ class Trainer:
                 if self.stop.requested:
                     return self._stop_now(record)
                 if epoch + 1 == self.cfg.train.epochs or (epoch + 1) % self.cfg.train.eval_every_epochs == 0:
-                    record.update(self.evaluate())
+                    record.update({**self.evaluate(), **self.evaluate_ema()})
                 record.update(step=self.state.global_step, lr=self.boundary.lr)
                 self._end_epoch(record)
                 history.append(record)
         weights = self.run.export(self.model)
+        if self.ema is not None:
+            self.run.export(self.ema.module, EMA_WEIGHTS)
         self._log_end(history, time.perf_counter() - fit_start_s, weights)
         return record
 

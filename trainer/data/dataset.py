@@ -111,8 +111,11 @@ class ImageDataset(Dataset):
     def __len__(self) -> int:
         return len(self.reader)
 
-    def __getitem__(self, key: tuple[int, int] | int) -> tuple[Any, int] | Skipped:
-        epoch, index = key if isinstance(key, tuple) else (0, key)
+    def __getitem__(self, key: tuple[int, ...] | int) -> tuple[Any, int] | Skipped:
+        """Keys are (epoch, index), (epoch, index, copy) from RepeatAugSampler, or a bare index."""
+        epoch, index, *copy = key if isinstance(key, tuple) else (0, key)
+        # NOTE: each repeated copy of an image gets its own augmentation seed.
+        augment_index = index + copy[0] * len(self.reader) if copy else index
         try:
             sample = self.reader.read(index)
         except OSError as err:
@@ -120,7 +123,7 @@ class ImageDataset(Dataset):
             if self.decoder.on_error == "raise":
                 raise DecodeError(sample.name, f"unreadable: {err.strerror or err}") from None
             return Skipped(sample.name, f"unreadable: {err.strerror or err}")
-        return self.decoder(sample, epoch, index)
+        return self.decoder(sample, epoch, augment_index)
 
 
 class StreamingImageDataset(IterableDataset):

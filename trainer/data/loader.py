@@ -12,11 +12,12 @@ import torch
 from timm.data import create_transform, resolve_data_config
 from torch.utils.data import DataLoader
 
-from trainer.config import DataConfig
+from trainer.config import ConfigError, DataConfig
 from trainer.data.dataset import EpochSampler, ImageDataset, StreamingImageDataset, _SampleDecoder, collate
 from trainer.data.digits import write_digits
 from trainer.data.readers import SpreadSubset
 from trainer.data.sources import class_names, create_reader, create_stream_reader, get_source
+from trainer.data.sampler import RepeatAugSampler
 from trainer.data.worker_memory import bound_worker_heap
 
 BUILTIN_DATASETS = {"digits": write_digits}
@@ -32,7 +33,7 @@ class Datasets:
     train: Any  # None when only evaluating
     val: Any
     classes: list[str]
-    train_sampler: EpochSampler | None  # None when streamed (or only evaluating)
+    train_sampler: EpochSampler | RepeatAugSampler | None  # None when streamed (or only evaluating)
     data_config: dict  # timm's resolved input_size, interpolation, mean, std, crop_pct
     train_size: int  # samples per epoch (all processes); 0 when unknown
     val_size: int
@@ -62,17 +63,33 @@ def resolve_input_config(cfg: DataConfig, model_name: str) -> dict:
     return resolve_data_config(args, pretrained_cfg=pretrained_cfg.to_dict() if pretrained_cfg else {})
 
 
+TRIVIAL_AUGMENT = ("trivial", "ta_wide")  # torchvision's TrivialAugmentWide; timm has none
+
+
 def create_transforms(cfg: DataConfig, input_cfg: dict) -> tuple[Any, Any]:
-    """Train and val transforms from timm; uint8 output when normalizing on the device."""
-    common = dict(
-        input_size=input_cfg["input_size"], interpolation=input_cfg["interpolation"],
-        mean=input_cfg["mean"], std=input_cfg["std"], use_prefetcher=cfg.normalize_on_device,
-    )
-    train = create_transform(
-        is_training=True, scale=tuple(cfg.scale), ratio=tuple(cfg.ratio), hflip=cfg.hflip,
-        color_jitter=cfg.color_jitter or None, auto_augment=cfg.auto_augment or None, **common,
-    )
-    val = create_transform(is_training=False, crop_pct=input_cfg["crop_pct"], crop_mode=input_cfg.get("crop_mode", "center"), **common)
+    """Train and val transforms from timm; uint8 output when normalizing on the device.
+
+    Random erasing is not here: it runs on the normalized device batch (`trainer.batch_augment`),
+    where timm's prefetcher runs it. `data.test_img_size` sets the val crop apart from the train one.
+    """
+    common = dict(interpolation=input_cfg["interpolation"], mean=input_cfg["mean"], std=input_cfg["std"], use_prefetcher=cfg.normalize_on_device)
+    trivial = cfg.auto_augment in TRIVIAL_AUGMENT
+    try:
+        train = create_transform(
+            input_size=input_cfg["input_size"], is_training=True, scale=tuple(cfg.scale), ratio=tuple(cfg.ratio), hflip=cfg.hflip,
+            color_jitter=cfg.color_jitter or None, auto_augment=None if trivial else cfg.auto_augment or None, **common,
+        )
+    except (AssertionError, ValueError, KeyError, IndexError) as err:
+        raise ConfigError(f"data.auto_augment: {cfg.auto_augment!r} is not a timm policy (rand-m9-mstd0.5-inc1, augmix-m5-w4-d2, v0, original) nor trivial ({err})") from None
+    if trivial:
+        from torchvision import transforms as T
+
+        steps = list(train.transforms)
+        at = max((i + 1 for i, t in enumerate(steps) if isinstance(t, (T.RandomHorizontalFlip, T.RandomVerticalFlip))), default=1)
+        steps.insert(at, T.TrivialAugmentWide(interpolation=T.InterpolationMode.BILINEAR))
+        train = T.Compose(steps)
+    test_size = (3, cfg.test_img_size, cfg.test_img_size) if cfg.test_img_size else input_cfg["input_size"]
+    val = create_transform(input_size=test_size, is_training=False, crop_pct=input_cfg["crop_pct"], crop_mode=input_cfg.get("crop_mode", "center"), **common)
     return train, val
 
 
@@ -90,27 +107,32 @@ def create_datasets(cfg: DataConfig, model_name: str, seed: int, rank: int, worl
     input_cfg = resolve_input_config(cfg, model_name)
     train_tf, val_tf = create_transforms(cfg, input_cfg)
     size = input_cfg["input_size"][-1]
+    test_size = cfg.test_img_size or size
     val_split = source.val_split(cfg)
 
     def decoder(transform: Any, draft_size: int, classes: list[str]) -> _SampleDecoder:
         return _SampleDecoder(transform, effective_num_classes(num_classes, classes), draft_size if cfg.draft_decode else None, cfg.on_error, seed)
 
     if cfg.streaming:
+        if cfg.repeated_aug > 1:
+            raise ConfigError(f"data.repeated_aug: {cfg.repeated_aug} needs an indexed source; a stream cannot repeat its images (set data.streaming=false)")
         train_reader = create_stream_reader(cfg, cfg.train_split, rank, world_size, seed, shuffle=True, num_classes=num_classes)
         classes = train_reader.classes
         val_reader = create_stream_reader(cfg, val_split, rank, world_size, seed, shuffle=False, classes=classes)
         train_ds = StreamingImageDataset(train_reader, decoder(train_tf, size, classes)) if train else None
-        val_ds = StreamingImageDataset(val_reader, decoder(val_tf, int(size / input_cfg["crop_pct"]), classes))
+        val_ds = StreamingImageDataset(val_reader, decoder(val_tf, int(test_size / input_cfg["crop_pct"]), classes))
         return Datasets(train_ds, val_ds, classes, None, input_cfg, train_reader.num_samples, val_reader.num_samples, streamed=True)
 
     classes = None if train else class_names(cfg)
     train_reader = SpreadSubset.of(create_reader(cfg, cfg.train_split, rank=rank), cfg.max_train_samples) if train or classes is None else None
     classes = classes or train_reader.classes
     val_reader = SpreadSubset.of(create_reader(cfg, val_split, classes=classes, rank=rank), cfg.max_val_samples)
-    val_ds = ImageDataset(val_reader, decoder(val_tf, int(size / input_cfg["crop_pct"]), classes))
+    val_ds = ImageDataset(val_reader, decoder(val_tf, int(test_size / input_cfg["crop_pct"]), classes))
     if not train:
         return Datasets(None, val_ds, classes, None, input_cfg, 0, len(val_reader))
-    sampler = EpochSampler(len(train_reader), shuffle=True, seed=seed)
+    sampler: EpochSampler | RepeatAugSampler = EpochSampler(len(train_reader), shuffle=True, seed=seed)
+    if cfg.repeated_aug > 1:
+        sampler = RepeatAugSampler(len(train_reader), cfg.repeated_aug, seed, world_size, cfg.batch_size_per_device)
     return Datasets(ImageDataset(train_reader, decoder(train_tf, size, classes)), val_ds, classes, sampler, input_cfg, len(train_reader), len(val_reader))
 
 
