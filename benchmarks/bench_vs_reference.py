@@ -92,9 +92,18 @@ def trainer_config(args: argparse.Namespace, setting: str, workers: int, img_siz
     """configs/resnet50_imagenet.yaml on the benchmark data, in the "recipe" or "fast" setting."""
     from trainer.config import load_config
 
-    common = [f"data.root={args.data}", f"data.img_size={img_size}", f"data.batch_size_per_device={args.batch_size}",
-              f"data.workers={workers}", "model.num_classes=1000", f"backend.device={args.device}",
-              f"output.dir={out}", f"output.run_name={setting}", "output.progress=log", "output.plots=false"]
+    common = [
+        f"data.root={args.data}",
+        f"data.img_size={img_size}",
+        f"data.batch_size_per_device={args.batch_size}",
+        f"data.workers={workers}",
+        "model.num_classes=1000",
+        f"backend.device={args.device}",
+        f"output.dir={out}",
+        f"output.run_name={setting}",
+        "output.progress=log",
+        "output.plots=false",
+    ]
     switches = {
         "recipe": ["data.normalize_on_device=false", "data.draft_decode=false", "train.channels_last=false", "train.precision=fp32"],
         "fast": ["data.normalize_on_device=true", "data.draft_decode=true", "train.channels_last=true", "train.precision=auto", "optim.implementation=foreach"],
@@ -121,8 +130,15 @@ def reference_loop(args: argparse.Namespace):
 
     device = torch.device(args.device if args.device != "auto" else "cpu")
     dataset = torchvision.datasets.ImageFolder(str(Path(args.data) / "train"), reference_transform(args.img_size))
-    loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=True, num_workers=args.workers,
-                        pin_memory=device.type != "cpu", drop_last=True, persistent_workers=args.workers > 0)
+    loader = DataLoader(
+        dataset,
+        batch_size=args.batch_size,
+        shuffle=True,
+        num_workers=args.workers,
+        pin_memory=device.type != "cpu",
+        drop_last=True,
+        persistent_workers=args.workers > 0,
+    )
     torch.manual_seed(0)
     model = torchvision.models.resnet50().to(device)
     criterion = torch.nn.CrossEntropyLoss().to(device)
@@ -231,11 +247,18 @@ def pipeline_per_core(args: argparse.Namespace) -> dict[str, float]:
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # a loader worker's setting
-    reference = DataLoader(torchvision.datasets.ImageFolder(str(Path(args.data) / "train"), reference_transform(args.img_size)),
-                           batch_size=args.batch_size, shuffle=True, drop_last=True)
+    reference = DataLoader(
+        torchvision.datasets.ImageFolder(str(Path(args.data) / "train"), reference_transform(args.img_size)),
+        batch_size=args.batch_size,
+        shuffle=True,
+        drop_last=True,
+    )
     arms = {"reference": (forever(reference), decode._simplejpeg)}
-    for label, setting, simplejpeg in (("trainer recipe", "recipe", decode._simplejpeg), ("trainer fast path", "fast", decode._simplejpeg),
-                                       ("trainer fast path, PIL decoder", "fast", None)):
+    for label, setting, simplejpeg in (
+        ("trainer recipe", "recipe", decode._simplejpeg),
+        ("trainer fast path", "fast", decode._simplejpeg),
+        ("trainer fast path, PIL decoder", "fast", None),
+    ):
         cfg = trainer_config(args, setting, 0, args.img_size, tempfile.mkdtemp())
         data = create_datasets(cfg.data, cfg.model.name, 0, 0, 1)
         loader = create_loader(data.train, cfg.data, args.batch_size, {"pin_memory": False}, data.train_sampler, drop_last=True)
@@ -270,7 +293,7 @@ def end_to_end(args: argparse.Namespace, names: list[str]) -> dict[str, dict]:
     times: dict[str, list[list[float]]] = {name: [] for name in names}
     try:
         for r in range(args.rounds):
-            for name in names[r % len(names):] + names[: r % len(names)]:
+            for name in names[r % len(names) :] + names[: r % len(names)]:
                 arms[name][1].send(args.steps)
                 times[name].append(_receive(arms[name][1], name))
     finally:
@@ -283,11 +306,13 @@ def end_to_end(args: argparse.Namespace, names: list[str]) -> dict[str, dict]:
         steps = sum(turns, [])
         wall = [[s[0] for s in turn] for turn in turns]
         figures[name] = {
-            "img_per_s": args.batch_size / statistics.median(s[0] for s in steps), "step_s": wall,
+            "img_per_s": args.batch_size / statistics.median(s[0] for s in steps),
+            "step_s": wall,
             "round_img_per_s": [args.batch_size / statistics.median(w) for w in wall],
             # The main process only (loader workers are not counted): user and system CPU
             # seconds and minor page faults per step, to tell compute from allocator cost.
-            "user_s_per_step": statistics.median(s[1] for s in steps), "sys_s_per_step": statistics.median(s[2] for s in steps),
+            "user_s_per_step": statistics.median(s[1] for s in steps),
+            "sys_s_per_step": statistics.median(s[2] for s in steps),
             "page_faults_per_step": statistics.median(s[3] for s in steps),
         }
     reference = figures[names[0]]
@@ -310,8 +335,13 @@ def overhead(args: argparse.Namespace) -> dict:
     bare, with_trainer = result["times"]["bare"], result["times"]["trainer"]
     # NOTE: the ratio within each pair (adjacent in time) cancels most of the load drift.
     ratio = statistics.median(t / b for t, b in zip(with_trainer, bare))
-    return {"bare_step_s": statistics.median(bare), "trainer_step_s": statistics.median(with_trainer),
-            "overhead": ratio - 1, "pairs": len(bare), "precision": result["precision"]}
+    return {
+        "bare_step_s": statistics.median(bare),
+        "trainer_step_s": statistics.median(with_trainer),
+        "overhead": ratio - 1,
+        "pairs": len(bare),
+        "precision": result["precision"],
+    }
 
 
 def _receive(conn, name: str):
@@ -326,10 +356,14 @@ def machine() -> dict[str, str]:
     fields = dict(line.split(":", 1) for line in lscpu.splitlines() if ":" in line)
     from trainer.backend import is_bf16_supported, resolve_precision
 
-    return {"cpu": fields.get("Model name", platform.processor()).strip(), "cores": str(len(os.sched_getaffinity(0))),
-            "torch": torch.__version__, "native_bf16": str(is_bf16_supported("cpu")),
-            "fast_path_precision": {"no": "fp32"}.get(resolve_precision("auto", "cpu"), "bf16"),
-            "date": time.strftime("%Y-%m-%d %H:%M %Z")}
+    return {
+        "cpu": fields.get("Model name", platform.processor()).strip(),
+        "cores": str(len(os.sched_getaffinity(0))),
+        "torch": torch.__version__,
+        "native_bf16": str(is_bf16_supported("cpu")),
+        "fast_path_precision": {"no": "fp32"}.get(resolve_precision("auto", "cpu"), "bf16"),
+        "date": time.strftime("%Y-%m-%d %H:%M %Z"),
+    }
 
 
 def main() -> int:
@@ -348,8 +382,12 @@ def main() -> int:
     p.add_argument("--overhead-pairs", type=int, default=12)
     p.add_argument("--device", default="cpu")
     p.add_argument("--json", default=None, help="also write the figures here")
-    p.add_argument("--retained-reference", action=argparse.BooleanOptionalAction, default=True,
-                   help="also run the reference with freed host memory retained, as the trainer does on the CPU")
+    p.add_argument(
+        "--retained-reference",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also run the reference with freed host memory retained, as the trainer does on the CPU",
+    )
     p.add_argument("--parts", default="pipeline,e2e,overhead", type=lambda v: set(v.split(",")), help="which measurements to run (comma-separated)")
     args = p.parse_args()
     args.data = str(Path(args.data).expanduser())
@@ -357,24 +395,32 @@ def main() -> int:
     make_dataset(Path(args.data), args.images, args.classes)
     report: dict = {"machine": machine(), "args": {**vars(args), "parts": sorted(args.parts)}}
     pipe = report["pipeline_img_per_s_per_core"] = pipeline_per_core(args) if "pipeline" in args.parts else {}
-    e2e = report["end_to_end"] = end_to_end(args, ["reference", *SETTINGS, *(["reference, memory retained"] if args.retained_reference else [])]) if "e2e" in args.parts else {}
+    e2e = report["end_to_end"] = (
+        end_to_end(args, ["reference", *SETTINGS, *(["reference, memory retained"] if args.retained_reference else [])]) if "e2e" in args.parts else {}
+    )
     over = report["overhead"] = overhead(args) if "overhead" in args.parts else {}
     report["wall_s"] = time.perf_counter() - start
-    print(f"{report['machine']}\nResNet50 {args.img_size}px, batch {args.batch_size}, {args.workers} workers, "
-          f"{args.rounds} rounds x {args.steps} steps per loop, {report['wall_s']:.0f} s")
+    print(
+        f"{report['machine']}\nResNet50 {args.img_size}px, batch {args.batch_size}, {args.workers} workers, "
+        f"{args.rounds} rounds x {args.steps} steps per loop, {report['wall_s']:.0f} s"
+    )
     if e2e:
         print(f"\n{'end to end':<28}{'img/s':>7}{'vs ref':>7}{'user s':>8}{'sys s':>7}{'faults':>8}  vs ref per round (vs ref: their median)")
         for name, f in e2e.items():
-            print(f"{name:<28}{f['img_per_s']:>7.2f}{f['vs_reference']:>7.2f}{f['user_s_per_step']:>8.2f}{f['sys_s_per_step']:>7.2f}"
-                  f"{f['page_faults_per_step'] / 1e3:>7.0f}k  {' '.join(f'{x:.2f}' for x in f['round_vs_reference'])}")
+            print(
+                f"{name:<28}{f['img_per_s']:>7.2f}{f['vs_reference']:>7.2f}{f['user_s_per_step']:>8.2f}{f['sys_s_per_step']:>7.2f}"
+                f"{f['page_faults_per_step'] / 1e3:>7.0f}k  {' '.join(f'{x:.2f}' for x in f['round_vs_reference'])}"
+            )
         print("(user s, sys s, faults: CPU seconds and minor page faults per step in the loop's main process, medians)")
     if pipe:
         print(f"\n{'input pipeline, 1 core':<34}{'img/s':>8}{'vs ref':>8}")
         for name, v in pipe.items():
             print(f"{name:<34}{v:>8.1f}{v / pipe['reference']:>8.2f}")
     if over:
-        print(f"\ntrainer overhead at {args.overhead_img_size}px ({over['precision']}): {over['overhead']:+.1%} "
-              f"(train_step {over['trainer_step_s'] * 1e3:.0f} ms vs bare {over['bare_step_s'] * 1e3:.0f} ms, median of {over['pairs']} pairs)")
+        print(
+            f"\ntrainer overhead at {args.overhead_img_size}px ({over['precision']}): {over['overhead']:+.1%} "
+            f"(train_step {over['trainer_step_s'] * 1e3:.0f} ms vs bare {over['bare_step_s'] * 1e3:.0f} ms, median of {over['pairs']} pairs)"
+        )
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
     return 0

@@ -47,10 +47,28 @@ IMG_PER_S_TARGET_H100 = 3000  # synthetic bf16 step at batch 256 (issue 14)
 END_TO_END_TARGET = 0.85  # end to end / synthetic model step
 
 # Settings: the real run, and a tiny one that exercises every code path on a CPU in seconds.
-FULL = {"model": "resnet50", "img_size": 224, "batch": 256, "recipe_batch": 128, "steps": 10, "warmup": 3,
-        "unique_images": 512, "precision": "auto", "device": "auto"}
-TINY = {"model": "test_resnet", "img_size": 32, "batch": 4, "recipe_batch": 4, "steps": 2, "warmup": 1,
-        "unique_images": 8, "precision": "fp32", "device": "cpu"}
+FULL = {
+    "model": "resnet50",
+    "img_size": 224,
+    "batch": 256,
+    "recipe_batch": 128,
+    "steps": 10,
+    "warmup": 3,
+    "unique_images": 512,
+    "precision": "auto",
+    "device": "auto",
+}
+TINY = {
+    "model": "test_resnet",
+    "img_size": 32,
+    "batch": 4,
+    "recipe_batch": 4,
+    "steps": 2,
+    "warmup": 1,
+    "unique_images": 8,
+    "precision": "fp32",
+    "device": "cpu",
+}
 # Seconds each phase may take at most (the whole stays within --budget-s; see plan()).
 PHASE_LIMIT_S = {"env": 60, "data": 90, "fast": 150, "compiled": 180, "recipe": 90, "fast_all": 150, "recipe_all": 90}
 
@@ -58,7 +76,6 @@ PHASE_LIMIT_S = {"env": 60, "data": 90, "fast": 150, "compiled": 180, "recipe": 
 # -- data -------------------------------------------------------------------------------
 def _write_image(args: tuple[int, Path]) -> None:
     import numpy as np
-
     from bench_vs_reference import natural_image
 
     index, path = args
@@ -114,16 +131,30 @@ def train_images_needed(s: dict[str, Any], steps: int, warmup: int, processes: i
 def phase_config(setting: str, s: dict[str, Any], data: Path, out: Path, workers: int, compile_model: bool):
     from trainer.config import load_config
 
-    common = [f"data.root={data}", f"data.img_size={s['img_size']}", f"data.workers={workers}", f"model.name={s['model']}",
-              "model.num_classes=1000", f"backend.device={s['device']}", f"output.dir={out}", f"output.run_name={setting}",
-              "output.progress=log", "output.plots=false"]
+    common = [
+        f"data.root={data}",
+        f"data.img_size={s['img_size']}",
+        f"data.workers={workers}",
+        f"model.name={s['model']}",
+        "model.num_classes=1000",
+        f"backend.device={s['device']}",
+        f"output.dir={out}",
+        f"output.run_name={setting}",
+        "output.progress=log",
+        "output.plots=false",
+    ]
     if setting == "recipe":  # configs/resnet50_imagenet.yaml as written, but for data and workers
         precision = "fp32"
         switches = [f"data.batch_size_per_device={s['recipe_batch']}"]
     else:
         precision = s["precision"]
-        switches = [f"data.batch_size_per_device={s['batch']}", "train.channels_last=true", "data.normalize_on_device=true",
-                    "data.draft_decode=true", f"train.compile={str(compile_model).lower()}"]
+        switches = [
+            f"data.batch_size_per_device={s['batch']}",
+            "train.channels_last=true",
+            "data.normalize_on_device=true",
+            "data.draft_decode=true",
+            f"train.compile={str(compile_model).lower()}",
+        ]
     return load_config(REPO / "configs" / "resnet50_imagenet.yaml", common + switches + [f"train.precision={precision}"])
 
 
@@ -136,7 +167,6 @@ def run_phase(args: argparse.Namespace) -> int:
     s = TINY if args.tiny else FULL
     s = {**s, **({"steps": args.steps} if args.steps else {}), **({"warmup": args.warmup} if args.warmup else {})}
     processes = int(os.environ.get("WORLD_SIZE", "1"))
-    cores = len(os.sched_getaffinity(0))
     workers = loader_workers(args.workers, processes)
     setting = "recipe" if args.phase.startswith("recipe") else "fast"
     cfg = phase_config(setting, s, Path(args.data), Path(args.out) / "runs", workers, compile_model=args.phase == "compiled")
@@ -151,14 +181,21 @@ def run_phase(args: argparse.Namespace) -> int:
             first = time.perf_counter()
             time_steps(lambda: trainer.train_step(batch, sums), backend, 1, 0)  # compiles
             compile_s = time.perf_counter() - first
-            figures = {"model_step": summarize(time_steps(lambda: trainer.train_step(batch, sums), backend, s["steps"], s["warmup"]), cfg.data.batch_size_per_device),
-                       "compile_s": compile_s}
+            figures = {
+                "model_step": summarize(time_steps(lambda: trainer.train_step(batch, sums), backend, s["steps"], s["warmup"]), cfg.data.batch_size_per_device),
+                "compile_s": compile_s,
+            }
         else:
             figures = measure(trainer, s["steps"], s["warmup"])
-        figures.update(peak_memory_bytes=backend.peak_memory_bytes(), processes=backend.num_processes, workers_per_process=workers,
-                       precision={"no": "fp32"}.get(backend.mixed_precision, backend.mixed_precision),
-                       batch_size_per_device=cfg.data.batch_size_per_device, device=str(backend.device),
-                       phase_s=time.perf_counter() - started)
+        figures.update(
+            peak_memory_bytes=backend.peak_memory_bytes(),
+            processes=backend.num_processes,
+            workers_per_process=workers,
+            precision={"no": "fp32"}.get(backend.mixed_precision, backend.mixed_precision),
+            batch_size_per_device=cfg.data.batch_size_per_device,
+            device=str(backend.device),
+            phase_s=time.perf_counter() - started,
+        )
         for name in ("model_step", "end_to_end", "input_pipeline"):
             if name in figures:  # every process steps in lockstep: the whole machine's rate
                 figures[name]["img_per_s_all"] = figures[name]["img_per_s"] * backend.num_processes
@@ -179,9 +216,18 @@ def launch_config(path: Path, device_type: str, processes: int) -> Path:
     on_cpu = device_type == "cpu"
     # NOTE: on the CPU, MULTI_GPU only picks Accelerate's torchrun launcher (MULTI_CPU would
     # go through mpirun); with use_cpu the processes run on the CPU over gloo.
-    lines = [f"distributed_type: {'MULTI_GPU' if on_cpu else DISTRIBUTED_TYPES[device_type]}", "compute_environment: LOCAL_MACHINE",
-             "mixed_precision: 'no'", "num_machines: 1", f"num_processes: {processes}", "machine_rank: 0", "rdzv_backend: static",
-             "same_network: true", f"use_cpu: {str(on_cpu).lower()}", "main_process_ip: 127.0.0.1"]
+    lines = [
+        f"distributed_type: {'MULTI_GPU' if on_cpu else DISTRIBUTED_TYPES[device_type]}",
+        "compute_environment: LOCAL_MACHINE",
+        "mixed_precision: 'no'",
+        "num_machines: 1",
+        f"num_processes: {processes}",
+        "machine_rank: 0",
+        "rdzv_backend: static",
+        "same_network: true",
+        f"use_cpu: {str(on_cpu).lower()}",
+        "main_process_ip: 127.0.0.1",
+    ]
     if not on_cpu:
         lines.append("gpu_ids: all")
     path.write_text("\n".join(lines) + "\n")
@@ -227,8 +273,15 @@ def orchestrate(args: argparse.Namespace) -> int:
     (out / "logs").mkdir(parents=True, exist_ok=True)
     s = TINY if args.tiny else FULL
     deadline = started + args.budget_s
-    report: dict[str, Any] = {"date": time.strftime("%Y-%m-%d %H:%M %Z"), "host": socket.gethostname(), "platform": platform.platform(),
-                              "cores": len(os.sched_getaffinity(0)), "settings": s, "budget_s": args.budget_s, "phases": {}}
+    report: dict[str, Any] = {
+        "date": time.strftime("%Y-%m-%d %H:%M %Z"),
+        "host": socket.gethostname(),
+        "platform": platform.platform(),
+        "cores": len(os.sched_getaffinity(0)),
+        "settings": s,
+        "budget_s": args.budget_s,
+        "phases": {},
+    }
     if args.install:
         report["install"] = json.loads(Path(args.install).read_text())
 
@@ -239,11 +292,15 @@ def orchestrate(args: argparse.Namespace) -> int:
         (out / "device_check.json").write_text(json.dumps(report, indent=2) + "\n")
 
     # 1. env
-    env = run_child("env", [sys.executable, "-m", "trainer", "env", "--json", f"--device={s['device']}", f"--precision={s['precision']}"],
-                    min(PHASE_LIMIT_S["env"], max(left(), 1)), out / "logs" / "env.log")
+    env = run_child(
+        "env",
+        [sys.executable, "-m", "trainer", "env", "--json", f"--device={s['device']}", f"--precision={s['precision']}"],
+        min(PHASE_LIMIT_S["env"], max(left(), 1)),
+        out / "logs" / "env.log",
+    )
     report["phases"]["env"] = env
     try:
-        report["env"] = json.loads((out / "logs" / "env.log").read_text()[(out / "logs" / "env.log").read_text().index("{"):])
+        report["env"] = json.loads((out / "logs" / "env.log").read_text()[(out / "logs" / "env.log").read_text().index("{") :])
     except ValueError:
         report["env"] = {}
     device_type = report["env"].get("device_type", s["device"])
@@ -257,8 +314,7 @@ def orchestrate(args: argparse.Namespace) -> int:
     data = Path(args.data).resolve() if args.data else out / "data"
     t0 = time.perf_counter()
     try:
-        report["data"] = {**make_data(data, s["unique_images"], images), "path": str(data),
-                          "seconds": round(time.perf_counter() - t0, 1)}
+        report["data"] = {**make_data(data, s["unique_images"], images), "path": str(data), "seconds": round(time.perf_counter() - t0, 1)}
         report["phases"]["data"] = {"status": "ok", "wall_s": report["data"]["seconds"]}
     except Exception as err:  # noqa: BLE001 - recorded; nothing below can run without data
         report["phases"]["data"] = {"status": f"failed: {type(err).__name__}: {err}"}
@@ -327,14 +383,17 @@ def summarize_report(report: dict[str, Any]) -> None:
         if multi and single:
             n = multi["processes"]
             summary[f"{phase}_scaling_efficiency"] = {
-                name: multi[name]["img_per_s_all"] / (n * single[name]["img_per_s"]) for name in ("model_step", "end_to_end")}
+                name: multi[name]["img_per_s_all"] / (n * single[name]["img_per_s"]) for name in ("model_step", "end_to_end")
+            }
     report["summary"] = summary
 
 
 def format_table(report: dict[str, Any]) -> str:
     env = report.get("env", {})
-    lines = [f"device check on {report['host']}: {env.get('device_type', '?')} x {env.get('device_count', '?')}, "
-             f"{report['cores']} cores, torch {env.get('versions', {}).get('torch', '?')}, {report['date']}"]
+    lines = [
+        f"device check on {report['host']}: {env.get('device_type', '?')} x {env.get('device_count', '?')}, "
+        f"{report['cores']} cores, torch {env.get('versions', {}).get('torch', '?')}, {report['date']}"
+    ]
     if "install" in report:
         lines.append(f"install: {report['install'].get('status')} in {report['install'].get('seconds', '?')} s")
     lines.append(f"{'phase':<12}{'status':<10}{'model img/s':>12}{'e2e img/s':>11}{'e2e/model':>10}{'peak GiB':>9}  setting")
@@ -357,8 +416,9 @@ def format_table(report: dict[str, Any]) -> str:
             lines.append(f"{key.replace('_', ' ')}: model step {summary[key]['model_step']:.0%}, end to end {summary[key]['end_to_end']:.0%}")
     fast = _figures(report, "fast")
     if fast:
-        lines.append(f"end to end / model step: {summary['end_to_end_vs_model_step']:.0%} (target {END_TO_END_TARGET:.0%}); "
-                     f"bound: {fast['bound']}: {fast['verdict']}")
+        lines.append(
+            f"end to end / model step: {summary['end_to_end_vs_model_step']:.0%} (target {END_TO_END_TARGET:.0%}); bound: {fast['bound']}: {fast['verdict']}"
+        )
         if fast.get("traffic_per_step"):
             from trainer.traffic import format_traffic
 

@@ -65,14 +65,21 @@ def main() -> None:
     for _ in range(args.repeats):
         for method in ("fork", "forkserver"):
             for persistent in ("1", "0"):
-                out = subprocess.run([sys.executable, __file__, "--workers", str(args.workers), "--samples", str(args.samples), "--child", method, persistent],
-                                     capture_output=True, text=True, check=True, cwd=REPO).stdout
+                out = subprocess.run(
+                    [sys.executable, __file__, "--workers", str(args.workers), "--samples", str(args.samples), "--child", method, persistent],
+                    capture_output=True,
+                    text=True,
+                    check=True,
+                    cwd=REPO,
+                ).stdout
                 rows.setdefault((method, persistent), []).append(json.loads(out.splitlines()[-1]))
     print(f"{args.workers} workers, {args.samples} samples, batch 16, median of {args.repeats} fresh processes")
     print(f"{'start method':<12} {'persistent':<10} {'first batch s':>13} {'rest of epoch s':>15} {'next epoch s':>12}")
     for (method, persistent), runs in rows.items():
         med = {k: sorted(r[k] for r in runs)[len(runs) // 2] for k in runs[0]}
-        print(f"{method:<12} {('yes' if persistent == '1' else 'no'):<10} {med['first_batch_s']:>13.2f} {med['epoch_rest_s']:>15.2f} {med['next_epoch_s']:>12.2f}")
+        print(
+            f"{method:<12} {('yes' if persistent == '1' else 'no'):<10} {med['first_batch_s']:>13.2f} {med['epoch_rest_s']:>15.2f} {med['next_epoch_s']:>12.2f}"
+        )
 
 
 if __name__ == "__main__":

@@ -91,7 +91,9 @@ def drop_caches() -> bool:
 
 def python(code: str, *args: str, env: dict | None = None) -> dict:
     """Run `code` in a fresh interpreter (the trainer importable); it prints one JSON line."""
-    out = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})}, timeout=1200)
+    out = subprocess.run(
+        [sys.executable, "-c", code, *args], capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})}, timeout=1200
+    )
     if out.returncode:
         raise RuntimeError(out.stderr[-3000:])
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -140,7 +142,10 @@ def listings_per_job(root: Path, cache: Path, processes: int = 8) -> dict:
         shutil.rmtree(cache, ignore_errors=True)
         where = str(cache) if setting == "cache" else "off"
         env = {**os.environ, "PYTHONPATH": str(REPO)}
-        procs = [subprocess.Popen([sys.executable, "-c", INDEX, str(root / "train"), where, str(rank), "build"], stdout=subprocess.PIPE, text=True, env=env) for rank in range(processes)]
+        procs = [
+            subprocess.Popen([sys.executable, "-c", INDEX, str(root / "train"), where, str(rank), "build"], stdout=subprocess.PIPE, text=True, env=env)
+            for rank in range(processes)
+        ]
         outs = [json.loads(p.communicate(timeout=1200)[0].strip().splitlines()[-1]) for p in procs]
         result[setting] = {"scandir_calls": sum(o["scandir_calls"] for o in outs), "slowest_s": max(o["seconds"] for o in outs)}
     return result
@@ -161,19 +166,36 @@ def launch_to_first_step(root: Path, cache: Path, workdir: Path) -> dict:
     """`accelerate launch`, 2 processes x 4 workers, cold caches: seconds until step 1 is logged."""
     shutil.rmtree(cache, ignore_errors=True)
     config = workdir / "scale.yaml"
-    config.write_text(json.dumps({
-        "model": {"name": "resnet18"},
-        "data": {"root": str(root), "workers": 4, "batch_size_per_device": 16, "img_size": 128, "index_cache": str(cache)},
-        "train": {"epochs": 1, "precision": "fp32", "log_every_steps": 1, "max_steps_per_epoch": 2},
-        "output": {"dir": str(workdir / "runs"), "progress": "log", "plots": False},
-    }))
+    config.write_text(
+        json.dumps(
+            {
+                "model": {"name": "resnet18"},
+                "data": {"root": str(root), "workers": 4, "batch_size_per_device": 16, "img_size": 128, "index_cache": str(cache)},
+                "train": {"epochs": 1, "precision": "fp32", "log_every_steps": 1, "max_steps_per_epoch": 2},
+                "output": {"dir": str(workdir / "runs"), "progress": "log", "plots": False},
+            }
+        )
+    )
     results = {}
     for run in ("first", "cache_reused"):
         cold = drop_caches()
-        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(REPO / "configs/accelerate/cpu_2proc.yaml"), "-m", "trainer", "train", "--config", str(config)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--config_file",
+            str(REPO / "configs/accelerate/cpu_2proc.yaml"),
+            "-m",
+            "trainer",
+            "train",
+            "--config",
+            str(config),
+        ]
         start = time.perf_counter()
         marker = f"{os.getpid()}-{run}"
-        proc = subprocess.Popen(cmd, cwd=REPO, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env={**os.environ, "PYTHONPATH": str(REPO), "SCALE_RUN": marker})
+        proc = subprocess.Popen(
+            cmd, cwd=REPO, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env={**os.environ, "PYTHONPATH": str(REPO), "SCALE_RUN": marker}
+        )
         seconds, tail = None, []
         for line in proc.stderr:
             tail.append(line)
@@ -227,7 +249,13 @@ def convert_and_shards(root: Path, workdir: Path, files: int) -> dict:
     config = workdir / "convert.yaml"
     config.write_text(json.dumps({"data": {"root": str(small)}}))
     start = time.perf_counter()
-    done = subprocess.run([sys.executable, "-m", "trainer", "convert", "--config", str(config), "--to", "wds", str(out)], capture_output=True, text=True, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
+    done = subprocess.run(
+        [sys.executable, "-m", "trainer", "convert", "--config", str(config), "--to", "wds", str(out)],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
     if done.returncode:
         raise RuntimeError(done.stderr[-2000:])
     total = time.perf_counter() - start
@@ -235,9 +263,14 @@ def convert_and_shards(root: Path, workdir: Path, files: int) -> dict:
     pipelines = {}
     for source, data_root in (("folder", small), ("wds", out)):
         pipelines[source] = python(WORKER_MEMORY, str(data_root), source, "2", "", str(6_000))
-    return {"files": files, "convert_lines": lines, "convert_total_s_with_verify": round(total, 1),
-            "pipeline_folder": pipelines["folder"], "pipeline_wds": pipelines["wds"],
-            "wds_vs_folder": round(pipelines["wds"]["img_per_s"] / pipelines["folder"]["img_per_s"], 3)}
+    return {
+        "files": files,
+        "convert_lines": lines,
+        "convert_total_s_with_verify": round(total, 1),
+        "pipeline_folder": pipelines["folder"],
+        "pipeline_wds": pipelines["wds"],
+        "wds_vs_folder": round(pipelines["wds"]["img_per_s"] / pipelines["folder"]["img_per_s"], 3),
+    }
 
 
 READERS = """
@@ -282,13 +315,20 @@ def main() -> int:
     workdir.mkdir(parents=True, exist_ok=True)
     out = Path(args.out)
     results = json.loads(out.read_text()) if out.is_file() else {}
-    results["machine"] = {"cpu": platform.processor() or open("/proc/cpuinfo").read().split("model name")[1].split("\n")[0].strip(" \t:"),
-                          "cores": len(os.sched_getaffinity(0)), "python": platform.python_version()}
-    steps = [("tree", lambda: build_tree(root)), ("index", lambda: index_figures(root, cache)),
-             ("listings", lambda: listings_per_job(root, cache)), ("launch", lambda: launch_to_first_step(root, cache, workdir)),
-             ("memory", lambda: python(WORKER_MEMORY, str(root), "folder", "2", str(cache), "20000")),
-             ("convert", lambda: convert_and_shards(root, workdir, args.convert_files)),
-             ("readers", lambda: python(READERS, str(workdir / "shards"), "20000"))]
+    results["machine"] = {
+        "cpu": platform.processor() or open("/proc/cpuinfo").read().split("model name")[1].split("\n")[0].strip(" \t:"),
+        "cores": len(os.sched_getaffinity(0)),
+        "python": platform.python_version(),
+    }
+    steps = [
+        ("tree", lambda: build_tree(root)),
+        ("index", lambda: index_figures(root, cache)),
+        ("listings", lambda: listings_per_job(root, cache)),
+        ("launch", lambda: launch_to_first_step(root, cache, workdir)),
+        ("memory", lambda: python(WORKER_MEMORY, str(root), "folder", "2", str(cache), "20000")),
+        ("convert", lambda: convert_and_shards(root, workdir, args.convert_files)),
+        ("readers", lambda: python(READERS, str(workdir / "shards"), "20000")),
+    ]
     for name, step in steps:
         if name in parts:
             print(f"scale: {name} ...", file=sys.stderr, flush=True)

@@ -46,10 +46,29 @@ def kill_marked(marker: str) -> None:
 
 
 def one_launch(index: int, out: Path, pythonpath: str, hang_s: float) -> dict:
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(REPO / "configs/accelerate/cpu_2proc.yaml"),
-           "--main_process_port", str(free_port()), "-m", "trainer", "train", "--config", str(REPO / "configs/demo.yaml"),
-           "train.epochs=1", "train.precision=fp32", "train.log_every_steps=1", "data.max_train_samples=64", "data.max_val_samples=64",
-           f"output.dir={out}", f"output.run_name=launch{index}", "output.plots=false", "output.progress=log"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(REPO / "configs/accelerate/cpu_2proc.yaml"),
+        "--main_process_port",
+        str(free_port()),
+        "-m",
+        "trainer",
+        "train",
+        "--config",
+        str(REPO / "configs/demo.yaml"),
+        "train.epochs=1",
+        "train.precision=fp32",
+        "train.log_every_steps=1",
+        "data.max_train_samples=64",
+        "data.max_val_samples=64",
+        f"output.dir={out}",
+        f"output.run_name=launch{index}",
+        "output.plots=false",
+        "output.progress=log",
+    ]
     marker = f"{os.getpid()}-{index}"
     env = {**os.environ, "PYTHONPATH": pythonpath, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "STRESS_LAUNCH": marker}
     start = time.perf_counter()
@@ -93,10 +112,14 @@ def main() -> None:
     walls = [r["wall_s"] for r in finished]
     starts = [r["first_step_s"] for r in runs if r["first_step_s"] is not None]
     summary = {
-        "launches": len(runs), "finished": len(finished), "hangs": sum(r["hung"] for r in runs),
+        "launches": len(runs),
+        "finished": len(finished),
+        "hangs": sum(r["hung"] for r in runs),
         "failed": sum(1 for r in runs if r["rc"] != 0 and not r["hung"]),
-        "median_wall_s": statistics.median(walls) if walls else None, "worst_wall_s": max(walls) if walls else None,
-        "median_first_step_s": statistics.median(starts) if starts else None, "worst_first_step_s": max(starts) if starts else None,
+        "median_wall_s": statistics.median(walls) if walls else None,
+        "worst_wall_s": max(walls) if walls else None,
+        "median_first_step_s": statistics.median(starts) if starts else None,
+        "worst_first_step_s": max(starts) if starts else None,
     }
     print(json.dumps(summary))
     if args.json:

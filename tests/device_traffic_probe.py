@@ -65,8 +65,11 @@ def main() -> None:
         intervals = record_epoch(trainer, inject_sync=name.startswith("inject"))
         _, height, width = trainer.data.data_config["input_size"]
         results[name] = {
-            "intervals": intervals, "image_bytes": 3 * height * width, "batch": cfg.data.batch_size_per_device,
-            "scaler": trainer.accelerator.scaler is not None, "fused": bool(trainer.optimizer.optimizer.defaults.get("fused")),
+            "intervals": intervals,
+            "image_bytes": 3 * height * width,
+            "batch": cfg.data.batch_size_per_device,
+            "scaler": trainer.accelerator.scaler is not None,
+            "fused": bool(trainer.optimizer.optimizer.defaults.get("fused")),
         }
         main = trainer.accelerator.is_main_process
         trainer.close()

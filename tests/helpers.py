@@ -85,10 +85,12 @@ def make_image_folder(
 def _hf_split(rows: list[tuple[int, str, bytes]], names: list[str], image_column: str, label_column: str):
     import datasets
 
-    ds = datasets.Dataset.from_dict({
-        image_column: [{"bytes": data, "path": f"{names[label]}/{file_name}"} for label, file_name, data in rows],
-        label_column: [label for label, _, _ in rows],
-    })
+    ds = datasets.Dataset.from_dict(
+        {
+            image_column: [{"bytes": data, "path": f"{names[label]}/{file_name}"} for label, file_name, data in rows],
+            label_column: [label for label, _, _ in rows],
+        }
+    )
     ds = ds.cast_column(image_column, datasets.Image())
     return ds.cast_column(label_column, datasets.ClassLabel(names=names))
 
@@ -107,10 +109,12 @@ def make_hf_splits(
     import datasets
 
     names = class_names(classes)
-    return datasets.DatasetDict({
-        train_split: _hf_split(split_rows(classes, train_per_class, size, 0), names, image_column, label_column),
-        val_split: _hf_split(split_rows(classes, val_per_class, size, 1000), names, image_column, label_column),
-    })
+    return datasets.DatasetDict(
+        {
+            train_split: _hf_split(split_rows(classes, train_per_class, size, 0), names, image_column, label_column),
+            val_split: _hf_split(split_rows(classes, val_per_class, size, 1000), names, image_column, label_column),
+        }
+    )
 
 
 def make_hf_parquet(root: Path, **kwargs) -> Path:

@@ -33,7 +33,14 @@ def test_no_module_outside_backend_names_a_device():
 
 def test_scanner_catches_device_names():
     # The rule above must not pass vacuously: each pattern it exists for is caught.
-    for line in ['x = torch.cuda.synchronize()', "t.mlu(0)", "dist.init_process_group('cncl')", 'd = "cuda:0"', "torch.mlu.set_device(1)", 'device_type == "cpu"']:
+    for line in [
+        "x = torch.cuda.synchronize()",
+        "t.mlu(0)",
+        "dist.init_process_group('cncl')",
+        'd = "cuda:0"',
+        "torch.mlu.set_device(1)",
+        'device_type == "cpu"',
+    ]:
         assert FORBIDDEN.search(line), line
     assert not FORBIDDEN.search("accelerator.device")
 
@@ -87,7 +94,9 @@ def test_bf16_without_support_is_a_clear_error(monkeypatch):
 
 
 def _state(**kw):
-    base = dict(device_type="mlu", device=torch.device("cpu"), mixed_precision="fp16", num_processes=2, distributed_type="MULTI_CPU", process_group_backend="gloo")
+    base = dict(
+        device_type="mlu", device=torch.device("cpu"), mixed_precision="fp16", num_processes=2, distributed_type="MULTI_CPU", process_group_backend="gloo"
+    )
     base.update(kw)
     return Backend(**base)
 

@@ -143,7 +143,15 @@ def write_parquet(root: Path, spoiled: dict[int, dict], train_size: int = HF_TRA
 def write_config(tmp: Path, root: Path, source: str = "folder") -> Path:
     config = {
         "model": {"name": "test_resnet"},
-        "data": {"source": source, "root": str(root), "val_split": "val" if source == "folder" else "validation", "img_size": 32, "batch_size_per_device": BATCH, "workers": 0, "hf_cache_dir": str(tmp / "hf_cache")},
+        "data": {
+            "source": source,
+            "root": str(root),
+            "val_split": "val" if source == "folder" else "validation",
+            "img_size": 32,
+            "batch_size_per_device": BATCH,
+            "workers": 0,
+            "hf_cache_dir": str(tmp / "hf_cache"),
+        },
         "train": {"epochs": 1, "precision": "fp32", "channels_last": False, "seed": 0},
         "output": {"dir": str(tmp / "runs"), "run_name": "run", "progress": "log", "plots": False},
     }
@@ -154,7 +162,9 @@ def write_config(tmp: Path, root: Path, source: str = "folder") -> Path:
 
 def run_cli(command: str, config: Path, *overrides: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HOME": str(config.parent / "hf_home")}
-    return subprocess.run([sys.executable, "-m", "trainer", command, "--config", str(config), *overrides], capture_output=True, text=True, env=env, cwd=config.parent, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "trainer", command, "--config", str(config), *overrides], capture_output=True, text=True, env=env, cwd=config.parent, timeout=300
+    )
 
 
 class SkipRun:
@@ -281,10 +291,18 @@ def test_label_beyond_model_num_classes_is_skipped(tmp_path: Path) -> None:
 
 # -- check-data -----------------------------------------------------------------------
 def test_check_data_reports_counts_examples_and_exits_1(tmp_path: Path) -> None:
-    root = write_folder(tmp_path / "data", {
-        "a/cut1.JPEG": truncated_jpeg(1), "a/cut2.JPEG": truncated_jpeg(2), "a/zero.JPEG": b"",
-        "b/page.JPEG": b"<html></html>", "b/cmyk.JPEG": encode(noise(3, "CMYK"), "JPEG"), "b/png.JPEG": encode(noise(4), "PNG"),
-    }, 10)
+    root = write_folder(
+        tmp_path / "data",
+        {
+            "a/cut1.JPEG": truncated_jpeg(1),
+            "a/cut2.JPEG": truncated_jpeg(2),
+            "a/zero.JPEG": b"",
+            "b/page.JPEG": b"<html></html>",
+            "b/cmyk.JPEG": encode(noise(3, "CMYK"), "JPEG"),
+            "b/png.JPEG": encode(noise(4), "PNG"),
+        },
+        10,
+    )
     (root / "train" / "c").mkdir()  # empty class folder: training would stop at it
     (root / "val" / "d").mkdir()
     (root / "val" / "d" / "x.JPEG").write_bytes(jpeg(5))  # a val class absent from train

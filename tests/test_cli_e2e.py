@@ -191,8 +191,16 @@ def test_two_processes_validate_every_image_exactly_once(tmp_path):
 
 
 def two_process_launcher() -> list[str]:
-    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(REPO / "configs/accelerate/cpu_2proc.yaml"),
-            "--main_process_port", str(helpers.free_port()), "-m"]
+    return [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(REPO / "configs/accelerate/cpu_2proc.yaml"),
+        "--main_process_port",
+        str(helpers.free_port()),
+        "-m",
+    ]
 
 
 def test_a_batch_skipped_whole_on_one_process_keeps_the_processes_in_step(tmp_path):
@@ -202,7 +210,9 @@ def test_a_batch_skipped_whole_on_one_process_keeps_the_processes_in_step(tmp_pa
     classes = sorted(p.name for p in (root / "train").iterdir())
     (root / "train" / classes[0] / "empty.JPEG").write_bytes(b"")
     (root / "val" / classes[1] / "empty.JPEG").write_bytes(b"")
-    config = tiny_config(tmp_path, {"root": str(root), "batch_size_per_device": 1, "img_size": 64}, train={"epochs": 1})  # 64 px: BatchNorm needs 2x2 at the end
+    config = tiny_config(
+        tmp_path, {"root": str(root), "batch_size_per_device": 1, "img_size": 64}, train={"epochs": 1}
+    )  # 64 px: BatchNorm needs 2x2 at the end
     # NOTE: processes out of step wait in mismatched collectives until gloo's 30-minute timeout.
     run_cli("train", "--config", str(config), launcher=two_process_launcher(), timeout=240)
     (record,) = read_metrics(tmp_path / "runs" / "tiny")

@@ -18,11 +18,18 @@ def train_step(message: str) -> None:
     raise RuntimeError(message)
 
 
-@pytest.mark.parametrize(("where", "message", "expected"), [
-    (_epoch_over, GLOO_TIMEOUT, "process 1: step 42: timed out after backend.collective_timeout_s=300 s waiting in the stop agreement"),
-    (train_step, GLOO_PEER, "process 1: step 42: lost another process during the gradient all-reduce (DDP backward)"),
-    (train_step, "DataLoader timed out after 300 seconds", "process 1: step 42: timed out after backend.collective_timeout_s=300 s waiting for a batch from the data loader's workers"),
-])
+@pytest.mark.parametrize(
+    ("where", "message", "expected"),
+    [
+        (_epoch_over, GLOO_TIMEOUT, "process 1: step 42: timed out after backend.collective_timeout_s=300 s waiting in the stop agreement"),
+        (train_step, GLOO_PEER, "process 1: step 42: lost another process during the gradient all-reduce (DDP backward)"),
+        (
+            train_step,
+            "DataLoader timed out after 300 seconds",
+            "process 1: step 42: timed out after backend.collective_timeout_s=300 s waiting for a batch from the data loader's workers",
+        ),
+    ],
+)
 def test_a_failed_collective_becomes_one_line_naming_rank_step_and_wait(where, message, expected):
     with pytest.raises(CollectiveError) as caught:
         with named_collective_failures(1, lambda: 42, 300):

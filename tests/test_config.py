@@ -77,14 +77,28 @@ def test_empty_yaml_file_gives_defaults(tmp_path):
 
 
 def test_parse_overrides_reads_yaml_scalars():
-    parsed = parse_overrides([
-        "optim.lr=0.05", "optim.weight_decay=1e-4", "optim.nesterov=true", "train.compile=False",
-        "data.mean=[0.5, 0.4, 0.3]", "model.pretrained_file=null", "output.run_name=", "model.name = resnet18",
-        "data.root=/a=b",
-    ])
+    parsed = parse_overrides(
+        [
+            "optim.lr=0.05",
+            "optim.weight_decay=1e-4",
+            "optim.nesterov=true",
+            "train.compile=False",
+            "data.mean=[0.5, 0.4, 0.3]",
+            "model.pretrained_file=null",
+            "output.run_name=",
+            "model.name = resnet18",
+            "data.root=/a=b",
+        ]
+    )
     assert parsed == {
-        "optim.lr": 0.05, "optim.weight_decay": 1e-4, "optim.nesterov": True, "train.compile": False,
-        "data.mean": [0.5, 0.4, 0.3], "model.pretrained_file": None, "output.run_name": "", "model.name": "resnet18",
+        "optim.lr": 0.05,
+        "optim.weight_decay": 1e-4,
+        "optim.nesterov": True,
+        "train.compile": False,
+        "data.mean": [0.5, 0.4, 0.3],
+        "model.pretrained_file": None,
+        "output.run_name": "",
+        "model.name": "resnet18",
         "data.root": "/a=b",
     }
     assert isinstance(parsed["optim.weight_decay"], float)
@@ -98,10 +112,20 @@ def test_parse_overrides_rejects_items_without_key_and_value(item):
 
 
 def test_overrides_set_typed_values():
-    cfg = load_config(None, ROOT + [
-        "optim.lr=0.05", "optim.nesterov=true", "data.mean=[0.5,0.4,0.3]", "data.std=0.2,0.3,0.4",
-        "data.crop_pct=1", "train.epochs=7", "output.run_name=2024", "schedule.warmup_epochs=2",
-    ])
+    cfg = load_config(
+        None,
+        ROOT
+        + [
+            "optim.lr=0.05",
+            "optim.nesterov=true",
+            "data.mean=[0.5,0.4,0.3]",
+            "data.std=0.2,0.3,0.4",
+            "data.crop_pct=1",
+            "train.epochs=7",
+            "output.run_name=2024",
+            "schedule.warmup_epochs=2",
+        ],
+    )
     assert cfg.optim.lr == 0.05 and cfg.optim.nesterov is True
     assert cfg.data.mean == [0.5, 0.4, 0.3] and cfg.data.std == [0.2, 0.3, 0.4]
     assert cfg.data.crop_pct == 1.0 and isinstance(cfg.data.crop_pct, float)  # int widened to float
@@ -126,17 +150,20 @@ def test_later_override_of_same_key_wins():
 # --- errors: each names the key and where it came from -----------------------------------
 
 
-@pytest.mark.parametrize("override, key", [
-    ("data.batch_size_per_device=abc", "data.batch_size_per_device"),
-    ("data.batch_size_per_device=true", "data.batch_size_per_device"),  # a bool is not an int
-    ("train.epochs=1.5", "train.epochs"),
-    ("optim.nesterov=1", "optim.nesterov"),
-    ("optim.lr=fast", "optim.lr"),
-    ("optim.lr=true", "optim.lr"),
-    ("data.mean=0.5", "data.mean"),
-    ("model.pretrained_file=null", "model.pretrained_file"),
-    ("model.name=[a, b]", "model.name"),
-])
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("data.batch_size_per_device=abc", "data.batch_size_per_device"),
+        ("data.batch_size_per_device=true", "data.batch_size_per_device"),  # a bool is not an int
+        ("train.epochs=1.5", "train.epochs"),
+        ("optim.nesterov=1", "optim.nesterov"),
+        ("optim.lr=fast", "optim.lr"),
+        ("optim.lr=true", "optim.lr"),
+        ("data.mean=0.5", "data.mean"),
+        ("model.pretrained_file=null", "model.pretrained_file"),
+        ("model.name=[a, b]", "model.name"),
+    ],
+)
 def test_wrong_type_on_command_line(override, key):
     with pytest.raises(ConfigError) as err:
         load_config(None, ROOT + [override])
@@ -144,12 +171,15 @@ def test_wrong_type_on_command_line(override, key):
     assert message.startswith("command line: ") and key in message and "expected" in message
 
 
-@pytest.mark.parametrize("text, key", [
-    ("data:\n  batch_size_per_device: abc\n", "data.batch_size_per_device"),
-    ("data:\n  batch_size_per_device: true\n", "data.batch_size_per_device"),
-    ("optim:\n  nesterov: yes please\n", "optim.nesterov"),
-    ("data:\n  scale: 0.5\n", "data.scale"),
-])
+@pytest.mark.parametrize(
+    "text, key",
+    [
+        ("data:\n  batch_size_per_device: abc\n", "data.batch_size_per_device"),
+        ("data:\n  batch_size_per_device: true\n", "data.batch_size_per_device"),
+        ("optim:\n  nesterov: yes please\n", "optim.nesterov"),
+        ("data:\n  scale: 0.5\n", "data.scale"),
+    ],
+)
 def test_wrong_type_in_yaml_names_file_and_key(tmp_path, text, key):
     path = write_yaml(tmp_path, text)
     with pytest.raises(ConfigError) as err:
@@ -157,13 +187,16 @@ def test_wrong_type_in_yaml_names_file_and_key(tmp_path, text, key):
     assert str(err.value).startswith(f"{path}: ") and key in str(err.value)
 
 
-@pytest.mark.parametrize("override, key", [
-    ("modle.name=resnet18", "modle.name"),
-    ("model.nmae=resnet18", "model.nmae"),
-    ("model=resnet18", "model"),
-    ("lr=0.1", "lr"),
-    ("source=x", "source"),  # Config.source is not a section
-])
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("modle.name=resnet18", "modle.name"),
+        ("model.nmae=resnet18", "model.nmae"),
+        ("model=resnet18", "model"),
+        ("lr=0.1", "lr"),
+        ("source=x", "source"),  # Config.source is not a section
+    ],
+)
 def test_unknown_key_on_command_line(override, key):
     with pytest.raises(ConfigError, match="unknown key") as err:
         load_config(None, ROOT + [override])
@@ -182,11 +215,14 @@ def test_unknown_section_and_key_in_yaml(tmp_path):
     assert "batch_size_per_device" in str(err.value)  # lists the known keys
 
 
-@pytest.mark.parametrize("text, match", [
-    ("- a\n- b\n", "expected a mapping of sections"),
-    ("data: 3\n", "section 'data' must be a mapping"),
-    ("data:\n  root: [unclosed\n", "not valid YAML"),
-])
+@pytest.mark.parametrize(
+    "text, match",
+    [
+        ("- a\n- b\n", "expected a mapping of sections"),
+        ("data: 3\n", "section 'data' must be a mapping"),
+        ("data:\n  root: [unclosed\n", "not valid YAML"),
+    ],
+)
 def test_malformed_yaml_names_file(tmp_path, text, match):
     path = write_yaml(tmp_path, text)
     with pytest.raises(ConfigError, match=match) as err:
@@ -200,37 +236,40 @@ def test_missing_file_names_it(tmp_path):
     assert str(tmp_path / "nope.yaml") in str(err.value)
 
 
-@pytest.mark.parametrize("override, key", [
-    ("data.batch_size_per_device=0", "data.batch_size_per_device"),
-    ("data.workers=-1", "data.workers"),
-    ("optim.lr=-0.1", "optim.lr"),
-    ("optim.lr=0", "optim.lr"),
-    ("optim.momentum=1.0", "optim.momentum"),
-    ("data.crop_pct=1.5", "data.crop_pct"),
-    ("data.hflip=2", "data.hflip"),
-    ("data.mean=[0.5,0.5]", "data.mean"),
-    ("data.std=[0.2,0,0.2]", "data.std"),
-    ("data.scale=[0.9,0.1]", "data.scale"),
-    ("schedule.warmup_epochs=90", "schedule.warmup_epochs"),  # == train.epochs (90)
-    ("schedule.gamma=0", "schedule.gamma"),
-    ("train.epochs=0", "train.epochs"),
-    ("train.keep_last_checkpoints=0", "train.keep_last_checkpoints"),
-    ("train.label_smoothing=1", "train.label_smoothing"),
-    ("data.root=", "data.root"),
-    ("data.re_prob=1.5", "data.re_prob"),
-    ("data.re_count=0", "data.re_count"),
-    ("data.repeated_aug=-1", "data.repeated_aug"),
-    ("data.test_img_size=-1", "data.test_img_size"),
-    ("train.bce_target_threshold=1", "train.bce_target_threshold"),
-    ("train.grad_clip_norm=-1", "train.grad_clip_norm"),
-    ("mixup.mixup_alpha=-0.1", "mixup.mixup_alpha"),
-    ("mixup.cutmix_alpha=-1", "mixup.cutmix_alpha"),
-    ("mixup.prob=1.5", "mixup.prob"),
-    ("mixup.switch_prob=-0.5", "mixup.switch_prob"),
-    ("ema.decay=1", "ema.decay"),
-    ("ema.every_steps=0", "ema.every_steps"),
-    ("ema.warmup_power=0", "ema.warmup_power"),
-])
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("data.batch_size_per_device=0", "data.batch_size_per_device"),
+        ("data.workers=-1", "data.workers"),
+        ("optim.lr=-0.1", "optim.lr"),
+        ("optim.lr=0", "optim.lr"),
+        ("optim.momentum=1.0", "optim.momentum"),
+        ("data.crop_pct=1.5", "data.crop_pct"),
+        ("data.hflip=2", "data.hflip"),
+        ("data.mean=[0.5,0.5]", "data.mean"),
+        ("data.std=[0.2,0,0.2]", "data.std"),
+        ("data.scale=[0.9,0.1]", "data.scale"),
+        ("schedule.warmup_epochs=90", "schedule.warmup_epochs"),  # == train.epochs (90)
+        ("schedule.gamma=0", "schedule.gamma"),
+        ("train.epochs=0", "train.epochs"),
+        ("train.keep_last_checkpoints=0", "train.keep_last_checkpoints"),
+        ("train.label_smoothing=1", "train.label_smoothing"),
+        ("data.root=", "data.root"),
+        ("data.re_prob=1.5", "data.re_prob"),
+        ("data.re_count=0", "data.re_count"),
+        ("data.repeated_aug=-1", "data.repeated_aug"),
+        ("data.test_img_size=-1", "data.test_img_size"),
+        ("train.bce_target_threshold=1", "train.bce_target_threshold"),
+        ("train.grad_clip_norm=-1", "train.grad_clip_norm"),
+        ("mixup.mixup_alpha=-0.1", "mixup.mixup_alpha"),
+        ("mixup.cutmix_alpha=-1", "mixup.cutmix_alpha"),
+        ("mixup.prob=1.5", "mixup.prob"),
+        ("mixup.switch_prob=-0.5", "mixup.switch_prob"),
+        ("ema.decay=1", "ema.decay"),
+        ("ema.every_steps=0", "ema.every_steps"),
+        ("ema.warmup_power=0", "ema.warmup_power"),
+    ],
+)
 def test_impossible_values_name_the_key_and_where_they_came_from(tmp_path, override, key):
     path = write_yaml(tmp_path, "data:\n  root: /a\n")
     with pytest.raises(ConfigError) as err:
@@ -265,17 +304,20 @@ def test_warmup_must_end_before_training_does(tmp_path):
     assert load_config(None, ROOT + ["train.epochs=3", "schedule.warmup_epochs=2.5"]).schedule.warmup_epochs == 2.5
 
 
-@pytest.mark.parametrize("override, key", [
-    ("data.source=s3", "data.source"),
-    ("schedule.name=linear", "schedule.name"),
-    ("data.interpolation=lanczos", "data.interpolation"),
-    ("train.precision=fp8", "train.precision"),
-    ("data.on_error=ignore", "data.on_error"),
-    ("backend.device=tpu", "backend.device"),
-    ("train.loss=focal", "train.loss"),
-    ("mixup.mode=row", "mixup.mode"),
-    ("data.re_mode=blur", "data.re_mode"),
-])
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("data.source=s3", "data.source"),
+        ("schedule.name=linear", "schedule.name"),
+        ("data.interpolation=lanczos", "data.interpolation"),
+        ("train.precision=fp8", "train.precision"),
+        ("data.on_error=ignore", "data.on_error"),
+        ("backend.device=tpu", "backend.device"),
+        ("train.loss=focal", "train.loss"),
+        ("mixup.mode=row", "mixup.mode"),
+        ("data.re_mode=blur", "data.re_mode"),
+    ],
+)
 def test_values_outside_choices_are_rejected(override, key):
     with pytest.raises(ConfigError, match="is not one of") as err:
         load_config(None, ROOT + [override])
@@ -291,11 +333,22 @@ def test_choices_accept_their_values():
 
 
 def test_save_then_load_gives_an_equal_config(tmp_path):
-    cfg = load_config(None, [
-        "data.root=~/data/imagenet", "model.name=test_resnet", "data.mean=[0.5,0.4,0.3]", "data.ratio=[0.5,2.0]",
-        "optim.lr=0.0123456789", "optim.nesterov=true", "data.interpolation=bicubic", "output.log_with=[tensorboard]",
-        "schedule.name=cosine", "schedule.warmup_epochs=1.5", "output.run_name=2024",
-    ])
+    cfg = load_config(
+        None,
+        [
+            "data.root=~/data/imagenet",
+            "model.name=test_resnet",
+            "data.mean=[0.5,0.4,0.3]",
+            "data.ratio=[0.5,2.0]",
+            "optim.lr=0.0123456789",
+            "optim.nesterov=true",
+            "data.interpolation=bicubic",
+            "output.log_with=[tensorboard]",
+            "schedule.name=cosine",
+            "schedule.warmup_epochs=1.5",
+            "output.run_name=2024",
+        ],
+    )
     path = tmp_path / "saved.yaml"
     save_config(cfg, path)
     again = load_config(path)

@@ -211,8 +211,17 @@ def test_modern_recipe_trains_two_steps_on_tiny_data(path, tmp_path):
     from trainer.train import Trainer
 
     root = helpers.make_image_folder(tmp_path / "imagenet")
-    overrides = [f"data.root={root}", "model.name=test_resnet", "data.img_size=32", "data.batch_size_per_device=4", "data.workers=0",
-                 "train.precision=fp32", "train.max_steps_per_epoch=2", f"output.dir={tmp_path / 'runs'}", "output.plots=false"]
+    overrides = [
+        f"data.root={root}",
+        "model.name=test_resnet",
+        "data.img_size=32",
+        "data.batch_size_per_device=4",
+        "data.workers=0",
+        "train.precision=fp32",
+        "train.max_steps_per_epoch=2",
+        f"output.dir={tmp_path / 'runs'}",
+        "output.plots=false",
+    ]
     if load_config(path).data.test_img_size:
         overrides.append("data.test_img_size=40")
     trainer = Trainer(load_config(path, overrides))

@@ -12,6 +12,7 @@ from timm.data import create_transform
 from torch.utils.data import DataLoader
 
 import helpers
+from trainer.config import DataConfig
 from trainer.data.dataset import (
     EpochSampler,
     ImageDataset,
@@ -209,9 +210,7 @@ def test_broken_files_are_skipped_with_name_and_reason(broken_folder):
     assert sum(not isinstance(item, Skipped) for item in items) == 18
     batch = collate(items)
     assert batch["images"].shape == (18, 3, SIZE, SIZE) and batch["labels"].shape == (18,)
-    assert sorted(batch["skipped"]) == sorted(
-        f"{broken_folder / 'train' / 'n00000001' / name}\t{reason}" for name, reason in skipped.items()
-    )
+    assert sorted(batch["skipped"]) == sorted(f"{broken_folder / 'train' / 'n00000001' / name}\t{reason}" for name, reason in skipped.items())
 
 
 @pytest.mark.parametrize("name, reason", [("empty.JPEG", "empty file"), ("truncated.JPEG", "truncated JPEG")])
@@ -236,9 +235,15 @@ def test_a_file_deleted_after_listing_is_skipped_or_raised(image_folder):
 
 def test_labels_out_of_range_and_missing_images_are_skipped():
     data = helpers.jpeg_bytes(0, 0)
-    reader = ListReader([
-        Sample(data, 0, "ok"), Sample(data, 3, "too big"), Sample(data, -1, "no label"), Sample(None, 1, "no image"),
-    ], classes=["a", "b", "c"])
+    reader = ListReader(
+        [
+            Sample(data, 0, "ok"),
+            Sample(data, 3, "too big"),
+            Sample(data, -1, "no label"),
+            Sample(None, 1, "no image"),
+        ],
+        classes=["a", "b", "c"],
+    )
     items = [dataset(reader)[i] for i in range(4)]
     assert not isinstance(items[0], Skipped)
     assert items[1:] == [

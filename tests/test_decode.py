@@ -33,8 +33,7 @@ def photo(size: tuple[int, int]) -> Image.Image:
 
 def png_chunk(kind: bytes, payload: bytes) -> bytes:
     """One PNG chunk: length, type, payload, CRC."""
-    return struct.pack(">I", len(payload)) + kind + payload + struct.pack(
-        ">I", zlib.crc32(kind + payload))
+    return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
 
 
 def png_header(width: int, height: int) -> bytes:
@@ -46,8 +45,7 @@ def png_header(width: int, height: int) -> bytes:
 
 def assert_close(actual: tuple[int, ...], expected: tuple[int, ...], tolerance: int = 8) -> None:
     """JPEG is lossy, so colours are compared within a tolerance."""
-    assert all(abs(a - e) <= tolerance for a, e in zip(actual, expected, strict=True)), (
-        actual, expected)
+    assert all(abs(a - e) <= tolerance for a, e in zip(actual, expected, strict=True)), (actual, expected)
 
 
 def oriented_jpeg(orientation: int) -> bytes:
@@ -148,9 +146,7 @@ def test_palette_with_transparency_is_composited_on_white() -> None:
         ("LA", (40, 255), (40, 40, 40)),  # opaque: the grey itself
     ],
 )
-def test_alpha_is_composited_on_white(
-    mode: str, colour: tuple[int, ...], expected: tuple[int, ...]
-) -> None:
+def test_alpha_is_composited_on_white(mode: str, colour: tuple[int, ...], expected: tuple[int, ...]) -> None:
     image = decode_image(encode(Image.new(mode, (4, 4), colour), "PNG"), "a.png")
     assert image.mode == "RGB"
     assert_close(image.getpixel((0, 0)), expected, tolerance=1)
@@ -161,8 +157,7 @@ def test_16_bit_png_is_scaled_not_clipped() -> None:
     data = encode(Image.fromarray(values), "PNG")
     assert Image.open(io.BytesIO(data)).mode == "I;16"  # the mode this test is about
     image = decode_image(data, "deep.png")
-    assert [image.getpixel((x, 0)) for x in range(4)] == [
-        (0, 0, 0), (100, 100, 100), (51, 51, 51), (255, 255, 255)]
+    assert [image.getpixel((x, 0)) for x in range(4)] == [(0, 0, 0), (100, 100, 100), (51, 51, 51), (255, 255, 255)]
 
 
 @pytest.mark.parametrize(
@@ -206,9 +201,7 @@ def test_real_image_over_low_limit_is_a_bomb(rgb_jpeg: bytes) -> None:
         ((500, 375), (500, 375)),  # small: untouched
     ],
 )
-def test_draft_shrinks_large_jpeg_but_never_below_draft_size(
-    size: tuple[int, int], expected: tuple[int, int]
-) -> None:
+def test_draft_shrinks_large_jpeg_but_never_below_draft_size(size: tuple[int, int], expected: tuple[int, int]) -> None:
     image = decode_image(encode(photo(size), "JPEG"), "d.JPEG", draft_size=224)
     assert (image.mode, image.size) == ("RGB", expected)
     assert min(image.size) >= 224
@@ -243,21 +236,15 @@ INSPECT_CASES = {
     "empty.JPEG": (lambda: b"", "empty file", ()),
     "cut.JPEG": (lambda: encode(photo((64, 48)), "JPEG")[:1200], "truncated JPEG", ()),
     "cut_header.JPEG": (lambda: encode(photo((64, 48)), "JPEG")[:300], "truncated header", ()),
-    "n02105855_2933.JPEG": (
-        lambda: encode(Image.new("RGB", (8, 8)), "PNG"), None, ("format PNG named .JPEG",)),
+    "n02105855_2933.JPEG": (lambda: encode(Image.new("RGB", (8, 8)), "PNG"), None, ("format PNG named .JPEG",)),
     "camera.JPEG": (lambda: mpo((8, 8)), None, ()),
     "cmyk.JPEG": (lambda: encode(Image.new("CMYK", (8, 8)), "JPEG"), None, ("CMYK->RGB",)),
     "gray.JPEG": (lambda: encode(Image.new("L", (8, 8)), "JPEG"), None, ("L->RGB",)),
-    "p.png": (
-        lambda: encode(Image.new("P", (8, 8)), "PNG", transparency=0), None,
-        ("palette+alpha->RGB",)),
+    "p.png": (lambda: encode(Image.new("P", (8, 8)), "PNG", transparency=0), None, ("palette+alpha->RGB",)),
     "rgba.png": (lambda: encode(Image.new("RGBA", (8, 8)), "PNG"), None, ("RGBA->RGB",)),
-    "deep.png": (
-        lambda: encode(Image.fromarray(np.zeros((8, 8), np.uint16)), "PNG"), None,
-        ("16-bit->8-bit",)),
+    "deep.png": (lambda: encode(Image.fromarray(np.zeros((8, 8), np.uint16)), "PNG"), None, ("16-bit->8-bit",)),
     "turned.JPEG": (lambda: oriented_jpeg(6), None, ("EXIF rotation",)),
-    "bomb.png": (lambda: png_header(5000, 5000), "decompression bomb (25000000 pixels > "
-                 "limit 1000000)", ()),
+    "bomb.png": (lambda: png_header(5000, 5000), "decompression bomb (25000000 pixels > limit 1000000)", ()),
 }
 
 

@@ -22,8 +22,7 @@ def test_shell_wrapper_parses():
 def test_tiny_device_check_writes_every_phase_and_survives_a_phase_that_runs_out_of_time(tmp_path):
     out = tmp_path / "dc"
     # Two CPU processes stand in for two devices; compile gets 2 s, which it cannot make.
-    cmd = [sys.executable, str(REPO / "benchmarks" / "device_check.py"), "--tiny", "--out", str(out), "--processes", "2",
-           "--phase-limit", "compiled=2"]
+    cmd = [sys.executable, str(REPO / "benchmarks" / "device_check.py"), "--tiny", "--out", str(out), "--processes", "2", "--phase-limit", "compiled=2"]
     env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"}
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -166,8 +166,14 @@ def test_two_processes_wait_only_at_log_points(tmp_path):
         "output": {"dir": str(tmp_path / "runs"), "plots": False},
     }
     (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(cfg))
-    launch = ["-m", "accelerate.commands.launch", "--config_file", str(REPO / "configs" / "accelerate" / "mlu_2card.yaml"),
-              "--main_process_port", str(helpers.free_port())]
+    launch = [
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(REPO / "configs" / "accelerate" / "mlu_2card.yaml"),
+        "--main_process_port",
+        str(helpers.free_port()),
+    ]
     result = json.loads(run_emulated([*launch, str(PROBE), str(tmp_path / "tiny.yaml"), json.dumps({"two": ["output.run_name=two"]})]))["two"]
     intervals = result["intervals"]
     # NOTE: DDP rebuilds its gradient buckets once, in the second iteration's forward: the

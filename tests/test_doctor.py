@@ -42,8 +42,19 @@ def doctor(tmp_path: Path, device: str, config: Path, hide_root_from_rank: int |
     (tmp_path / "elsewhere").mkdir(exist_ok=True)
     hide = f'if [ "$LOCAL_RANK" = {hide_root_from_rank} ]; then cd {shlex.quote(str(tmp_path / "elsewhere"))}; fi; ' if hide_root_from_rank is not None else ""
     script = f"{hide}exec {shlex.quote(sys.executable)} -m trainer doctor --config {shlex.quote(str(config))} --bandwidth-mb 4"
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(REPO / "configs/accelerate" / LAUNCH_CONFIGS[device]),
-           "--main_process_port", str(helpers.free_port()), "--no_python", "sh", "-c", script]
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(REPO / "configs/accelerate" / LAUNCH_CONFIGS[device]),
+        "--main_process_port",
+        str(helpers.free_port()),
+        "--no_python",
+        "sh",
+        "-c",
+        script,
+    ]
     return subprocess.run(cmd, cwd=tmp_path / "work", env=env, capture_output=True, text=True, timeout=300)
 
 

@@ -28,14 +28,8 @@ _SCRUBBED_NAMES = {"LOCAL_RANK", "RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PO
 
 
 def _clean_env() -> dict[str, str]:
-    env = {
-        key: value
-        for key, value in os.environ.items()
-        if not key.startswith(_SCRUBBED_PREFIXES) and key not in _SCRUBBED_NAMES
-    }
-    env["PYTHONPATH"] = os.pathsep.join(
-        [str(EMULATED_MLU_DIR), *filter(None, [os.environ.get("PYTHONPATH")])]
-    )
+    env = {key: value for key, value in os.environ.items() if not key.startswith(_SCRUBBED_PREFIXES) and key not in _SCRUBBED_NAMES}
+    env["PYTHONPATH"] = os.pathsep.join([str(EMULATED_MLU_DIR), *filter(None, [os.environ.get("PYTHONPATH")])])
     # Two processes on two cores: one thread each avoids oversubscription.
     env["OMP_NUM_THREADS"] = "1"
     env["PYTHONWARNINGS"] = "ignore"
@@ -62,10 +56,7 @@ def run_python(
         timeout=timeout,
     )
     if proc.returncode != 0:
-        pytest.fail(
-            f"subprocess exited with {proc.returncode}\n--- stdout\n{proc.stdout}\n"
-            f"--- stderr\n{proc.stderr[-6000:]}"
-        )
+        pytest.fail(f"subprocess exited with {proc.returncode}\n--- stdout\n{proc.stdout}\n--- stderr\n{proc.stderr[-6000:]}")
     return proc.stdout
 
 
@@ -544,8 +535,14 @@ def accelerate_run(mlu_env: dict[str, str], tmp_path_factory: pytest.TempPathFac
     script.write_text(_ACCELERATE_SCRIPT)
     proc = subprocess.run(
         [
-            sys.executable, "-m", "accelerate.commands.launch",
-            "--config_file", str(config), str(script), str(workdir / "state"), str(workdir),
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--config_file",
+            str(config),
+            str(script),
+            str(workdir / "state"),
+            str(workdir),
         ],
         env=mlu_env,
         capture_output=True,

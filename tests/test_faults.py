@@ -52,8 +52,14 @@ def write_config(tmp: Path, data: Path, run_name: str) -> Path:
         "data": {"source": "folder", "root": str(data), "img_size": 32, "batch_size_per_device": 4, "workers": 0},
         "optim": {"lr": 0.05},
         "train": {
-            "epochs": 2, "seed": 0, "precision": "fp32", "channels_last": False, "resume": "auto",
-            "checkpoint_every_steps": 1, "keep_last_checkpoints": 4, "log_every_steps": 1,
+            "epochs": 2,
+            "seed": 0,
+            "precision": "fp32",
+            "channels_last": False,
+            "resume": "auto",
+            "checkpoint_every_steps": 1,
+            "keep_last_checkpoints": 4,
+            "log_every_steps": 1,
         },
         "output": {"dir": str(tmp / "runs"), "run_name": run_name, "progress": "log", "plots": False},
     }
@@ -66,7 +72,9 @@ def start(config: Path, log: Path, *overrides: str) -> subprocess.Popen:
     """Launch a training run; stdout and stderr go to `log` (appended), so pipes never fill."""
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     with open(log, "ab") as out:
-        return subprocess.Popen([sys.executable, "-m", "trainer", "train", "--config", str(config), *overrides], stdout=out, stderr=out, env=env, cwd=config.parent)
+        return subprocess.Popen(
+            [sys.executable, "-m", "trainer", "train", "--config", str(config), *overrides], stdout=out, stderr=out, env=env, cwd=config.parent
+        )
 
 
 def run(config: Path, log: Path, *overrides: str) -> tuple[int, str]:
@@ -147,10 +155,12 @@ def kill_when(proc: subprocess.Popen, checkpoints: Path, trigger: Callable[[list
 
 def during_save(step: int) -> Callable[[list[str]], str | None]:
     """While `.tmp-step_N` exists (the save is half written); just after, if the poll missed it."""
+
     def trigger(names: list[str]) -> str | None:
         if f".tmp-{name(step)}" in names:
             return f"while .tmp-{name(step)} was being written"
         return f"just after {name(step)} was renamed into place (its .tmp- phase was missed)" if name(step) in names else None
+
     return trigger
 
 
@@ -161,6 +171,7 @@ def after(step: int, delay_s: float) -> Callable[[list[str]], str | None]:
         if name(step) in names and not seen:
             seen.append(time.monotonic())
         return f"{delay_s:.3f} s after {name(step)} appeared" if seen and time.monotonic() - seen[0] >= delay_s else None
+
     return trigger
 
 
@@ -233,11 +244,16 @@ def delete_optimizer(path: Path) -> None:
     (path / "optimizer.bin").unlink()
 
 
-@pytest.mark.parametrize("corrupt", [
-    delete_optimizer,
-    truncate_model,
-])
-def test_corrupt_newest_checkpoint_falls_back_to_previous(corrupt: Callable[[Path], None], data: Path, reference: Path, reference_weights: dict, tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "corrupt",
+    [
+        delete_optimizer,
+        truncate_model,
+    ],
+)
+def test_corrupt_newest_checkpoint_falls_back_to_previous(
+    corrupt: Callable[[Path], None], data: Path, reference: Path, reference_weights: dict, tmp_path: Path
+) -> None:
     # The finished reference run, its newest checkpoint (step 8, the end) broken: resume=auto
     # must say so, resume from step 7 and train step 8 again.
     shutil.copytree(reference, tmp_path / "runs" / "corrupt")

@@ -9,7 +9,8 @@ import pytest
 import helpers
 from trainer.config import DataConfig
 from trainer.data.flat_val import FlatValReader, read_labels
-from trainer.data.readers import DataError, create_reader
+from trainer.data.readers import DataError
+from trainer.data.sources import create_reader
 
 
 def make_flat(root: Path, per_class: int = 2, labels: str = "kaggle") -> tuple[Path, dict[str, str]]:

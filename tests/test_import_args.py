@@ -13,8 +13,10 @@ from trainer.config import ConfigError, load_config
 from trainer.import_args import MAIN_PY_DEFAULTS, import_main_py_args, main_py_parser, render
 
 REPO = Path(__file__).resolve().parent.parent
-GUIDE = ("python main.py /data/imagenet -a resnet50 -b 128 --lr 0.1 --epochs 90 --workers 40 --dist-backend cncl "
-         "--multiprocessing-distributed --world-size 1 --rank 0 --dist-url tcp://127.0.0.1:65501").split()
+GUIDE = (
+    "python main.py /data/imagenet -a resnet50 -b 128 --lr 0.1 --epochs 90 --workers 40 --dist-backend cncl "
+    "--multiprocessing-distributed --world-size 1 --rank 0 --dist-url tcp://127.0.0.1:65501"
+).split()
 
 
 def run(argv, **kwargs):
@@ -35,8 +37,7 @@ def test_the_migration_guide_command(tmp_path):
     assert cfg.data.batch_size_per_device == 16  # main.py divides -b by the devices of the machine
     assert cfg.data.workers == 5  # and -j, rounded up
     assert cfg.optim.lr == 0.1 and cfg.train.epochs == 90 and cfg.optim.name == "sgd"
-    assert out.command == ("accelerate launch --config_file configs/accelerate/mlu_8card.yaml --main_process_port 65501 "
-                           "-m trainer train --config recipe.yaml")
+    assert out.command == ("accelerate launch --config_file configs/accelerate/mlu_8card.yaml --main_process_port 65501 -m trainer train --config recipe.yaml")
     assert out.unmapped == []
     # The rest is the guide's recipe file: transforms, schedule, fp32.
     base = load_config(REPO / "configs" / "resnet50_imagenet.yaml")
@@ -53,43 +54,49 @@ def test_defaults_are_main_pys(tmp_path):
     assert out.command == "accelerate launch --config_file configs/accelerate/cpu_1proc.yaml -m trainer train --config recipe.yaml"
 
 
-@pytest.mark.parametrize(("flags", "section", "key", "value"), [
-    (["/x"], "data", "root", "/x"),
-    (["-a", "resnet101"], "model", "name", "resnet101"),
-    (["--arch", "resnet34"], "model", "name", "resnet34"),
-    (["-j", "7"], "data", "workers", 7),
-    (["--workers", "3"], "data", "workers", 3),
-    (["--epochs", "5"], "train", "epochs", 5),
-    (["-b", "64"], "data", "batch_size_per_device", 64),
-    (["--batch-size", "32"], "data", "batch_size_per_device", 32),
-    (["--lr", "0.4"], "optim", "lr", 0.4),
-    (["--learning-rate", "0.2"], "optim", "lr", 0.2),
-    (["--momentum", "0.8"], "optim", "momentum", 0.8),
-    (["--wd", "5e-5"], "optim", "weight_decay", 5e-5),
-    (["--weight-decay", "3e-5"], "optim", "weight_decay", 3e-5),
-    (["-p", "100"], "train", "log_every_steps", 100),
-    (["--print-freq", "20"], "train", "log_every_steps", 20),
-    (["--seed", "42"], "train", "seed", 42),
-    (["--resume", "ckpt.pth.tar"], "model", "pretrained_file", "ckpt.pth.tar"),
-])
+@pytest.mark.parametrize(
+    ("flags", "section", "key", "value"),
+    [
+        (["/x"], "data", "root", "/x"),
+        (["-a", "resnet101"], "model", "name", "resnet101"),
+        (["--arch", "resnet34"], "model", "name", "resnet34"),
+        (["-j", "7"], "data", "workers", 7),
+        (["--workers", "3"], "data", "workers", 3),
+        (["--epochs", "5"], "train", "epochs", 5),
+        (["-b", "64"], "data", "batch_size_per_device", 64),
+        (["--batch-size", "32"], "data", "batch_size_per_device", 32),
+        (["--lr", "0.4"], "optim", "lr", 0.4),
+        (["--learning-rate", "0.2"], "optim", "lr", 0.2),
+        (["--momentum", "0.8"], "optim", "momentum", 0.8),
+        (["--wd", "5e-5"], "optim", "weight_decay", 5e-5),
+        (["--weight-decay", "3e-5"], "optim", "weight_decay", 3e-5),
+        (["-p", "100"], "train", "log_every_steps", 100),
+        (["--print-freq", "20"], "train", "log_every_steps", 20),
+        (["--seed", "42"], "train", "seed", 42),
+        (["--resume", "ckpt.pth.tar"], "model", "pretrained_file", "ckpt.pth.tar"),
+    ],
+)
 def test_each_value_flag_maps_to_its_key(flags, section, key, value, tmp_path):
     cfg = loads(run(["main.py", *flags], device="cpu"), tmp_path)
     assert getattr(getattr(cfg, section), key) == value
 
 
-@pytest.mark.parametrize(("flags", "named"), [
-    (["--start-epoch", "3"], "--start-epoch 3"),
-    (["--resume", "ckpt.pth.tar"], "--resume ckpt.pth.tar"),  # weights only: named for what is lost
-    (["--pretrained"], "--pretrained"),
-    (["--dummy"], "--dummy"),
-    (["-a", "not_a_model"], "-a not_a_model"),
-    (["--fp16"], "--fp16"),  # an older main.py's flag
-    (["--dist-url", "env://"], "--dist-url env://"),
-    (["--rank", "2"], "--rank 2"),
-    (["--world-size", "2"], "--world-size 2"),
-    (["--dist-backend", "mpi"], "--dist-backend mpi"),
-    (["--multiprocessing-distributed", "--gpu", "1"], "--gpu 1"),
-])
+@pytest.mark.parametrize(
+    ("flags", "named"),
+    [
+        (["--start-epoch", "3"], "--start-epoch 3"),
+        (["--resume", "ckpt.pth.tar"], "--resume ckpt.pth.tar"),  # weights only: named for what is lost
+        (["--pretrained"], "--pretrained"),
+        (["--dummy"], "--dummy"),
+        (["-a", "not_a_model"], "-a not_a_model"),
+        (["--fp16"], "--fp16"),  # an older main.py's flag
+        (["--dist-url", "env://"], "--dist-url env://"),
+        (["--rank", "2"], "--rank 2"),
+        (["--world-size", "2"], "--world-size 2"),
+        (["--dist-backend", "mpi"], "--dist-backend mpi"),
+        (["--multiprocessing-distributed", "--gpu", "1"], "--gpu 1"),
+    ],
+)
 def test_flags_that_cannot_map_are_named(flags, named):
     out = run(["main.py", *flags])
     assert any(line.startswith(named) for line in out.unmapped), out.unmapped
@@ -105,13 +112,16 @@ def test_evaluate_gives_an_eval_command():
     assert "-m trainer eval --config recipe.yaml --checkpoint " in out.command
 
 
-@pytest.mark.parametrize(("flags", "device", "config"), [
-    (["--dist-backend", "nccl"], "auto", "cuda_1gpu.yaml"),  # main.py's default backend is nccl: CUDA
-    (["--dist-backend", "cncl"], "auto", "mlu_1card.yaml"),
-    (["--dist-backend", "gloo"], "auto", "cpu_1proc.yaml"),
-    (["--no-accel"], "auto", "cpu_1proc.yaml"),
-    (["--dist-backend", "nccl"], "mlu", "mlu_1card.yaml"),  # --device wins
-])
+@pytest.mark.parametrize(
+    ("flags", "device", "config"),
+    [
+        (["--dist-backend", "nccl"], "auto", "cuda_1gpu.yaml"),  # main.py's default backend is nccl: CUDA
+        (["--dist-backend", "cncl"], "auto", "mlu_1card.yaml"),
+        (["--dist-backend", "gloo"], "auto", "cpu_1proc.yaml"),
+        (["--no-accel"], "auto", "cpu_1proc.yaml"),
+        (["--dist-backend", "nccl"], "mlu", "mlu_1card.yaml"),  # --device wins
+    ],
+)
 def test_device_follows_the_backend(flags, device, config):
     out = run(["main.py", *flags], device=device)
     assert f"configs/accelerate/{config}" in out.command
@@ -131,10 +141,27 @@ def test_multiprocessing_distributed_counts_without_a_shipped_file():
 
 
 def test_several_machines():
-    out = run(["main.py", "--multiprocessing-distributed", "--world-size", "2", "--rank", "1", "--dist-backend", "cncl",
-               "--dist-url", "tcp://10.0.0.1:23456", "-b", "128"], devices_per_machine=8)
-    assert out.command.startswith("accelerate launch --config_file configs/accelerate/multi_node_mlu.yaml --machine_rank 1 "
-                                  "--main_process_ip 10.0.0.1 --main_process_port 23456 -m trainer train")
+    out = run(
+        [
+            "main.py",
+            "--multiprocessing-distributed",
+            "--world-size",
+            "2",
+            "--rank",
+            "1",
+            "--dist-backend",
+            "cncl",
+            "--dist-url",
+            "tcp://10.0.0.1:23456",
+            "-b",
+            "128",
+        ],
+        devices_per_machine=8,
+    )
+    assert out.command.startswith(
+        "accelerate launch --config_file configs/accelerate/multi_node_mlu.yaml --machine_rank 1 "
+        "--main_process_ip 10.0.0.1 --main_process_port 23456 -m trainer train"
+    )
     assert out.unmapped == []
     out = run(["main.py", "--multiprocessing-distributed", "--world-size", "4", "--dist-backend", "cncl"], devices_per_machine=8)
     assert "--num_processes 32 --num_machines 4" in out.command
@@ -161,5 +188,7 @@ def test_cli_prints_yaml_and_names_what_it_cannot_map(tmp_path):
     proc = subprocess.run([*cmd[:4], "--output", str(out), *cmd[4:]], capture_output=True, text=True, cwd=REPO, timeout=120)
     assert proc.stdout.splitlines()[-1].endswith(f"-m trainer train --config {out}")
     assert load_config(out).model.name == "resnet50"
-    proc = subprocess.run([sys.executable, "-m", "trainer", "import-args", "--", "main.py", "--epochs", "ten"], capture_output=True, text=True, cwd=REPO, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "trainer", "import-args", "--", "main.py", "--epochs", "ten"], capture_output=True, text=True, cwd=REPO, timeout=120
+    )
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "--epochs" in proc.stderr

@@ -26,9 +26,6 @@ def test_ruff_check_is_clean():
     assert proc.returncode == 0, proc.stdout[-5000:] + proc.stderr[-2000:]
 
 
-# NOTE: the tree is formatted once, after the concurrent branches are merged (formatting
-# each branch on its own would make them unmergeable); until then this is expected to fail.
-@pytest.mark.xfail(reason="ruff format runs once over the whole tree after the branches merge", strict=False)
 def test_ruff_format_is_clean():
     proc = subprocess.run([ruff(), "format", "--check", *PATHS], cwd=REPO, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout[-5000:] + proc.stderr[-2000:]

@@ -13,11 +13,13 @@ from trainer.metrics import METRIC_KEYS, MetricsWriter, RunningSums, topk_correc
 
 
 def test_topk_correct_per_sample_hits():
-    logits = torch.tensor([
-        [0.9, 0.05, 0.03, 0.02, 0.0, 0.0],  # label 0: top-1
-        [0.1, 0.5, 0.3, 0.05, 0.04, 0.01],  # label 2: second, so top-5 only
-        [0.5, 0.2, 0.1, 0.09, 0.08, 0.03],  # label 5: last, neither
-    ])
+    logits = torch.tensor(
+        [
+            [0.9, 0.05, 0.03, 0.02, 0.0, 0.0],  # label 0: top-1
+            [0.1, 0.5, 0.3, 0.05, 0.04, 0.01],  # label 2: second, so top-5 only
+            [0.5, 0.2, 0.1, 0.09, 0.08, 0.03],  # label 5: last, neither
+        ]
+    )
     top1, top5 = topk_correct(logits, torch.tensor([0, 2, 5]))
     assert top1.tolist() == [True, False, False]
     assert top5.tolist() == [True, True, False]
@@ -53,9 +55,21 @@ def test_running_sums_do_not_keep_the_autograd_graph():
 
 def record(epoch: int, **extra) -> dict:
     base = {k: None for k in METRIC_KEYS}
-    base.update(epoch=epoch, step=epoch * 10, train_loss=1.0 / (epoch + 1), train_top1=0.5, val_loss=0.9,
-                val_top1=0.6, val_top5=0.9, lr=0.1, img_per_s=123.4, epoch_time_s=5.0,
-                train_samples=100, val_samples=20, skipped=0)
+    base.update(
+        epoch=epoch,
+        step=epoch * 10,
+        train_loss=1.0 / (epoch + 1),
+        train_top1=0.5,
+        val_loss=0.9,
+        val_top1=0.6,
+        val_top5=0.9,
+        lr=0.1,
+        img_per_s=123.4,
+        epoch_time_s=5.0,
+        train_samples=100,
+        val_samples=20,
+        skipped=0,
+    )
     base.update(extra)
     return base
 

@@ -37,8 +37,19 @@ def run(cmd: list[str], mlu: bool, check: bool = True) -> subprocess.CompletedPr
 
 
 def launch(config_file: str, *args: str, mlu: bool) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(REPO / "configs/accelerate" / config_file),
-           "--main_process_port", str(helpers.free_port()), "-m", "trainer", "train", *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(REPO / "configs/accelerate" / config_file),
+        "--main_process_port",
+        str(helpers.free_port()),
+        "-m",
+        "trainer",
+        "train",
+        *args,
+    ]
     return run(cmd, mlu)
 
 
@@ -77,7 +88,7 @@ def test_training_step_lives_on_the_mlu(tiny):
 import torch
 from trainer.config import load_config
 from trainer.train import Trainer
-trainer = Trainer(load_config({str(tiny / 'tiny.yaml')!r}, ['train.precision=fp16']))
+trainer = Trainer(load_config({str(tiny / "tiny.yaml")!r}, ['train.precision=fp16']))
 seen = {{}}
 criterion = trainer.criterion
 def spy(logits, labels):

@@ -32,9 +32,7 @@ def _record(epoch: int, with_val: bool = True) -> dict:
         "epoch_time_s": 440.0,
     }
     if with_val:
-        record.update(val_loss=record["train_loss"] - 0.2,
-                      val_top1=record["train_top1"] + 0.03,
-                      val_top5=min(1.0, record["train_top1"] + 0.2))
+        record.update(val_loss=record["train_loss"] - 0.2, val_top1=record["train_top1"] + 0.03, val_top5=min(1.0, record["train_top1"] + 0.2))
     return record
 
 
@@ -100,8 +98,7 @@ def test_edge_values_still_render(tmp_path: Path) -> None:
     """One epoch, a constant lr, and a diverged (non-finite) loss must not crash drawing."""
     run_dir = _write_jsonl(tmp_path / "one", [dict(_record(0), lr=0.1)])
     assert len(plots.write_plots(run_dir)) == len(ALL_FIGURES)
-    diverged = [dict(_record(e), lr=0.1, train_loss=float("nan") if e == 2 else 1.0)
-                for e in range(4)]
+    diverged = [dict(_record(e), lr=0.1, train_loss=float("nan") if e == 2 else 1.0) for e in range(4)]
     run_dir = _write_jsonl(tmp_path / "nan", diverged)  # json.dumps writes NaN
     for path in plots.write_plots(run_dir):
         _assert_png(path, METRIC_SIZE_PX)
@@ -120,9 +117,7 @@ def test_line_without_integer_epoch_is_rejected(tmp_path: Path) -> None:
 
 
 # Rows are true classes, columns predictions. Class 2 has no samples at all.
-HAND_CONFUSION = np.array([[8, 1, 1],
-                           [2, 3, 0],
-                           [0, 0, 0]])
+HAND_CONFUSION = np.array([[8, 1, 1], [2, 3, 0], [0, 0, 0]])
 
 
 def test_per_class_csv_matches_hand_built_confusion(tmp_path: Path) -> None:
@@ -131,7 +126,10 @@ def test_per_class_csv_matches_hand_built_confusion(tmp_path: Path) -> None:
         rows = list(csv.DictReader(f))
     assert list(rows[0]) == ["class_index", "class_name", "samples", "correct", "accuracy"]
     assert [(r["class_index"], r["class_name"], r["samples"], r["correct"]) for r in rows] == [
-        ("0", "cat", "10", "8"), ("1", "dog", "5", "3"), ("2", "émeu", "0", "0")]
+        ("0", "cat", "10", "8"),
+        ("1", "dog", "5", "3"),
+        ("2", "émeu", "0", "0"),
+    ]
     assert float(rows[0]["accuracy"]) == pytest.approx(0.8)
     assert float(rows[1]["accuracy"]) == pytest.approx(0.6)
     assert rows[2]["accuracy"] == ""  # undefined, not a fake 0
@@ -139,8 +137,7 @@ def test_per_class_csv_matches_hand_built_confusion(tmp_path: Path) -> None:
 
 def test_confusion_matrix_png_from_tensor(tmp_path: Path) -> None:
     torch = pytest.importorskip("torch")
-    path = plots.write_confusion_matrix(torch.tensor(HAND_CONFUSION), ["cat", "dog", "emu"],
-                                        tmp_path / "sub" / "confusion.png")
+    path = plots.write_confusion_matrix(torch.tensor(HAND_CONFUSION), ["cat", "dog", "emu"], tmp_path / "sub" / "confusion.png")
     side_px = int(plots.CONFUSION_FIG_IN * plots.FIG_DPI)
     _assert_png(path, (side_px, side_px))
 
@@ -155,8 +152,7 @@ def test_confusion_matrix_at_class_limit_renders(tmp_path: Path) -> None:
 def test_confusion_matrix_refuses_too_many_classes(tmp_path: Path) -> None:
     n = plots.MAX_CONFUSION_CLASSES + 1
     with pytest.raises(ValueError, match=rf"{n} classes.*max {plots.MAX_CONFUSION_CLASSES}"):
-        plots.write_confusion_matrix(np.eye(n, dtype=int), [str(i) for i in range(n)],
-                                     tmp_path / "c.png")
+        plots.write_confusion_matrix(np.eye(n, dtype=int), [str(i) for i in range(n)], tmp_path / "c.png")
     assert not (tmp_path / "c.png").exists()
 
 

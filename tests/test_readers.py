@@ -199,7 +199,11 @@ def test_save_to_disk_single_dataset_is_refused_not_read_as_every_split(tmp_path
 
 def test_hf_reader_with_renamed_columns_and_splits(tmp_path, image_folder):
     root = helpers.make_hf_parquet(
-        tmp_path / "renamed", image_column="img", label_column="target", train_split="training", val_split="holdout",
+        tmp_path / "renamed",
+        image_column="img",
+        label_column="target",
+        train_split="training",
+        val_split="holdout",
     )
     cfg = hf_cfg(root, image_column="img", label_column="target", train_split="training", val_split="holdout")
     reader = create_reader(cfg, cfg.train_split)
@@ -214,9 +218,12 @@ def test_hf_reader_with_plain_int_labels_numbers_the_classes(tmp_path):
     import datasets
 
     rows = helpers.split_rows(3, 2, (20, 20), 0)
-    ds = datasets.Dataset.from_dict({
-        "image": [{"bytes": data, "path": None} for _, _, data in rows], "label": [label for label, _, _ in rows],
-    }).cast_column("image", datasets.Image())
+    ds = datasets.Dataset.from_dict(
+        {
+            "image": [{"bytes": data, "path": None} for _, _, data in rows],
+            "label": [label for label, _, _ in rows],
+        }
+    ).cast_column("image", datasets.Image())
     (tmp_path / "ints" / "data").mkdir(parents=True)
     ds.to_parquet(str(tmp_path / "ints" / "data" / "train-00000-of-00001.parquet"))
     reader = HFReader(str(tmp_path / "ints"), "train")
@@ -227,9 +234,16 @@ def test_hf_reader_with_plain_int_labels_numbers_the_classes(tmp_path):
 def test_hf_row_without_image_has_no_data(tmp_path):
     import datasets
 
-    ds = datasets.Dataset.from_dict({
-        "image": [{"bytes": helpers.jpeg_bytes(0, 0), "path": None}, None], "label": [0, 1],
-    }).cast_column("image", datasets.Image()).cast_column("label", datasets.ClassLabel(names=["a", "b"]))
+    ds = (
+        datasets.Dataset.from_dict(
+            {
+                "image": [{"bytes": helpers.jpeg_bytes(0, 0), "path": None}, None],
+                "label": [0, 1],
+            }
+        )
+        .cast_column("image", datasets.Image())
+        .cast_column("label", datasets.ClassLabel(names=["a", "b"]))
+    )
     datasets.DatasetDict({"train": ds}).save_to_disk(str(tmp_path / "holes"))
     reader = HFReader(str(tmp_path / "holes"), "train")
     assert reader.read(0).data == helpers.jpeg_bytes(0, 0)

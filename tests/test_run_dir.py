@@ -67,6 +67,7 @@ def test_summaries_say_what_people_check(tmp_path: Path):
     assert "top-1 0.5000 top-5 0.9000 (epoch 1)" in text and "5.0 img/s mean" in text
     assert TrainState().global_step == 0
 
+
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -80,15 +81,16 @@ def test_describe_run_names_finished_and_last_step(tmp_path):
     (tmp_path / "checkpoints" / "step_00000012").mkdir(parents=True)
     (tmp_path / "checkpoints" / "step_00000012" / "trainer_state.json").write_text("{}")
     (tmp_path / "checkpoints" / "step_00000020").mkdir()  # incomplete: no trainer_state.json
-    (tmp_path / "metrics.jsonl").write_text(json.dumps({"epoch": 0, "step": 6}) + "\n" + json.dumps({"epoch": 1, "step": 12}) + "\n{\"epo")
+    (tmp_path / "metrics.jsonl").write_text(json.dumps({"epoch": 0, "step": 6}) + "\n" + json.dumps({"epoch": 1, "step": 12}) + '\n{"epo')
     assert describe_run(tmp_path) == "not finished, last step 12, 2 epoch(s) recorded"
     (tmp_path / "model.safetensors").write_bytes(b"")
     assert describe_run(tmp_path).startswith("finished, last step 12")
 
 
 def train(config: Path, *overrides: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "trainer", "train", "--config", str(config), *overrides],
-                          cwd=REPO, capture_output=True, text=True, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "trainer", "train", "--config", str(config), *overrides], cwd=REPO, capture_output=True, text=True, timeout=600
+    )
 
 
 def epochs(run_dir: Path) -> list[int]:
@@ -99,12 +101,16 @@ def epochs(run_dir: Path) -> list[int]:
 def test_rerun_into_a_run_stops_resume_continues_overwrite_replaces(tmp_path):
     data = helpers.make_image_folder(tmp_path / "data")
     config = tmp_path / "tiny.yaml"
-    config.write_text(yaml.safe_dump({
-        "model": {"name": "test_resnet"},
-        "data": {"root": str(data), "img_size": 32, "batch_size_per_device": 6, "workers": 0},
-        "train": {"epochs": 2, "precision": "fp32", "channels_last": False},
-        "output": {"dir": str(tmp_path / "runs"), "run_name": "run", "progress": "log", "plots": False},
-    }))
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "model": {"name": "test_resnet"},
+                "data": {"root": str(data), "img_size": 32, "batch_size_per_device": 6, "workers": 0},
+                "train": {"epochs": 2, "precision": "fp32", "channels_last": False},
+                "output": {"dir": str(tmp_path / "runs"), "run_name": "run", "progress": "log", "plots": False},
+            }
+        )
+    )
     run_dir = tmp_path / "runs" / "run"
     assert train(config).returncode == 0
     weights = (run_dir / "model.safetensors").read_bytes()

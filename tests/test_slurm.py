@@ -37,25 +37,58 @@ def tiny(tmp_path: Path, epochs: int = 2) -> Path:
 
 def slurm_env(tmp_path: Path, config: Path, **extra: str) -> dict[str, str]:
     return {
-        **os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}", "PYTHONPATH": str(REPO),
-        "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "CONFIG": str(config),
-        "ACCELERATE_CONFIG": str(REPO / "configs/accelerate/cpu_2proc.yaml"), "MAIN_ADDR": "127.0.0.1",
-        "MAIN_PORT": str(helpers.free_port()), **extra,
+        **os.environ,
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        "PYTHONPATH": str(REPO),
+        "PYTHONUNBUFFERED": "1",
+        "OMP_NUM_THREADS": "1",
+        "CONFIG": str(config),
+        "ACCELERATE_CONFIG": str(REPO / "configs/accelerate/cpu_2proc.yaml"),
+        "MAIN_ADDR": "127.0.0.1",
+        "MAIN_PORT": str(helpers.free_port()),
+        **extra,
     }
 
 
 def test_launch_line_on_two_machines_trains_like_one_machine_with_two_processes(tmp_path):
     config = tiny(tmp_path)
     env = slurm_env(tmp_path, config, SLURM_JOB_NUM_NODES="2", DEVICES_PER_NODE="1")
-    machines = [subprocess.Popen(["bash", str(SLURM / "launch_machine.sh"), "output.run_name=two_machines"], cwd=REPO,
-                                 env={**env, "SLURM_NODEID": str(rank)}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-                for rank in (0, 1)]
+    machines = [
+        subprocess.Popen(
+            ["bash", str(SLURM / "launch_machine.sh"), "output.run_name=two_machines"],
+            cwd=REPO,
+            env={**env, "SLURM_NODEID": str(rank)},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for rank in (0, 1)
+    ]
     outputs = [m.communicate(timeout=300)[0] for m in machines]
     assert [m.returncode for m in machines] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
     assert "2 process(es)" in outputs[0], outputs[0][-3000:]
-    one = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(REPO / "configs/accelerate/cpu_2proc.yaml"),
-                          "--main_process_port", str(helpers.free_port()), "-m", "trainer", "train", "--config", str(config), "output.run_name=one_machine"],
-                         cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    one = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--config_file",
+            str(REPO / "configs/accelerate/cpu_2proc.yaml"),
+            "--main_process_port",
+            str(helpers.free_port()),
+            "-m",
+            "trainer",
+            "train",
+            "--config",
+            str(config),
+            "output.run_name=one_machine",
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert one.returncode == 0, one.stderr[-3000:]
     a = load_file(str(tmp_path / "runs" / "two_machines" / "model.safetensors"))
     b = load_file(str(tmp_path / "runs" / "one_machine" / "model.safetensors"))
@@ -88,8 +121,14 @@ def test_batch_script_saves_and_requeues_before_the_time_limit_then_resumes(tmp_
     assert (tmp_path / "scontrol.log").read_text().split() == ["requeue", "4242"]
     # The requeued job: the same script, resumed from the checkpoint, stopped again at once.
     env["MAIN_PORT"] = str(helpers.free_port())
-    again = subprocess.Popen(["bash", str(SLURM / "train.sbatch"), "output.run_name=job", "train.epochs=3"], cwd=REPO, env=env,
-                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    again = subprocess.Popen(
+        ["bash", str(SLURM / "train.sbatch"), "output.run_name=job", "train.epochs=3"],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     output = again.communicate(timeout=300)[0]
     assert again.returncode == 0, output[-3000:]
     assert "resumed from" in output and (tmp_path / "runs" / "job" / "model.safetensors").is_file(), output[-3000:]

@@ -42,7 +42,13 @@ def seeded(fn, image, seed):
 
 @pytest.mark.parametrize(
     "transform",
-    [train(interpolation="bilinear"), train(interpolation="bicubic"), train(interpolation="random", vflip=0.5), val(interpolation="bilinear"), val(interpolation="bicubic")],
+    [
+        train(interpolation="bilinear"),
+        train(interpolation="bicubic"),
+        train(interpolation="random", vflip=0.5),
+        val(interpolation="bilinear"),
+        val(interpolation="bicubic"),
+    ],
     ids=["train-bilinear", "train-bicubic", "train-random-filter", "val-bilinear", "val-bicubic"],
 )
 def test_tensor_twins_match_pil_up_to_rounding(transform) -> None:

@@ -22,12 +22,28 @@ REPO = Path(__file__).resolve().parent.parent
 
 ALL_ON = {
     # batch 3: odd, so mixup takes its odd-batch path
-    "data": {"img_size": 32, "test_img_size": 40, "batch_size_per_device": 3, "workers": 0, "re_prob": 0.5, "repeated_aug": 3,
-             "auto_augment": "rand-m6-mstd0.5-inc1"},
+    "data": {
+        "img_size": 32,
+        "test_img_size": 40,
+        "batch_size_per_device": 3,
+        "workers": 0,
+        "re_prob": 0.5,
+        "repeated_aug": 3,
+        "auto_augment": "rand-m6-mstd0.5-inc1",
+    },
     "optim": {"name": "lamb", "lr": 0.01, "weight_decay": 0.02, "no_decay_norm_bias": True},
     "schedule": {"name": "cosine", "warmup_epochs": 0.5},
-    "train": {"epochs": 2, "precision": "fp32", "log_every_steps": 1, "grad_accum_steps": 2, "loss": "bce", "bce_target_threshold": 0.2,
-              "grad_clip_norm": 0.5, "checkpoint_every_steps": 2, "keep_last_checkpoints": 100},
+    "train": {
+        "epochs": 2,
+        "precision": "fp32",
+        "log_every_steps": 1,
+        "grad_accum_steps": 2,
+        "loss": "bce",
+        "bce_target_threshold": 0.2,
+        "grad_clip_norm": 0.5,
+        "checkpoint_every_steps": 2,
+        "keep_last_checkpoints": 100,
+    },
     "mixup": {"mixup_alpha": 0.1, "cutmix_alpha": 1.0},
     "ema": {"enabled": True, "decay": 0.8, "warmup": True},
 }
@@ -80,9 +96,15 @@ def test_resume_mid_epoch_with_every_feature_on_is_bit_exact(tmp_path, data):
 
 
 def test_clipping_bounds_the_update_at_the_accumulation_boundary(tmp_path, data):
-    config = write_config(tmp_path, data, optim={"name": "sgd", "lr": 0.1, "momentum": 0.0, "weight_decay": 0.0},
-                          train={"grad_clip_norm": 1e-3, "max_steps_per_epoch": 1}, mixup={"mixup_alpha": 0.0, "cutmix_alpha": 0.0},
-                          ema={"enabled": False}, schedule={"name": "constant", "warmup_epochs": 0.0})
+    config = write_config(
+        tmp_path,
+        data,
+        optim={"name": "sgd", "lr": 0.1, "momentum": 0.0, "weight_decay": 0.0},
+        train={"grad_clip_norm": 1e-3, "max_steps_per_epoch": 1},
+        mixup={"mixup_alpha": 0.0, "cutmix_alpha": 0.0},
+        ema={"enabled": False},
+        schedule={"name": "constant", "warmup_epochs": 0.0},
+    )
     trainer = Trainer(load_config(config))
     try:
         before = torch.cat([p.detach().flatten().clone() for p in trainer.model.parameters()])
@@ -102,8 +124,13 @@ def test_eval_takes_the_raw_or_the_ema_weights(tmp_path, data):
     results = {}
     for extra in ([], ["--ema"]):
         out = tmp_path / f"eval{len(extra)}"
-        proc = subprocess.run([sys.executable, "-m", "trainer", "eval", "--config", str(config), "--checkpoint", str(run), "--output", str(out), "--no-confusion", *extra],
-                              cwd=REPO, capture_output=True, text=True, timeout=300)
+        proc = subprocess.run(
+            [sys.executable, "-m", "trainer", "eval", "--config", str(config), "--checkpoint", str(run), "--output", str(out), "--no-confusion", *extra],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert proc.returncode == 0, proc.stderr[-2000:]
         results[bool(extra)] = json.loads((out / "eval.json").read_text())
     assert results[False]["checkpoint"].endswith("model.safetensors") and results[True]["checkpoint"].endswith("model_ema.safetensors")

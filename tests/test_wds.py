@@ -13,7 +13,8 @@ import torch
 
 import helpers
 from trainer.config import DataConfig
-from trainer.data.readers import DataError, Reader, StreamReader, create_reader
+from trainer.data.readers import DataError, Reader, StreamReader
+from trainer.data.sources import create_reader
 from trainer.data.wds import TarShardReader, TarShardStream
 
 
@@ -60,14 +61,18 @@ def test_bad_samples_are_read_as_skippable_and_named(tmp_path):
     root = tmp_path / "wds"
     root.mkdir()
     good = helpers.jpeg_bytes(1, 1)
-    write_shard(root / "x-train-0000.tar", [("a.jpg", good), ("a.cls", b"1"), ("b.cls", b"2"), ("c.jpg", good), ("c.cls", b"cat"), ("d.jpg", b"not a jpeg"), ("d.cls", b"0")])
+    write_shard(
+        root / "x-train-0000.tar",
+        [("a.jpg", good), ("a.cls", b"1"), ("b.cls", b"2"), ("c.jpg", good), ("c.cls", b"cat"), ("d.jpg", b"not a jpeg"), ("d.cls", b"0")],
+    )
     reader = TarShardReader(root, "train")
     samples = [reader.read(i) for i in range(len(reader))]
     assert [(key_of(s.name), s.data is not None, s.label) for s in samples] == [("a", True, 1), ("b", False, 2), ("c", True, -1), ("d", True, 0)]
     assert samples[0].name == f"{root / 'x-train-0000.tar'}:a"
     # The dataset skips them with a reason, as for any source.
-    from trainer.data.dataset import ImageDataset, Skipped, _SampleDecoder
     from timm.data import create_transform
+
+    from trainer.data.dataset import ImageDataset, Skipped, _SampleDecoder
 
     ds = ImageDataset(reader, _SampleDecoder(create_transform(16, is_training=False, use_prefetcher=True), 3, None, "skip", 0))
     reasons = [ds[i].reason for i in range(4) if isinstance(ds[i], Skipped)]

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import pytest
+from test_cli_e2e import assert_same_weights, read_metrics, run_cli, tiny_config, two_process_launcher
 
 import helpers
-from test_cli_e2e import assert_same_weights, read_metrics, run_cli, tiny_config, two_process_launcher
 
 pytestmark = pytest.mark.slow
 

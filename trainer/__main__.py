@@ -146,13 +146,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", default=None, help="also write the figures to this JSON file (default: RUN_DIR/bench.json)")
     p.set_defaults(func=cmd_bench)
 
-    p = sub.add_parser("check-data", help="scan a dataset for unreadable files, label and class problems before a long run", epilog=sections, formatter_class=fmt)
+    p = sub.add_parser(
+        "check-data", help="scan a dataset for unreadable files, label and class problems before a long run", epilog=sections, formatter_class=fmt
+    )
     _config_args(p)
     p.add_argument("--limit", type=int, default=0, help="check only the first N images of each split (0: all)")
     p.add_argument("--examples", type=int, default=5, help="example paths shown per problem")
     p.set_defaults(func=cmd_check_data)
 
-    p = sub.add_parser("doctor", help="launch preflight under accelerate launch: devices, process group, all-reduce, data and output on every process", epilog=sections, formatter_class=fmt)
+    p = sub.add_parser(
+        "doctor",
+        help="launch preflight under accelerate launch: devices, process group, all-reduce, data and output on every process",
+        epilog=sections,
+        formatter_class=fmt,
+    )
     _config_args(p)
     p.add_argument("--bandwidth-mb", type=int, default=100, help="all-reduce size per process for the bandwidth figure (0: skip)")
     p.set_defaults(func=cmd_doctor)

@@ -61,7 +61,6 @@ def _pin_names_device() -> bool:
     return tuple(int(p) for p in torch.__version__.split(".")[:2]) < (2, 9)
 
 
-
 def import_device_plugins() -> dict[str, str]:
     """Import installed device plugins (torch_mlu, ...) before Accelerate builds its state.
 
@@ -185,7 +184,9 @@ def pitfalls(device_type: str) -> list[str]:
     if importlib.util.find_spec("torch_mlu") and "CUDA_VISIBLE_DEVICES" in os.environ and not any(v in os.environ for v in mlu_vars):
         warnings.append("CUDA_VISIBLE_DEVICES is set but MLU_VISIBLE_DEVICES is not: torch_mlu only falls back to it; set MLU_VISIBLE_DEVICES to choose MLUs")
     if os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true") and device_type != "cpu":
-        warnings.append(f"ACCELERATE_USE_CPU is set (a launch config with `use_cpu: true`, as `accelerate config default` writes on MLU-only hosts in Accelerate 1.5-1.15) although a {device_type} is available; use configs/accelerate/*mlu*.yaml or set use_cpu: false")
+        warnings.append(
+            f"ACCELERATE_USE_CPU is set (a launch config with `use_cpu: true`, as `accelerate config default` writes on MLU-only hosts in Accelerate 1.5-1.15) although a {device_type} is available; use configs/accelerate/*mlu*.yaml or set use_cpu: false"
+        )
     if device_type == "mlu" and importlib.util.find_spec("torch_mlu") is None:
         warnings.append(f"torch_mlu is not installed on {socket.gethostname()}")
     return warnings
@@ -278,8 +279,19 @@ class Backend:
 
         try:
             param = torch.zeros(1, device=self.device)
-            torch._fused_sgd_([param], [torch.ones_like(param)], [], weight_decay=0.0, momentum=0.0, lr=0.1, dampening=0.0,
-                              nesterov=False, maximize=False, is_first_step=False, found_inf=torch.zeros(1, device=self.device))
+            torch._fused_sgd_(
+                [param],
+                [torch.ones_like(param)],
+                [],
+                weight_decay=0.0,
+                momentum=0.0,
+                lr=0.1,
+                dampening=0.0,
+                nesterov=False,
+                maximize=False,
+                is_first_step=False,
+                found_inf=torch.zeros(1, device=self.device),
+            )
             return True
         except (RuntimeError, NotImplementedError, AttributeError, TypeError):
             return False
@@ -382,12 +394,19 @@ def init_restarted_process_group(device_type: str, timeout_s: float) -> bool:
         return False
     timeout = timedelta(seconds=timeout_s)
     store = dist.TCPStore(env["MASTER_ADDR"], int(env["MASTER_PORT"]), world_size, is_master=False, timeout=timeout)
-    dist.init_process_group(PROCESS_GROUP_BACKENDS[device_type], store=dist.PrefixStore(f"trainer/attempt_{attempt}", store),
-                            rank=int(env["RANK"]), world_size=world_size, timeout=timeout)
+    dist.init_process_group(
+        PROCESS_GROUP_BACKENDS[device_type],
+        store=dist.PrefixStore(f"trainer/attempt_{attempt}", store),
+        rank=int(env["RANK"]),
+        world_size=world_size,
+        timeout=timeout,
+    )
     return True
 
 
-def create_accelerator(device: str, precision: str, host_memory: str = "auto", collective_timeout_s: float = 300.0, **accelerator_kwargs: Any) -> tuple[Any, Backend]:
+def create_accelerator(
+    device: str, precision: str, host_memory: str = "auto", collective_timeout_s: float = 300.0, **accelerator_kwargs: Any
+) -> tuple[Any, Backend]:
     """Build the Accelerator on the requested device and check Accelerate agrees.
 
     Args:
@@ -456,7 +475,5 @@ def check_accelerator_state(backend: Backend, local_rank: int) -> None:
         if expected != "cpu" and backend.device.index not in (None, local_rank % max(device_count(expected), 1)):
             problems.append(f"device is {backend.device}, expected {expected}:{local_rank}")
     if problems:
-        causes = pitfalls(expected) or [
-            "the launch config does not match this host; use the shipped configs/accelerate/ file for this device"
-        ]
+        causes = pitfalls(expected) or ["the launch config does not match this host; use the shipped configs/accelerate/ file for this device"]
         raise BackendError("; ".join(problems) + ". Likely cause: " + " | ".join(causes))

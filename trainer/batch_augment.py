@@ -10,8 +10,8 @@ else consumed random numbers before (loader start-up, a resumed process's set-up
 from __future__ import annotations
 
 import random
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator
 
 import numpy as np
 import torch
@@ -46,8 +46,15 @@ class BatchAugment:
         self.seed = seed * 1_000_003 + process_index  # processes draw differently, as timm seeds each rank
         self.mix = None
         if mixup.mixup_alpha > 0 or mixup.cutmix_alpha > 0:
-            self.mix = Mixup(mixup_alpha=mixup.mixup_alpha, cutmix_alpha=mixup.cutmix_alpha, prob=mixup.prob, switch_prob=mixup.switch_prob,
-                             mode=mixup.mode, label_smoothing=label_smoothing, num_classes=num_classes)
+            self.mix = Mixup(
+                mixup_alpha=mixup.mixup_alpha,
+                cutmix_alpha=mixup.cutmix_alpha,
+                prob=mixup.prob,
+                switch_prob=mixup.switch_prob,
+                mode=mixup.mode,
+                label_smoothing=label_smoothing,
+                num_classes=num_classes,
+            )
         self.erase = None
         if data.re_prob > 0:
             self.erase = RandomErasing(probability=data.re_prob, mode=data.re_mode, max_count=data.re_count, device="meta")

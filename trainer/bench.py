@@ -102,11 +102,9 @@ def verdict(model: float, pipeline: float, end_to_end: float, trainer: Trainer, 
     workers = cfg.data.workers
     if pipeline < model:
         need = math.ceil(max(workers, 1) * model / pipeline)
-        text = (f"input-bound: the pipeline gives {pipeline:.1f} img/s with {_workers(workers)}, the model takes "
-                f"{model:.1f} img/s: use data.workers={need}")
+        text = f"input-bound: the pipeline gives {pipeline:.1f} img/s with {_workers(workers)}, the model takes {model:.1f} img/s: use data.workers={need}"
         if need > cores:
-            text += (f" (more than the {cores} cores here: keep data.normalize_on_device and data.draft_decode on, "
-                     "`pip install simplejpeg`, or add cores)")
+            text += f" (more than the {cores} cores here: keep data.normalize_on_device and data.draft_decode on, `pip install simplejpeg`, or add cores)"
         bound = "input"
     else:
         hints = []
@@ -116,8 +114,9 @@ def verdict(model: float, pipeline: float, end_to_end: float, trainer: Trainer, 
             hints.append("train.channels_last=true")
         if not cfg.train.compile:
             hints.append("train.compile=true")
-        text = (f"device-bound: the model takes {model:.1f} img/s, the pipeline gives {pipeline:.1f} img/s with "
-                f"{_workers(workers)}: " + ("enable " + ", ".join(hints) if hints else "every speed switch is on; only a faster device or more devices help"))
+        text = f"device-bound: the model takes {model:.1f} img/s, the pipeline gives {pipeline:.1f} img/s with {_workers(workers)}: " + (
+            "enable " + ", ".join(hints) if hints else "every speed switch is on; only a faster device or more devices help"
+        )
         if backend.mixed_precision == "no" and backend.on_host and resolve_precision("auto", backend.device_type) == "no":
             text += " (this CPU has no native bf16, so fp32 is its fast precision)"
         bound = "device"
@@ -179,16 +178,28 @@ def measure(trainer: Trainer, steps: int, warmup: int) -> dict[str, Any]:
     t = cfg.train
     return {
         "setup": {
-            "model": cfg.model.name, "device": str(backend.device), "processes": backend.num_processes,
+            "model": cfg.model.name,
+            "device": str(backend.device),
+            "processes": backend.num_processes,
             "precision": backend.precision,
-            "channels_last": t.channels_last, "compile": t.compile, "batch_size_per_device": batch,
-            "img_size": trainer.data.data_config["input_size"][-1], "workers": workers, "cores": cores,
-            "normalize_on_device": cfg.data.normalize_on_device, "draft_decode": cfg.data.draft_decode,
-            "steps": steps, "warmup": warmup,
+            "channels_last": t.channels_last,
+            "compile": t.compile,
+            "batch_size_per_device": batch,
+            "img_size": trainer.data.data_config["input_size"][-1],
+            "workers": workers,
+            "cores": cores,
+            "normalize_on_device": cfg.data.normalize_on_device,
+            "draft_decode": cfg.data.draft_decode,
+            "steps": steps,
+            "warmup": warmup,
         },
-        "model_step": model, "input_pipeline": pipeline, "end_to_end": end_to_end,
+        "model_step": model,
+        "input_pipeline": pipeline,
+        "end_to_end": end_to_end,
         "peak_memory_mib": backend.peak_memory_bytes() / 2**20 if not backend.on_host else None,
-        "bound": bound, "verdict": advice, "traffic_per_step": traffic,
+        "bound": bound,
+        "verdict": advice,
+        "traffic_per_step": traffic,
     }
 
 
@@ -200,14 +211,18 @@ def format_table(figures: dict[str, Any]) -> str:
     s = figures["setup"]
     pipe = figures["input_pipeline"]
     rows = [
-        ("model step", figures["model_step"], f"synthetic batch on {s['device']}, {s['precision']}"
-         + (", channels_last" if s["channels_last"] else "") + (", compiled" if s["compile"] else "")),
-        ("input pipeline", pipe, f"{_workers(s['workers'])}: {pipe['img_per_s_per_worker']:.1f} img/s per worker, "
-         f"{pipe['img_per_s_per_core']:.1f} per core"),
+        (
+            "model step",
+            figures["model_step"],
+            f"synthetic batch on {s['device']}, {s['precision']}" + (", channels_last" if s["channels_last"] else "") + (", compiled" if s["compile"] else ""),
+        ),
+        ("input pipeline", pipe, f"{_workers(s['workers'])}: {pipe['img_per_s_per_worker']:.1f} img/s per worker, {pipe['img_per_s_per_core']:.1f} per core"),
         ("end to end", figures["end_to_end"], "train_step over the real loader"),
     ]
-    lines = [f"{s['model']} {s['img_size']}px, batch {s['batch_size_per_device']}/device, median of {s['steps']} steps after {s['warmup']} warm-up",
-             f"{'measurement':<16}{'img/s':>10}{'ms/step':>10}  notes"]
+    lines = [
+        f"{s['model']} {s['img_size']}px, batch {s['batch_size_per_device']}/device, median of {s['steps']} steps after {s['warmup']} warm-up",
+        f"{'measurement':<16}{'img/s':>10}{'ms/step':>10}  notes",
+    ]
     lines += [f"{name:<16}{f['img_per_s']:>10.1f}{f['step_s_median'] * 1e3:>10.1f}  {note}" for name, f, note in rows]
     if figures.get("peak_memory_mib") is not None:
         lines.append(f"peak device memory: {figures['peak_memory_mib']:.0f} MiB")

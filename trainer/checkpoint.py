@@ -29,7 +29,6 @@ TMP_PREFIX = ".tmp-"
 log = logging.getLogger(__name__)
 
 
-
 def checkpoint_name(global_step: int) -> str:
     """The directory name of the checkpoint taken after `global_step` optimizer steps."""
     return f"{PREFIX}{global_step:08d}"
@@ -65,8 +64,8 @@ class CheckpointManager:
         """Complete checkpoints, oldest first."""
         if not self.directory.is_dir():
             return []
-        found = [p for p in self.directory.iterdir() if p.name.startswith(PREFIX) and p.name[len(PREFIX):].isdigit() and (p / STATE_FILE).is_file()]
-        return sorted(found, key=lambda p: int(p.name[len(PREFIX):]))
+        found = [p for p in self.directory.iterdir() if p.name.startswith(PREFIX) and p.name[len(PREFIX) :].isdigit() and (p / STATE_FILE).is_file()]
+        return sorted(found, key=lambda p: int(p.name[len(PREFIX) :]))
 
     def save(self, state: TrainState, scheduler: torch.optim.lr_scheduler.LRScheduler, extra_weights: dict[str, torch.nn.Module] | None = None) -> Path:
         """Write a checkpoint of the current step atomically; every process must call it.

@@ -41,7 +41,6 @@ def _load_yaml(text: str) -> Any:
     return yaml.load(text, Loader=_Loader)
 
 
-
 def _field(default: Any, help: str, choices: tuple[str, ...] = ()) -> Any:
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata={"help": help, "choices": choices})
@@ -60,7 +59,10 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     source: str = _field("folder", "where images come from (wds: WebDataset tar shards)", ("folder", "hf", "wds"))
-    root: str = _field("", "folder: ImageNet root with train/ and val/; hf: hub id in the local cache, parquet dir or save_to_disk dir; wds: folder of *-<split>-NNNN.tar shards")
+    root: str = _field(
+        "",
+        "folder: ImageNet root with train/ and val/; hf: hub id in the local cache, parquet dir or save_to_disk dir; wds: folder of *-<split>-NNNN.tar shards",
+    )
     create_if_missing: str = _field("", "write a built-in dataset into `root` when it does not exist", ("", "digits"))
     train_split: str = _field("train", "training split: sub-folder (folder) or split name (hf)")
     val_split: str = _field("", "validation split: sub-folder (folder) or split name (hf); empty: val (folder), validation (hf)")
@@ -89,14 +91,19 @@ class DataConfig:
     on_error: str = _field("skip", "undecodable image: skip it (counted, listed in skipped.txt) or raise", ("skip", "raise"))
     max_train_samples: int = _field(0, "use only the first N training samples; 0 uses all")
     max_val_samples: int = _field(0, "use only the first N validation samples; 0 uses all")
-    index_cache: str = _field("", "folder, wds: where the file index is cached, built once per job by process 0: empty = beside the data if writable, else ~/.cache/trainer/index; a directory; or off (every process scans)")
+    index_cache: str = _field(
+        "",
+        "folder, wds: where the file index is cached, built once per job by process 0: empty = beside the data if writable, else ~/.cache/trainer/index; a directory; or off (every process scans)",
+    )
     index_wait_s: float = _field(600.0, "folder, wds: how long processes other than 0 wait for process 0's index file")
     val_labels: str = _field("", "folder: labels file of a flat val/*.JPEG (LOC_val_solution.csv or file,class CSV); empty: looked for in the root")
     test_img_size: int = _field(0, "val crop size when it differs from the train size (RSB A3: train 160, test 224); 0 uses img_size")
     re_prob: float = _field(0.0, "random erasing probability per image (timm RandomErasing, on the normalized batch); 0 disables it")
     re_mode: str = _field("pixel", "random erasing fill: per-pixel normal noise, per-channel noise, or zeros", ("pixel", "rand", "const"))
     re_count: int = _field(1, "random erasing: at most this many boxes per image")
-    repeated_aug: int = _field(0, "repeated augmentation (timm RepeatAugSampler): each image this many times per epoch, differently augmented, epoch length kept; 0 or 1 disables it")
+    repeated_aug: int = _field(
+        0, "repeated augmentation (timm RepeatAugSampler): each image this many times per epoch, differently augmented, epoch length kept; 0 or 1 disables it"
+    )
 
 
 @dataclass
@@ -106,7 +113,11 @@ class OptimConfig:
     momentum: float = _field(0.9, "SGD momentum")
     weight_decay: float = _field(1e-4, "weight decay")
     nesterov: bool = _field(False, "Nesterov momentum for SGD")
-    implementation: str = _field("auto", "optimizer step kernel; auto: torch's default, fused SGD with a loss scaler where the device runs it (no host sync per step)", ("auto", "foreach", "fused", "loop"))
+    implementation: str = _field(
+        "auto",
+        "optimizer step kernel; auto: torch's default, fused SGD with a loss scaler where the device runs it (no host sync per step)",
+        ("auto", "foreach", "fused", "loop"),
+    )
     no_decay_norm_bias: bool = _field(False, "no weight decay on normalization weights and biases (timm's filter_bias_and_bn), as the DLE and RSB recipes")
 
 
@@ -163,9 +174,15 @@ class EmaConfig:
 class BackendConfig:
     device: str = _field("auto", "device type; auto picks mlu, then cuda and the others, then cpu", ("auto", *DEVICE_TYPES))
     host_memory: str = _field(
-        "auto", "retain: the C library keeps freed host memory for reuse (no page faults for each step's activations); "
-        "release: its defaults; auto: retain when the model runs on the cpu", ("auto", "retain", "release"))
-    collective_timeout_s: float = _field(300.0, "seconds a collective (gradient all-reduce, barrier, ...) may wait for the other processes before every process stops with a line naming the wait")
+        "auto",
+        "retain: the C library keeps freed host memory for reuse (no page faults for each step's activations); "
+        "release: its defaults; auto: retain when the model runs on the cpu",
+        ("auto", "retain", "release"),
+    )
+    collective_timeout_s: float = _field(
+        300.0,
+        "seconds a collective (gradient all-reduce, barrier, ...) may wait for the other processes before every process stops with a line naming the wait",
+    )
 
 
 @dataclass
@@ -175,7 +192,10 @@ class OutputConfig:
     log_with: list = _field([], "extra trackers through Accelerate: tensorboard, wandb, mlflow")
     progress: str = _field("auto", "progress display: a bar on a terminal, log lines otherwise", ("auto", "bar", "log"))
     plots: bool = _field(True, "write PNG curves to plots/ after every epoch")
-    overwrite: bool = _field(False, "replace a run already in the run directory (its metrics, checkpoints and weights); without it such a run stops, unless train.resume continues it")
+    overwrite: bool = _field(
+        False,
+        "replace a run already in the run directory (its metrics, checkpoints and weights); without it such a run stops, unless train.resume continues it",
+    )
 
 
 @dataclass
@@ -198,9 +218,7 @@ class Config:
         return Path(self.output.dir).expanduser() / name
 
 
-SECTIONS: dict[str, type] = {
-    name: hint for name, hint in typing.get_type_hints(Config).items() if name != "source"
-}
+SECTIONS: dict[str, type] = {name: hint for name, hint in typing.get_type_hints(Config).items() if name != "source"}
 
 
 def _coerce(value: Any, annotation: Any, where: str) -> Any:

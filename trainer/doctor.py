@@ -30,7 +30,8 @@ import torch
 
 from trainer.backend import BackendError, create_accelerator, device_count, pitfalls, visible_devices
 from trainer.config import Config
-from trainer.data.readers import DataError, create_reader
+from trainer.data.readers import DataError
+from trainer.data.sources import create_reader
 
 BANDWIDTH_MB = 100  # a ResNet50 gradient: 25.6 M float32 parameters
 
@@ -89,10 +90,14 @@ def run_checks(cfg: Config, bandwidth_mb: int) -> tuple[list[dict[str, Any]], li
     start = time.perf_counter()
     acc, backend = create_accelerator(cfg.backend.device, cfg.train.precision, "release", cfg.backend.collective_timeout_s)
     row: dict[str, Any] = {
-        "rank": acc.process_index, "host": socket.gethostname(), "device": str(acc.device),
-        "count": device_count(backend.device_type), "visible": visible_devices(backend.device_type) or "-",
+        "rank": acc.process_index,
+        "host": socket.gethostname(),
+        "device": str(acc.device),
+        "count": device_count(backend.device_type),
+        "visible": visible_devices(backend.device_type) or "-",
         "precision": "fp32" if backend.mixed_precision == "no" else backend.mixed_precision,
-        "group_s": time.perf_counter() - start, "problems": [],
+        "group_s": time.perf_counter() - start,
+        "problems": [],
     }
     n = acc.num_processes
     if n > 1:

@@ -21,8 +21,14 @@ log = logging.getLogger("trainer")
 
 
 @torch.no_grad()
-def evaluate(accelerator: Any, model: torch.nn.Module, loader: Any, normalize: Callable[[torch.Tensor], torch.Tensor],
-             record_skipped: Callable[[list[str]], int], num_classes_for_confusion: int = 0) -> dict[str, Any]:
+def evaluate(
+    accelerator: Any,
+    model: torch.nn.Module,
+    loader: Any,
+    normalize: Callable[[torch.Tensor], torch.Tensor],
+    record_skipped: Callable[[list[str]], int],
+    num_classes_for_confusion: int = 0,
+) -> dict[str, Any]:
     """Validate `model` on `loader`, which shards the val images across processes without padding.
 
     Per-process sums (and the skipped count) are reduced once at the end, so the figures
@@ -58,8 +64,13 @@ def evaluate(accelerator: Any, model: torch.nn.Module, loader: Any, normalize: C
     model.train()
     totals = reduce_sums(acc, sums, skipped)
     n = max(totals["n"], 1)
-    result = {"val_loss": totals["loss"] / n, "val_top1": totals["top1"] / n, "val_top5": totals["top5"] / n,
-              "val_samples": int(totals["n"]), "val_skipped": int(totals["skipped"])}
+    result = {
+        "val_loss": totals["loss"] / n,
+        "val_top1": totals["top1"] / n,
+        "val_top5": totals["top5"] / n,
+        "val_samples": int(totals["n"]),
+        "val_skipped": int(totals["skipped"]),
+    }
     if confusion is not None:
         result["confusion"] = acc.reduce(confusion, "sum").view(k, k).cpu()
     return result
@@ -104,7 +115,9 @@ def eval_command(cfg: Any, checkpoint: str, output: str | None, confusion: bool,
     from trainer.run_dir import RunDirectory
     from trainer.train import check_val_size
 
-    acc, backend = create_accelerator(cfg.backend.device, cfg.train.precision, cfg.backend.host_memory, dataloader_config=DataLoaderConfiguration(non_blocking=True))
+    acc, backend = create_accelerator(
+        cfg.backend.device, cfg.train.precision, cfg.backend.host_memory, dataloader_config=DataLoaderConfiguration(non_blocking=True)
+    )
     setup_logging(acc.is_main_process, debug)
     set_seed(cfg.train.seed)
     with acc.main_process_first():

@@ -37,10 +37,28 @@ CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 BASE_RECIPE = CONFIGS / "resnet50_imagenet.yaml"
 # main.py's defaults (pytorch/examples imagenet/main.py), used for flags the command omits.
 MAIN_PY_DEFAULTS: dict[str, Any] = {
-    "data": "imagenet", "arch": "resnet18", "workers": 4, "epochs": 90, "start_epoch": 0, "batch_size": 256,
-    "lr": 0.1, "momentum": 0.9, "weight_decay": 1e-4, "print_freq": 10, "resume": "", "evaluate": False,
-    "pretrained": False, "world_size": -1, "rank": -1, "dist_url": "tcp://224.66.41.62:23456", "dist_backend": REFERENCE_DEFAULT_PROCESS_GROUP,
-    "seed": None, "gpu": None, "no_accel": False, "multiprocessing_distributed": False, "dummy": False,
+    "data": "imagenet",
+    "arch": "resnet18",
+    "workers": 4,
+    "epochs": 90,
+    "start_epoch": 0,
+    "batch_size": 256,
+    "lr": 0.1,
+    "momentum": 0.9,
+    "weight_decay": 1e-4,
+    "print_freq": 10,
+    "resume": "",
+    "evaluate": False,
+    "pretrained": False,
+    "world_size": -1,
+    "rank": -1,
+    "dist_url": "tcp://224.66.41.62:23456",
+    "dist_backend": REFERENCE_DEFAULT_PROCESS_GROUP,
+    "seed": None,
+    "gpu": None,
+    "no_accel": False,
+    "multiprocessing_distributed": False,
+    "dummy": False,
 }
 DEFAULT_DEVICES_PER_MACHINE = 8
 
@@ -158,7 +176,9 @@ def import_main_py_args(argv: list[str], device: str = "auto", devices_per_machi
     elif distributed:
         processes = devices_per_machine or DEFAULT_DEVICES_PER_MACHINE
         if not devices_per_machine:
-            notes.append(f"--multiprocessing-distributed: main.py launches one process per device it finds; assumed {processes} per machine (set import-args --devices)")
+            notes.append(
+                f"--multiprocessing-distributed: main.py launches one process per device it finds; assumed {processes} per machine (set import-args --devices)"
+            )
         if a["gpu"] is not None:
             unmapped.append(f"--gpu {a['gpu']}: ignored under --multiprocessing-distributed, as main.py ignores it")
     else:  # main.py wraps the model in DataParallel over every device: one process per device here
@@ -167,14 +187,18 @@ def import_main_py_args(argv: list[str], device: str = "auto", devices_per_machi
             notes.append(f"DataParallel over {processes} devices: one process per device, the batch split between them")
     machines = max(a["world_size"], 1) if distributed else 1
     if not distributed and a["world_size"] > 1:
-        unmapped.append(f"--world-size {a['world_size']} without --multiprocessing-distributed: one process per machine, each over all its devices, has no equivalent; use --multiprocessing-distributed")
+        unmapped.append(
+            f"--world-size {a['world_size']} without --multiprocessing-distributed: one process per machine, each over all its devices, has no equivalent; use --multiprocessing-distributed"
+        )
     if device == "cpu":
         processes = processes if distributed else 1
 
     # -- data, model, optimizer, schedule ------------------------------------------
     data["root"] = a["data"]
     if a["batch_size"] % processes:
-        notes.append(f"-b {a['batch_size']} is not divisible by {processes} processes: main.py rounds each process's share down to {a['batch_size'] // processes}")
+        notes.append(
+            f"-b {a['batch_size']} is not divisible by {processes} processes: main.py rounds each process's share down to {a['batch_size'] // processes}"
+        )
     data["batch_size_per_device"] = max(a["batch_size"] // processes, 1)
     if processes > 1:
         notes.append(f"-b {a['batch_size']} is main.py's batch per machine: {data['batch_size_per_device']} per device over {processes} devices")
@@ -195,7 +219,9 @@ def import_main_py_args(argv: list[str], device: str = "auto", devices_per_machi
         unmapped.append(f"--start-epoch {a['start_epoch']}: the epoch to start at comes from the checkpoint (train.resume=auto), never by hand")
     if a["resume"]:
         recipe["model"]["pretrained_file"] = a["resume"]
-        unmapped.append(f"--resume {a['resume']}: only its weights carry over (model.pretrained_file); its optimizer state, epoch and best top-1 do not, so training starts at epoch 1")
+        unmapped.append(
+            f"--resume {a['resume']}: only its weights carry over (model.pretrained_file); its optimizer state, epoch and best top-1 do not, so training starts at epoch 1"
+        )
     if a["pretrained"]:
         unmapped.append("--pretrained: nothing is downloaded; put a weights file's path in model.pretrained_file")
     if a["dummy"]:
@@ -208,7 +234,7 @@ def import_main_py_args(argv: list[str], device: str = "auto", devices_per_machi
         launch.append(f"--machine_rank {max(a['rank'], 0)}")
     url = a["dist_url"]
     if url.startswith("tcp://") and (machines > 1 or processes > 1):
-        host, _, port = url[len("tcp://"):].rpartition(":")
+        host, _, port = url[len("tcp://") :].rpartition(":")
         if machines > 1:
             launch.append(f"--main_process_ip {host}")
         if port.isdigit():
@@ -228,8 +254,11 @@ def import_main_py_args(argv: list[str], device: str = "auto", devices_per_machi
 
 def render(imported: Imported, argv: list[str]) -> str:
     """The recipe as YAML, headed by where it came from; the command and the unmapped flags as comments."""
-    lines = ["# Imported by `trainer import-args` from:", f"#   {' '.join(argv)}",
-             "# on top of configs/resnet50_imagenet.yaml (the migration guide's transforms and lr schedule)."]
+    lines = [
+        "# Imported by `trainer import-args` from:",
+        f"#   {' '.join(argv)}",
+        "# on top of configs/resnet50_imagenet.yaml (the migration guide's transforms and lr schedule).",
+    ]
     lines += [f"# note: {n}" for n in imported.notes]
     lines += [f"# NOT MAPPED: {u}" for u in imported.unmapped]
     lines += ["# launch with:", f"#   {imported.command}", yaml.safe_dump(imported.recipe, sort_keys=False, default_flow_style=None).rstrip()]

@@ -18,8 +18,24 @@ if TYPE_CHECKING:
 METRICS_FILENAME = "metrics.jsonl"
 STEPS_FILENAME = "steps.jsonl"  # one record per logged step: step, loss, top1, lr, img_per_s
 METRIC_KEYS = (
-    "epoch", "step", "train_loss", "train_top1", "val_loss", "val_top1", "val_top5", "lr", "img_per_s", "epoch_time_s", "train_samples", "val_samples",
-    "skipped", "val_skipped", "val_loss_ema", "val_top1_ema", "val_top5_ema", "grad_norm",
+    "epoch",
+    "step",
+    "train_loss",
+    "train_top1",
+    "val_loss",
+    "val_top1",
+    "val_top5",
+    "lr",
+    "img_per_s",
+    "epoch_time_s",
+    "train_samples",
+    "val_samples",
+    "skipped",
+    "val_skipped",
+    "val_loss_ema",
+    "val_top1_ema",
+    "val_top5_ema",
+    "grad_norm",
 )
 
 
@@ -63,7 +79,7 @@ def _clean(value: Any) -> Any:
 
 
 def _fresh_line(path: Path) -> str:
-    """"\n" when `path` ends mid-line, else "".
+    """ "\n" when `path` ends mid-line, else "".
 
     NOTE: a crash can leave a line without its newline; the next record starts on a fresh
     one instead of being glued to it (which would break both the jsonl and the csv reader).

@@ -49,17 +49,19 @@ class _FigureSpec:
 
 
 _FIGURES = (
-    _FigureSpec("loss.png", "Loss", "cross-entropy loss",
-                (("train_loss", "train", TRAIN_COLOR), ("val_loss", "val", VAL_COLOR), ("val_loss_ema", "val EMA", EMA_COLOR))),
-    _FigureSpec("top1.png", "Top-1 accuracy", "top-1 accuracy (%)",
-                (("train_top1", "train", TRAIN_COLOR), ("val_top1", "val", VAL_COLOR), ("val_top1_ema", "val EMA", EMA_COLOR)),
-                percent=True),
-    _FigureSpec("top5.png", "Top-5 accuracy", "top-5 accuracy (%)",
-                (("val_top5", "val", VAL_COLOR), ("val_top5_ema", "val EMA", EMA_COLOR)), percent=True),
-    _FigureSpec("lr.png", "Learning rate", "learning rate",
-                (("lr", "lr", "tab:green"),)),
-    _FigureSpec("throughput.png", "Training throughput", "throughput (img/s)",
-                (("img_per_s", "train", TRAIN_COLOR),), y_from_zero=True),
+    _FigureSpec(
+        "loss.png", "Loss", "cross-entropy loss", (("train_loss", "train", TRAIN_COLOR), ("val_loss", "val", VAL_COLOR), ("val_loss_ema", "val EMA", EMA_COLOR))
+    ),
+    _FigureSpec(
+        "top1.png",
+        "Top-1 accuracy",
+        "top-1 accuracy (%)",
+        (("train_top1", "train", TRAIN_COLOR), ("val_top1", "val", VAL_COLOR), ("val_top1_ema", "val EMA", EMA_COLOR)),
+        percent=True,
+    ),
+    _FigureSpec("top5.png", "Top-5 accuracy", "top-5 accuracy (%)", (("val_top5", "val", VAL_COLOR), ("val_top5_ema", "val EMA", EMA_COLOR)), percent=True),
+    _FigureSpec("lr.png", "Learning rate", "learning rate", (("lr", "lr", "tab:green"),)),
+    _FigureSpec("throughput.png", "Training throughput", "throughput (img/s)", (("img_per_s", "train", TRAIN_COLOR),), y_from_zero=True),
 )
 
 
@@ -139,9 +141,17 @@ def _draw_metric(spec: _FigureSpec, records: list[dict], run_name: str, x_key: s
             # Label in the legend, not beside the star: a free-floating label collides
             # with the train curve or leaves the axes when the best epoch is the last.
             ax.axhline(ys[best], color=color, linestyle="--", linewidth=0.8, alpha=0.6)
-            ax.plot(epochs[best], ys[best], marker="*", markersize=16, color=color,
-                    markeredgecolor="black", linestyle="none", zorder=5,
-                    label=f"best val {ys[best]:.2f}% @ epoch {epochs[best]}")
+            ax.plot(
+                epochs[best],
+                ys[best],
+                marker="*",
+                markersize=16,
+                color=color,
+                markeredgecolor="black",
+                linestyle="none",
+                zorder=5,
+                label=f"best val {ys[best]:.2f}% @ epoch {epochs[best]}",
+            )
     if spec.filename == "lr.png":
         positive = [v for s in series for v in s[4] if v > 0]
         if positive and max(positive) / min(positive) > LOG_LR_SPAN:
@@ -198,8 +208,7 @@ def _as_confusion(confusion: Any, class_names: Sequence[str]) -> np.ndarray:
     if matrix.ndim != 2 or matrix.shape[0] != matrix.shape[1]:
         raise ValueError(f"confusion matrix must be square, got shape {matrix.shape}")
     if matrix.shape[0] != len(class_names):
-        raise ValueError(f"confusion matrix has {matrix.shape[0]} classes "
-                         f"but {len(class_names)} class names were given")
+        raise ValueError(f"confusion matrix has {matrix.shape[0]} classes but {len(class_names)} class names were given")
     if (matrix < 0).any():
         raise ValueError("confusion matrix holds negative counts")
     return matrix.astype(np.int64)
@@ -222,8 +231,7 @@ def write_confusion_matrix(confusion: Any, class_names: Sequence[str], path: Pat
     """
     num_classes = len(class_names)
     if num_classes > MAX_CONFUSION_CLASSES:
-        raise ValueError(f"refusing to draw a confusion matrix for {num_classes} classes "
-                         f"(max {MAX_CONFUSION_CLASSES}); use write_per_class_csv instead")
+        raise ValueError(f"refusing to draw a confusion matrix for {num_classes} classes (max {MAX_CONFUSION_CLASSES}); use write_per_class_csv instead")
     counts = _as_confusion(confusion, class_names)
     row_sums = counts.sum(axis=1, keepdims=True)
     # Classes absent from the eval set get an all-zero row instead of 0/0 = NaN.
@@ -244,8 +252,7 @@ def write_confusion_matrix(confusion: Any, class_names: Sequence[str], path: Pat
     if num_classes <= MAX_ANNOTATED_CLASSES:
         for true_idx, pred_idx in np.ndindex(counts.shape):
             dark = normalised[true_idx, pred_idx] > 0.5  # white text on dark cells
-            ax.text(pred_idx, true_idx, str(counts[true_idx, pred_idx]), ha="center",
-                    va="center", fontsize=9, color="white" if dark else "black")
+            ax.text(pred_idx, true_idx, str(counts[true_idx, pred_idx]), ha="center", va="center", fontsize=9, color="white" if dark else "black")
     accuracy = np.trace(counts) / max(int(counts.sum()), 1)
     ax.set_title(f"Confusion matrix (row-normalised), accuracy {accuracy:.2%}")
     ax.set_xlabel("predicted class" + axis_suffix)
@@ -271,8 +278,7 @@ def write_per_class_csv(confusion: Any, class_names: Sequence[str], path: Path) 
         writer.writerow(["class_index", "class_name", "samples", "correct", "accuracy"])
         for idx, name in enumerate(class_names):
             samples, correct = int(counts[idx].sum()), int(counts[idx, idx])
-            writer.writerow([idx, name, samples, correct,
-                             f"{correct / samples:.6f}" if samples else ""])
+            writer.writerow([idx, name, samples, correct, f"{correct / samples:.6f}" if samples else ""])
 
     return _write_atomic(Path(path), write, mode="t")
 

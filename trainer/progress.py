@@ -45,12 +45,22 @@ class EpochProgress:
         if self.bar is not None:
             self.bar.update(steps)
             if stats:
-                self.bar.set_postfix(loss=f"{stats['loss']:.4f}", top1=f"{stats['top1']:.3f}", lr=f"{stats['lr']:.3g}", img_s=f"{stats['img_per_s']:.0f}", refresh=False)
+                self.bar.set_postfix(
+                    loss=f"{stats['loss']:.4f}", top1=f"{stats['top1']:.3f}", lr=f"{stats['lr']:.3g}", img_s=f"{stats['img_per_s']:.0f}", refresh=False
+                )
         elif stats:
             eta_s = (self.total - self.step) * (time.perf_counter() - self.start_s) / max(self.step - self.first_step, 1)
             log.info(
                 "epoch %d/%d step %d/%d loss %.4f top1 %.3f lr %.4g %.0f img/s eta %s",
-                self.epoch + 1, self.epochs, self.step, self.total, stats["loss"], stats["top1"], stats["lr"], stats["img_per_s"], _hms(eta_s),
+                self.epoch + 1,
+                self.epochs,
+                self.step,
+                self.total,
+                stats["loss"],
+                stats["top1"],
+                stats["lr"],
+                stats["img_per_s"],
+                _hms(eta_s),
             )
 
     def close(self) -> None:

@@ -51,8 +51,10 @@ class RunDirectory:
         existing = describe_run(self.path)
         if existing and not self.cfg.train.resume:
             if not self.cfg.output.overwrite:
-                return (f"{self.cfg.source}: {self.path} already holds a run ({existing}); continue it with train.resume=auto, "
-                        f"or start another with output.run_name=<new name> (output.overwrite=true replaces it)")
+                return (
+                    f"{self.cfg.source}: {self.path} already holds a run ({existing}); continue it with train.resume=auto, "
+                    f"or start another with output.run_name=<new name> (output.overwrite=true replaces it)"
+                )
             log.warning("output.overwrite=true: replacing the run in %s (%s)", self.path, existing)
             for name in RUN_FILES:
                 target = self.path / name
@@ -99,7 +101,11 @@ RUN_FILES = ("metrics.jsonl", "metrics.csv", "steps.jsonl", "checkpoints", "mode
 def describe_run(path: Path) -> str:
     """What the run in `path` got to ("finished, last step 360"), or "" when none is there."""
     checkpoints = path / "checkpoints"
-    steps = sorted(int(p.name[len(PREFIX):]) for p in checkpoints.glob(f"{PREFIX}*") if p.name[len(PREFIX):].isdigit() and (p / STATE_FILE).is_file()) if checkpoints.is_dir() else []
+    steps = (
+        sorted(int(p.name[len(PREFIX) :]) for p in checkpoints.glob(f"{PREFIX}*") if p.name[len(PREFIX) :].isdigit() and (p / STATE_FILE).is_file())
+        if checkpoints.is_dir()
+        else []
+    )
     records = []
     if (path / "metrics.jsonl").is_file():
         for line in (path / "metrics.jsonl").read_text().splitlines():

@@ -15,20 +15,23 @@ def start_summary(cfg: Config, backend: Backend, data: Datasets, loss_scaler: bo
     """What people check before walking away from a long run."""
     b, d, t = backend, data, cfg.train
     global_batch = cfg.data.batch_size_per_device * b.num_processes * t.grad_accum_steps
-    return _table([
-        ("run", str(cfg.run_dir)), ("model", f"{cfg.model.name} ({d.num_classes(cfg.model.num_classes)} classes)"),
-        ("device", processes(b) + (", freed host memory retained" if b.host_memory == "retain" else "")),
-        ("precision", b.precision + (" + loss scaler" if loss_scaler else "")),
-        ("data", f"{cfg.data.source} {cfg.data.root}: {d.train_size} train / {d.val_size} val images"),
-        ("input", f"{d.data_config['input_size'][-1]}px, {d.data_config['interpolation']}, crop_pct {d.data_config['crop_pct']}"),
-        ("batch", f"{cfg.data.batch_size_per_device}/device, global {global_batch}, {steps_per_epoch} steps/epoch"),
-        ("schedule", f"{t.epochs} epochs, {cfg.optim.name} lr {cfg.optim.lr}, {cfg.schedule.name}"),
-        ("start", f"epoch {state.epoch + 1}, step {state.global_step}" + (" (resumed)" if state.global_step else "")),
-    ])
+    return _table(
+        [
+            ("run", str(cfg.run_dir)),
+            ("model", f"{cfg.model.name} ({d.num_classes(cfg.model.num_classes)} classes)"),
+            ("device", processes(b) + (", freed host memory retained" if b.host_memory == "retain" else "")),
+            ("precision", b.precision + (" + loss scaler" if loss_scaler else "")),
+            ("data", f"{cfg.data.source} {cfg.data.root}: {d.train_size} train / {d.val_size} val images"),
+            ("input", f"{d.data_config['input_size'][-1]}px, {d.data_config['interpolation']}, crop_pct {d.data_config['crop_pct']}"),
+            ("batch", f"{cfg.data.batch_size_per_device}/device, global {global_batch}, {steps_per_epoch} steps/epoch"),
+            ("schedule", f"{t.epochs} epochs, {cfg.optim.name} lr {cfg.optim.lr}, {cfg.schedule.name}"),
+            ("start", f"epoch {state.epoch + 1}, step {state.global_step}" + (" (resumed)" if state.global_step else "")),
+        ]
+    )
 
 
 def processes(backend: Backend) -> str:
-    """"cpu, 1 process, not distributed" or "mlu:0 x 8 process(es), MULTI_MLU, process group cncl"."""
+    """ "cpu, 1 process, not distributed" or "mlu:0 x 8 process(es), MULTI_MLU, process group cncl"."""
     b = backend
     if b.num_processes == 1:
         return f"{b.device}, 1 process, not distributed"
@@ -40,13 +43,20 @@ def end_summary(history: list[dict[str, Any]], total_s: float, weights: Path, ch
     last = history[-1]
     best = max((r for r in history if r.get("val_top1") is not None), key=lambda r: r["val_top1"], default=last)
     mean_img_s = sum(r["train_samples"] for r in history) / max(sum(r["epoch_time_s"] for r in history), 1e-9)
-    return _table([
-        ("best val", f"top-1 {best.get('val_top1', float('nan')):.4f} top-5 {best.get('val_top5', float('nan')):.4f} (epoch {best['epoch'] + 1})"),
-        ("final val", f"top-1 {last.get('val_top1', float('nan')):.4f} top-5 {last.get('val_top5', float('nan')):.4f}"),
-        *([("final val EMA", f"top-1 {last['val_top1_ema']:.4f} top-5 {last.get('val_top5_ema', float('nan')):.4f}")] if last.get("val_top1_ema") is not None else []),
-        ("time", f"{total_s:.1f} s, {mean_img_s:.1f} img/s mean"),
-        ("weights", str(weights)), ("checkpoints", str(checkpoints)),
-    ])
+    return _table(
+        [
+            ("best val", f"top-1 {best.get('val_top1', float('nan')):.4f} top-5 {best.get('val_top5', float('nan')):.4f} (epoch {best['epoch'] + 1})"),
+            ("final val", f"top-1 {last.get('val_top1', float('nan')):.4f} top-5 {last.get('val_top5', float('nan')):.4f}"),
+            *(
+                [("final val EMA", f"top-1 {last['val_top1_ema']:.4f} top-5 {last.get('val_top5_ema', float('nan')):.4f}")]
+                if last.get("val_top1_ema") is not None
+                else []
+            ),
+            ("time", f"{total_s:.1f} s, {mean_img_s:.1f} img/s mean"),
+            ("weights", str(weights)),
+            ("checkpoints", str(checkpoints)),
+        ]
+    )
 
 
 def flat_config(sections: dict[str, dict[str, Any]]) -> dict[str, Any]:

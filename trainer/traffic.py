@@ -36,7 +36,9 @@ def per_step_traffic(step: Callable[[], Any], backend: Backend, steps: int) -> d
 
 def format_traffic(per_step: dict[str, float]) -> str:
     """One line: copies and bytes each way, and the host waits, per step."""
-    return (f"h2d {per_step['h2d_copies']:g} copies / {per_step['h2d_bytes']:,.0f} B, "
-            f"d2h {per_step['d2h_copies']:g} copies / {per_step['d2h_bytes']:,.0f} B, "
-            f"{per_step['syncs']:g} syncs (blocking copies {per_step['h2d_blocking'] + per_step['d2h_blocking']:g}, "
-            f".item() {per_step['scalar_reads']:g}, synchronize {per_step['sync_calls']:g})")
+    return (
+        f"h2d {per_step['h2d_copies']:g} copies / {per_step['h2d_bytes']:,.0f} B, "
+        f"d2h {per_step['d2h_copies']:g} copies / {per_step['d2h_bytes']:,.0f} B, "
+        f"{per_step['syncs']:g} syncs (blocking copies {per_step['h2d_blocking'] + per_step['d2h_blocking']:g}, "
+        f".item() {per_step['scalar_reads']:g}, synchronize {per_step['sync_calls']:g})"
+    )

@@ -141,7 +141,9 @@ class Trainer:
             raise CheckpointError(
                 f"train.resume={self.cfg.train.resume}: none of the {len(candidates)} checkpoints in {self.checkpoints.directory} could be loaded; move them away to start fresh"
             )
-            raise CheckpointError(f"train.resume={self.cfg.train.resume}: none of the {len(candidates)} checkpoints in {self.checkpoints.directory} could be loaded; move them away to start fresh")
+            raise CheckpointError(
+                f"train.resume={self.cfg.train.resume}: none of the {len(candidates)} checkpoints in {self.checkpoints.directory} could be loaded; move them away to start fresh"
+            )
         if self.accelerator.is_main_process:
             self.run.metrics.drop_from_epoch(0)  # records of a run killed before its first checkpoint: it starts again
 

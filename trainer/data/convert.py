@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from trainer.config import Config, DataConfig
+from trainer.config import Config
 from trainer.data.readers import DataError, Reader
 from trainer.data.sources import create_reader
 
@@ -145,7 +145,9 @@ def verify(expected: list, reader: Reader, what: str) -> None:
         found.append(_fingerprint(sample.data or b"", sample.label))
     if sorted(found) != sorted(expected):
         missing = len(set(expected) - set(found))
-        raise DataError(f"{what}: verification failed: {len(found)} samples read back for {len(expected)} written, {missing} differ; delete the output and convert again")
+        raise DataError(
+            f"{what}: verification failed: {len(found)} samples read back for {len(expected)} written, {missing} differ; delete the output and convert again"
+        )
 
 
 def convert_command(cfg: Config, args: Namespace) -> int:
@@ -177,7 +179,9 @@ def convert_command(cfg: Config, args: Namespace) -> int:
         target = dataclasses.replace(d, source=args.to if args.to == "wds" else "hf", root=str(out), val_split="", max_train_samples=0, max_val_samples=0)
         verify(written, create_reader(target, out_split, classes=list(train.classes)), f"{out} [{out_split}]")
         total, total_s = total + len(written), total_s + seconds
-        print(f"convert: {split} -> {out_split}: {len(written)} samples in {len(writer.names)} shards ({len(written) / max(seconds, 1e-9):.0f} files/s), verified")
+        print(
+            f"convert: {split} -> {out_split}: {len(written)} samples in {len(writer.names)} shards ({len(written) / max(seconds, 1e-9):.0f} files/s), verified"
+        )
     source = "wds" if args.to == "wds" else "hf"
     print(f"convert: wrote {total} samples to {out} ({total / max(total_s, 1e-9):.0f} files/s); train from it with data.source={source} data.root={out}")
     return 0

@@ -46,8 +46,9 @@ def find_labels_file(root: Path, split_dir: Path, configured: str) -> Path:
         for name in (*LABEL_FILES, f"{split_dir.name}_labels.csv"):
             if (folder / name).is_file():
                 return folder / name
-    raise DataError(f"{split_dir}: flat images without class folders and no labels file ({', '.join(LABEL_FILES)}) in {root}; "
-                    f"set data.val_labels; expected {FLAT_LAYOUT}")
+    raise DataError(
+        f"{split_dir}: flat images without class folders and no labels file ({', '.join(LABEL_FILES)}) in {root}; set data.val_labels; expected {FLAT_LAYOUT}"
+    )
 
 
 def read_labels(path: Path) -> dict[str, str]:
@@ -87,8 +88,10 @@ class FlatValReader:
         missing = [stem for stem in labels if stem not in stems]
         if unlabelled or missing:
             examples = ", ".join(filter(None, (unlabelled[:1] and f"unlabelled {unlabelled[0]}", missing[:1] and f"no image for {missing[0]}")))
-            raise DataError(f"{split_dir}: {len(unlabelled)} of {len(files)} images have no label in {labels_file} and "
-                            f"{len(missing)} of its {len(labels)} labels have no image (e.g. {examples}); the labels file must match the folder")
+            raise DataError(
+                f"{split_dir}: {len(unlabelled)} of {len(files)} images have no label in {labels_file} and "
+                f"{len(missing)} of its {len(labels)} labels have no image (e.g. {examples}); the labels file must match the folder"
+            )
         lookup = {name: i for i, name in enumerate(classes)}
         unknown = sorted({cls for cls in labels.values() if cls not in lookup})
         if unknown:

@@ -23,13 +23,17 @@ def class_folders(split_dir: Path) -> list[os.DirEntry]:
 def fingerprint(split_dir: Path, folders: list[os.DirEntry]) -> dict:
     """What the index depends on, read without listing any class folder."""
     return {
-        "format": FORMAT, "dir": str(split_dir.resolve()), "extensions": list(IMG_EXTENSIONS),
-        "classes": [e.name for e in folders], "mtime_ns": [e.stat().st_mtime_ns for e in folders],
+        "format": FORMAT,
+        "dir": str(split_dir.resolve()),
+        "extensions": list(IMG_EXTENSIONS),
+        "classes": [e.name for e in folders],
+        "mtime_ns": [e.stat().st_mtime_ns for e in folders],
     }
 
 
 def stale_reason(new: dict):
     """A function telling, from an old key, what changed since (for the one log line)."""
+
     def reason(old: dict) -> str:
         old_classes, new_classes = old.get("classes", []), new["classes"]
         added, removed = sorted(set(new_classes) - set(old_classes)), sorted(set(old_classes) - set(new_classes))
@@ -40,6 +44,7 @@ def stale_reason(new: dict):
         if changed:
             return f"files added or removed in {len(changed)} class folders, e.g. {changed[0]}"
         return "written by another version"
+
     return reason
 
 
@@ -51,7 +56,7 @@ def scan(split_dir: Path, folders: list[os.DirEntry]) -> tuple[dict[str, np.ndar
     (~150 MB) and its copies.
     """
     parts, counts = [], []
-    for label, entry in enumerate(folders):
+    for entry in folders:
         names = sorted(e.name for e in os.scandir(entry.path) if e.name.lower().endswith(IMG_EXTENSIONS) and e.is_file())
         parts.append(np.array([f"{entry.name}/{n}" for n in names], dtype=np.bytes_))
         counts.append(len(names))

@@ -143,8 +143,13 @@ def write(path: Path, key: dict, arrays: dict[str, np.ndarray], meta: dict) -> N
 
 
 def load_or_build(
-    path: Path | None, key: dict, build: Callable[[], tuple[dict[str, np.ndarray], dict]],
-    what: str, rank: int, wait_s: float, stale_reason: Callable[[dict], str] | None = None,
+    path: Path | None,
+    key: dict,
+    build: Callable[[], tuple[dict[str, np.ndarray], dict]],
+    what: str,
+    rank: int,
+    wait_s: float,
+    stale_reason: Callable[[dict], str] | None = None,
 ) -> CachedIndex:
     """The index for `key`: loaded from `path`, or built (process 0) and written there.
 
@@ -178,7 +183,8 @@ def load_or_build(
                 raise DataError(
                     f"data.index_cache: process {rank} waited {wait_s:.0f} s for the {what}, which process 0 writes to {path}: "
                     f"process 0 failed or is still indexing, or {path.parent} is not shared between the machines; "
-                    "raise data.index_wait_s, or set data.index_cache to a shared directory (or off)")
+                    "raise data.index_wait_s, or set data.index_cache to a shared directory (or off)"
+                )
             time.sleep(POLL_S)
             found = load(path, key)
         return found
@@ -191,7 +197,11 @@ def load_or_build(
         try:
             write(path, key, arrays, meta)
         except OSError as err:
-            log.warning("%s: cannot write the index cache %s (%s); every process indexes the data itself. "
-                        "Set data.index_cache to a writable directory", what, path, err.strerror or err)
+            log.warning(
+                "%s: cannot write the index cache %s (%s); every process indexes the data itself. Set data.index_cache to a writable directory",
+                what,
+                path,
+                err.strerror or err,
+            )
             return CachedIndex(arrays, meta, None)
     return CachedIndex(arrays, meta, path if rank == 0 else None)

@@ -16,8 +16,8 @@ from trainer.config import ConfigError, DataConfig
 from trainer.data.dataset import EpochSampler, ImageDataset, StreamingImageDataset, _SampleDecoder, collate
 from trainer.data.digits import write_digits
 from trainer.data.readers import SpreadSubset
-from trainer.data.sources import class_names, create_reader, create_stream_reader, get_source
 from trainer.data.sampler import RepeatAugSampler
+from trainer.data.sources import class_names, create_reader, create_stream_reader, get_source
 from trainer.data.worker_memory import bound_worker_heap
 
 BUILTIN_DATASETS = {"digits": write_digits}
@@ -76,11 +76,19 @@ def create_transforms(cfg: DataConfig, input_cfg: dict) -> tuple[Any, Any]:
     trivial = cfg.auto_augment in TRIVIAL_AUGMENT
     try:
         train = create_transform(
-            input_size=input_cfg["input_size"], is_training=True, scale=tuple(cfg.scale), ratio=tuple(cfg.ratio), hflip=cfg.hflip,
-            color_jitter=cfg.color_jitter or None, auto_augment=None if trivial else cfg.auto_augment or None, **common,
+            input_size=input_cfg["input_size"],
+            is_training=True,
+            scale=tuple(cfg.scale),
+            ratio=tuple(cfg.ratio),
+            hflip=cfg.hflip,
+            color_jitter=cfg.color_jitter or None,
+            auto_augment=None if trivial else cfg.auto_augment or None,
+            **common,
         )
     except (AssertionError, ValueError, KeyError, IndexError) as err:
-        raise ConfigError(f"data.auto_augment: {cfg.auto_augment!r} is not a timm policy (rand-m9-mstd0.5-inc1, augmix-m5-w4-d2, v0, original) nor trivial ({err})") from None
+        raise ConfigError(
+            f"data.auto_augment: {cfg.auto_augment!r} is not a timm policy (rand-m9-mstd0.5-inc1, augmix-m5-w4-d2, v0, original) nor trivial ({err})"
+        ) from None
     if trivial:
         from torchvision import transforms as T
 
@@ -168,7 +176,9 @@ def start_worker_server(workers: int) -> None:
         multiprocessing.forkserver.ensure_running()
 
 
-def create_loader(dataset: Any, cfg: DataConfig, batch_size: int, pin_kwargs: dict, sampler: Any = None, drop_last: bool = False, timeout_s: float = 0) -> DataLoader:
+def create_loader(
+    dataset: Any, cfg: DataConfig, batch_size: int, pin_kwargs: dict, sampler: Any = None, drop_last: bool = False, timeout_s: float = 0
+) -> DataLoader:
     """A DataLoader with the configured workers, prefetch and pinning; workers via `worker_context`.
 
     `timeout_s` > 0 bounds the wait for one batch from the workers (a stuck worker).
@@ -177,8 +187,11 @@ def create_loader(dataset: Any, cfg: DataConfig, batch_size: int, pin_kwargs: di
     kwargs: dict[str, Any] = dict(num_workers=workers, collate_fn=collate, drop_last=drop_last, **pin_kwargs)
     if workers > 0:
         kwargs.update(
-            prefetch_factor=cfg.prefetch_factor, persistent_workers=cfg.persistent_workers,
-            multiprocessing_context=worker_context(), timeout=timeout_s, worker_init_fn=bound_worker_heap,
+            prefetch_factor=cfg.prefetch_factor,
+            persistent_workers=cfg.persistent_workers,
+            multiprocessing_context=worker_context(),
+            timeout=timeout_s,
+            worker_init_fn=bound_worker_heap,
         )
     if sampler is None and not isinstance(dataset, torch.utils.data.IterableDataset):
         sampler = EpochSampler(len(dataset), shuffle=False, seed=0)

@@ -23,7 +23,6 @@ FOLDER_LAYOUT = "ROOT/train/<class>/*.JPEG and ROOT/val/<class>/*.JPEG (the Imag
 HF_LAYOUT = "a hub id in the local HF cache, a save_to_disk dir, or a dir of data/<split>-*.parquet shards"
 
 
-
 @dataclass(frozen=True)
 class Sample:
     data: bytes | None  # None when the source row has no image
@@ -54,8 +53,15 @@ class StreamReader(Protocol):
 class FolderReader:
     """`root/<class>/<file>` with classes indexed by sorted folder name, like torchvision's ImageFolder."""
 
-    def __init__(self, split_dir: Path, classes: list[str] | None = None, allow_empty_classes: bool = False,
-                 index_cache: str = "off", rank: int = 0, index_wait_s: float = 600.0) -> None:
+    def __init__(
+        self,
+        split_dir: Path,
+        classes: list[str] | None = None,
+        allow_empty_classes: bool = False,
+        index_cache: str = "off",
+        rank: int = 0,
+        index_wait_s: float = 600.0,
+    ) -> None:
         """Index `split_dir` (once per job, see `folder_index`); an empty class folder is an
         error unless `allow_empty_classes` (check-data lists them all), in which case it is
         recorded in `empty_classes`."""
@@ -164,7 +170,9 @@ def _class_names(features: Any, label_column: str, image_column: str, where: str
 class HFReader:
     """A map-style `datasets.Dataset` split; images are read as bytes, undecoded."""
 
-    def __init__(self, root: str, split: str, classes: list[str] | None = None, image_column: str = "image", label_column: str = "label", cache_dir: str = "") -> None:
+    def __init__(
+        self, root: str, split: str, classes: list[str] | None = None, image_column: str = "image", label_column: str = "label", cache_dir: str = ""
+    ) -> None:
         datasets = _hf_offline()
         ds = open_hf_split(root, split, cache_dir=cache_dir)
         names = _class_names(ds.features, label_column, image_column, f"{root} [{split}]")
@@ -187,8 +195,20 @@ class HFReader:
 class HFStreamReader:
     """A streamed split, sharded across processes; workers split its shards further."""
 
-    def __init__(self, root: str, split: str, rank: int, world_size: int, seed: int, shuffle: bool, classes: list[str] | None = None,
-                 num_classes: int = 0, image_column: str = "image", label_column: str = "label", cache_dir: str = "") -> None:
+    def __init__(
+        self,
+        root: str,
+        split: str,
+        rank: int,
+        world_size: int,
+        seed: int,
+        shuffle: bool,
+        classes: list[str] | None = None,
+        num_classes: int = 0,
+        image_column: str = "image",
+        label_column: str = "label",
+        cache_dir: str = "",
+    ) -> None:
         datasets = _hf_offline()
         from datasets.distributed import split_dataset_by_node
 

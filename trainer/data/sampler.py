@@ -59,4 +59,4 @@ class RepeatAugSampler(Sampler):
         b = self.batch_size
         for j in range(self.batches_per_process):
             for share in shares:
-                yield from share[j * b:(j + 1) * b]
+                yield from share[j * b : (j + 1) * b]

@@ -107,6 +107,7 @@ HF = Source(
     ),
 )
 
+
 def _open_shards(cfg: DataConfig, split: str, classes: list[str] | None, rank: int = 0) -> Reader:
     from trainer.data.wds import TarShardReader
 

@@ -111,16 +111,24 @@ def build_index(shards: list[Path]) -> tuple[dict[str, np.ndarray], dict]:
                 column.append(value)
     shard, offset, size, label, keys = columns
     return {
-        "shard": np.array(shard, dtype=np.int32), "offset": np.array(offset, dtype=np.int64),
-        "size": np.array(size, dtype=np.int64), "label": np.array(label, dtype=np.int32),
+        "shard": np.array(shard, dtype=np.int32),
+        "offset": np.array(offset, dtype=np.int64),
+        "size": np.array(size, dtype=np.int64),
+        "label": np.array(label, dtype=np.int32),
         "key": np.array(keys, dtype=np.bytes_) if keys else np.empty(0, dtype="S1"),
     }, {"shards": [p.name for p in shards]}
 
 
 def shard_fingerprint(root: Path, split: str, shards: list[Path]) -> dict:
     stats = [p.stat() for p in shards]
-    return {"format": FORMAT, "dir": str(root.resolve()), "split": split, "shards": [p.name for p in shards],
-            "bytes": [s.st_size for s in stats], "mtime_ns": [s.st_mtime_ns for s in stats]}
+    return {
+        "format": FORMAT,
+        "dir": str(root.resolve()),
+        "split": split,
+        "shards": [p.name for p in shards],
+        "bytes": [s.st_size for s in stats],
+        "mtime_ns": [s.st_mtime_ns for s in stats],
+    }
 
 
 def class_names(info: dict, classes: list[str] | None, labels: np.ndarray | None, num_classes: int = 0) -> list[str]:
@@ -215,7 +223,9 @@ class TarShardStream:
     process, worker), so replaying the stream to a mid-epoch position resumes exactly.
     """
 
-    def __init__(self, root: Path, split: str, rank: int, world_size: int, seed: int, shuffle: bool, classes: list[str] | None = None, num_classes: int = 0) -> None:
+    def __init__(
+        self, root: Path, split: str, rank: int, world_size: int, seed: int, shuffle: bool, classes: list[str] | None = None, num_classes: int = 0
+    ) -> None:
         self.shards = find_shards(root, split)
         info = read_info(root)
         split_info = info.get("splits", {}).get(split, {})
@@ -226,11 +236,6 @@ class TarShardStream:
         if not self.classes:
             raise DataError(f"{root} [{split}]: streamed shards name no classes (no classes in _info.json); set model.num_classes")
         self.root, self.split, self.rank, self.world_size, self.seed, self.shuffle = root, split, rank, world_size, seed, shuffle
-
-    @classmethod
-    def from_config(cls, cfg, split: str, rank: int, world_size: int, seed: int, shuffle: bool, classes: list[str] | None = None, num_classes: int = 0) -> TarShardStream:
-        """The constructor with `HFStreamReader`'s arguments, so the loader can pick either."""
-        return cls(Path(cfg.root).expanduser(), split, rank, world_size, seed, shuffle, classes, num_classes)
 
     def _spans(self, order: list[int], consumers: int, me: int) -> list[tuple[int, int, int]]:
         """(shard, first, end) sample ranges this consumer reads, in order.
@@ -287,7 +292,9 @@ class TarShardStream:
                 yield Sample(None, -1, f"{path}: unreadable after {count} samples ({err})")
                 continue
             if self.shard_lengths is not None and end >= self.shard_lengths[number] and count != self.shard_lengths[number]:
-                raise DataError(f"{path}: {count} samples, but {self.root / '_info.json'} says {self.shard_lengths[number]}; "
-                                "fix or delete _info.json (without it whole shards are dealt out)")
+                raise DataError(
+                    f"{path}: {count} samples, but {self.root / '_info.json'} says {self.shard_lengths[number]}; "
+                    "fix or delete _info.json (without it whole shards are dealt out)"
+                )
         rng.shuffle(buffer)
         yield from buffer

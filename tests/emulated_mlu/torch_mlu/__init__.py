@@ -37,9 +37,7 @@ def _register() -> None:
     ops.set_device_count(device_module.visible_device_count())
     torch.utils.rename_privateuse1_backend("mlu")
     torch._register_device_module("mlu", device_module)
-    torch.utils.generate_methods_for_privateuse1_backend(
-        for_tensor=True, for_module=True, for_packed_sequence=True, for_storage=True
-    )
+    torch.utils.generate_methods_for_privateuse1_backend(for_tensor=True, for_module=True, for_packed_sequence=True, for_storage=True)
     if dist.is_available():
         dist.Backend.register_backend("cncl", _cncl.create_process_group, devices=["mlu"])
 

@@ -93,9 +93,7 @@ class ProcessGroupCNCL(dist.ProcessGroup):
         timeout: Timeout of every collective.
     """
 
-    def __init__(
-        self, store: dist.Store, rank: int, size: int, timeout: datetime.timedelta
-    ) -> None:
+    def __init__(self, store: dist.Store, rank: int, size: int, timeout: datetime.timedelta) -> None:
         super().__init__(rank, size)
         self._timeout = timeout
         self._gloo = dist.ProcessGroupGloo(dist.PrefixStore("cncl-gloo/", store), rank, size, timeout)
@@ -191,9 +189,7 @@ class ProcessGroupCNCL(dist.ProcessGroup):
 
     _allgather_base = all_gather_single
 
-    def all_gather_single_coalesced(
-        self, outputs: list[torch.Tensor], inputs: list[torch.Tensor], opts: Any = None
-    ) -> Work:
+    def all_gather_single_coalesced(self, outputs: list[torch.Tensor], inputs: list[torch.Tensor], opts: Any = None) -> Work:
         """``all_gather_single`` over pairs of outputs and inputs."""
         for output, tensor in zip(outputs, inputs):
             self.all_gather_single(output, tensor, opts)
@@ -225,9 +221,7 @@ class ProcessGroupCNCL(dist.ProcessGroup):
 
     _reduce_scatter_base = reduce_scatter_single
 
-    def reduce_scatter_single_coalesced(
-        self, outputs: list[torch.Tensor], inputs: list[torch.Tensor], opts: Any
-    ) -> Work:
+    def reduce_scatter_single_coalesced(self, outputs: list[torch.Tensor], inputs: list[torch.Tensor], opts: Any) -> Work:
         """``reduce_scatter_single`` over pairs of outputs and inputs."""
         for output, tensor in zip(outputs, inputs):
             self.reduce_scatter_single(output, tensor, opts)
@@ -282,9 +276,7 @@ class ProcessGroupCNCL(dist.ProcessGroup):
     ) -> Work:
         """All-to-all over slices of one tensor."""
         host = _to_host(output)
-        self._gloo.alltoall_base(
-            host, _to_host(input), list(output_split_sizes), list(input_split_sizes)
-        ).wait()
+        self._gloo.alltoall_base(host, _to_host(input), list(output_split_sizes), list(input_split_sizes)).wait()
         _write_back(output, host)
         return _CompletedWork([output])
 
@@ -315,10 +307,24 @@ class ProcessGroupCNCL(dist.ProcessGroup):
 # device memory directly), so the transfer counters of torch.mlu.transfer_stats() must
 # not see it: every collective runs inside the extension's internal scope.
 _COLLECTIVES = (
-    "allreduce", "allreduce_coalesced", "broadcast", "reduce", "allgather", "allgather_coalesced",
-    "all_gather_single", "all_gather_single_coalesced", "reduce_scatter", "reduce_scatter_single",
-    "reduce_scatter_single_coalesced", "gather", "scatter", "alltoall", "all_to_all_single", "send",
-    "recv", "barrier",
+    "allreduce",
+    "allreduce_coalesced",
+    "broadcast",
+    "reduce",
+    "allgather",
+    "allgather_coalesced",
+    "all_gather_single",
+    "all_gather_single_coalesced",
+    "reduce_scatter",
+    "reduce_scatter_single",
+    "reduce_scatter_single_coalesced",
+    "gather",
+    "scatter",
+    "alltoall",
+    "all_to_all_single",
+    "send",
+    "recv",
+    "barrier",
 )
 
 
@@ -339,8 +345,6 @@ for _name in _COLLECTIVES:
     setattr(ProcessGroupCNCL, _name, _uncounted(getattr(ProcessGroupCNCL, _name)))
 
 
-def create_process_group(
-    store: dist.Store, rank: int, size: int, timeout: datetime.timedelta
-) -> ProcessGroupCNCL:
+def create_process_group(store: dist.Store, rank: int, size: int, timeout: datetime.timedelta) -> ProcessGroupCNCL:
     """Creator function given to ``Backend.register_backend("cncl", ...)``."""
     return ProcessGroupCNCL(store, rank, size, timeout)

@@ -218,10 +218,7 @@ class _DeviceProperties:
         self.multi_processor_count = 16
 
     def __repr__(self) -> str:
-        return (
-            f"_MLUDeviceProperties(name='{self.name}', major={self.major}, minor={self.minor}, "
-            f"total_memory={self.total_memory // 1024**2}MB)"
-        )
+        return f"_MLUDeviceProperties(name='{self.name}', major={self.major}, minor={self.minor}, total_memory={self.total_memory // 1024**2}MB)"
 
 
 def get_device_properties(device: DeviceLike = None) -> _DeviceProperties:
@@ -440,9 +437,7 @@ class Event:
         interprocess: Accepted for API compatibility; ignored.
     """
 
-    def __init__(
-        self, enable_timing: bool = False, blocking: bool = False, interprocess: bool = False
-    ) -> None:
+    def __init__(self, enable_timing: bool = False, blocking: bool = False, interprocess: bool = False) -> None:
         self.enable_timing = enable_timing
         self._event = torch.Event(torch.device("mlu", current_device()), enable_timing=enable_timing)
 

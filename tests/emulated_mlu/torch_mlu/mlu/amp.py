@@ -19,8 +19,7 @@ class GradScaler(torch.amp.GradScaler):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         warnings.warn(
-            "torch.mlu.amp.GradScaler(args...) is deprecated. "
-            "Please use torch.amp.GradScaler('mlu', args...) instead.",
+            "torch.mlu.amp.GradScaler(args...) is deprecated. Please use torch.amp.GradScaler('mlu', args...) instead.",
             FutureWarning,
             stacklevel=2,
         )
@@ -37,8 +36,7 @@ class autocast(torch.amp.autocast):  # noqa: N801  (mirrors torch.cuda.amp.autoc
         cache_enabled: bool = True,
     ) -> None:
         warnings.warn(
-            "torch.mlu.amp.autocast(args...) is deprecated. "
-            "Please use torch.autocast('mlu', args...) instead.",
+            "torch.mlu.amp.autocast(args...) is deprecated. Please use torch.autocast('mlu', args...) instead.",
             FutureWarning,
             stacklevel=2,
         )
