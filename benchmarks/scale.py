@@ -18,11 +18,12 @@ import json
 import os
 import platform
 import shutil
-import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from marked import kill_marked  # a sibling module: these scripts run as benchmarks/<name>.py
 
 REPO = Path(__file__).resolve().parent.parent
 CLASSES, PER_CLASS, VAL = 1000, 1281, 50_000
@@ -151,17 +152,6 @@ def listings_per_job(root: Path, cache: Path, processes: int = 8) -> dict:
     return result
 
 
-def kill_marked(marker: str) -> None:
-    """SIGKILL every process whose environment has SCALE_RUN=marker (the launcher, its workers, their loaders)."""
-    needle = f"SCALE_RUN={marker}".encode()
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            if needle in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"):
-                os.kill(int(pid), signal.SIGKILL)
-        except OSError:
-            pass
-
-
 def launch_to_first_step(root: Path, cache: Path, workdir: Path) -> dict:
     """`accelerate launch`, 2 processes x 4 workers, cold caches: seconds until step 1 is logged."""
     shutil.rmtree(cache, ignore_errors=True)
@@ -202,7 +192,7 @@ def launch_to_first_step(root: Path, cache: Path, workdir: Path) -> dict:
             if "step 1/" in line:
                 seconds = time.perf_counter() - start
                 break
-        kill_marked(marker)  # torchrun starts the training processes in sessions of their own
+        kill_marked("SCALE_RUN", marker)  # torchrun starts the training processes in sessions of their own
         proc.wait()
         results[run] = {"seconds": round(seconds, 1) if seconds else None, "cold_cache": cold, "tail": None if seconds else "".join(tail[-5:])}
     return results

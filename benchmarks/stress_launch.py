@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import socket
 import statistics
 import subprocess
@@ -25,6 +24,8 @@ import threading
 import time
 from pathlib import Path
 
+from marked import kill_marked  # a sibling module: these scripts run as benchmarks/<name>.py
+
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -32,17 +33,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def kill_marked(marker: str) -> None:
-    """SIGKILL each process whose environment has STRESS_LAUNCH=marker (this launch's)."""
-    needle = f"STRESS_LAUNCH={marker}".encode()
-    for proc in Path("/proc").iterdir():
-        try:
-            if proc.name.isdigit() and needle in (proc / "environ").read_bytes().split(b"\0"):
-                os.kill(int(proc.name), signal.SIGKILL)
-        except OSError:
-            continue
 
 
 def one_launch(index: int, out: Path, pythonpath: str, hang_s: float) -> dict:
@@ -86,7 +76,7 @@ def one_launch(index: int, out: Path, pythonpath: str, hang_s: float) -> dict:
         rc = proc.wait(timeout=hang_s)
         hung = False
     except subprocess.TimeoutExpired:
-        kill_marked(marker)  # torchrun starts its workers in sessions of their own
+        kill_marked("STRESS_LAUNCH", marker)  # torchrun starts its workers in sessions of their own
         rc, hung = proc.wait(), True
     reader.join(timeout=5)
     return {"rc": rc, "hung": hung, "wall_s": time.perf_counter() - start, "first_step_s": first_step[0] if first_step else None}

@@ -8,6 +8,7 @@ it) and each image its own bright square (so every file, and every crop, differs
 from __future__ import annotations
 
 import io
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -158,6 +159,15 @@ def make_hf_hub_cache(cache_dir: Path, repo_id: str = "ILSVRC/imagenet-1k", **kw
     shutil.rmtree(cache_dir / "_build")
     shutil.rmtree(source)
     return cache_dir
+
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def two_process_launcher(*launch_args: str) -> list[str]:
+    """`accelerate launch` of two CPU processes (configs/accelerate/cpu_2proc.yaml) on a free port, up to `-m`."""
+    config = str(REPO / "configs/accelerate/cpu_2proc.yaml")
+    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", config, "--main_process_port", str(free_port()), *launch_args, "-m"]
 
 
 def free_port() -> int:

@@ -190,17 +190,7 @@ def test_two_processes_validate_every_image_exactly_once(tmp_path):
     assert len(rows) == 4 and rows[0].startswith("class_index,class_name,samples,correct,accuracy")
 
 
-def two_process_launcher() -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--config_file",
-        str(REPO / "configs/accelerate/cpu_2proc.yaml"),
-        "--main_process_port",
-        str(helpers.free_port()),
-        "-m",
-    ]
+two_process_launcher = helpers.two_process_launcher
 
 
 def test_a_batch_skipped_whole_on_one_process_keeps_the_processes_in_step(tmp_path):

@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -43,22 +42,7 @@ class Launch:
 
     def __init__(self, config: Path, *overrides: str, launch_args: tuple[str, ...] = ()) -> None:
         self.marker = f"{os.getpid()}-{time.monotonic_ns()}"
-        cmd = [
-            sys.executable,
-            "-m",
-            "accelerate.commands.launch",
-            "--config_file",
-            str(REPO / "configs/accelerate/cpu_2proc.yaml"),
-            "--main_process_port",
-            str(helpers.free_port()),
-            *launch_args,
-            "-m",
-            "trainer",
-            "train",
-            "--config",
-            str(config),
-            *overrides,
-        ]
+        cmd = [*helpers.two_process_launcher(*launch_args), "trainer", "train", "--config", str(config), *overrides]
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "TRAINER_TEST_RUN": self.marker}
         self.proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         self.lines: list[str] = []

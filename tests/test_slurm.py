@@ -68,21 +68,7 @@ def test_launch_line_on_two_machines_trains_like_one_machine_with_two_processes(
     assert [m.returncode for m in machines] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
     assert "2 process(es)" in outputs[0], outputs[0][-3000:]
     one = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "accelerate.commands.launch",
-            "--config_file",
-            str(REPO / "configs/accelerate/cpu_2proc.yaml"),
-            "--main_process_port",
-            str(helpers.free_port()),
-            "-m",
-            "trainer",
-            "train",
-            "--config",
-            str(config),
-            "output.run_name=one_machine",
-        ],
+        [*helpers.two_process_launcher(), "trainer", "train", "--config", str(config), "output.run_name=one_machine"],
         cwd=REPO,
         env=env,
         capture_output=True,

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from trainer.data.readers import IMG_EXTENSIONS, DataError, Sample
+from trainer.data.readers import IMG_EXTENSIONS, DataError, PathListReader
 
 LABEL_FILES = ("LOC_val_solution.csv", "val_labels.csv")
 FLAT_LAYOUT = "ROOT/val/*.JPEG with ROOT/LOC_val_solution.csv (Kaggle) or a file,class CSV named by data.val_labels"
@@ -76,7 +76,7 @@ def read_labels(path: Path) -> dict[str, str]:
     return labels
 
 
-class FlatValReader:
+class FlatValReader(PathListReader):
     """Images of a flat split folder, labelled by a labels file, with the training classes."""
 
     def __init__(self, split_dir: Path, labels_file: Path, classes: list[str]) -> None:
@@ -99,11 +99,3 @@ class FlatValReader:
         self.classes, self.root, self.labels_file = classes, split_dir, labels_file
         self._paths = np.array(files, dtype=np.bytes_)
         self._labels = np.array([lookup[labels[Path(name).stem]] for name in files], dtype=np.int32)
-
-    def __len__(self) -> int:
-        return len(self._paths)
-
-    def read(self, index: int) -> Sample:
-        path = self.root / self._paths[index].decode()
-        with open(path, "rb") as f:
-            return Sample(f.read(), int(self._labels[index]), str(path))
