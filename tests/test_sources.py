@@ -20,7 +20,7 @@ def test_each_source_owns_its_val_split_default():
 def test_unknown_source_is_one_line_naming_the_registered_ones():
     with pytest.raises(DataError) as err:
         create_reader(DataConfig(source="tfds", root="x"), "train")
-    assert str(err.value) == "data.source: unknown source 'tfds' (registered: folder, hf)"
+    assert str(err.value) == "data.source: unknown source 'tfds' (registered: folder, hf, wds)"
 
 
 def test_every_config_choice_is_registered_and_back():

@@ -106,6 +106,7 @@ def test_clipping_bounds_the_update_at_the_accumulation_boundary(tmp_path, data)
         schedule={"name": "constant", "warmup_epochs": 0.0},
     )
     trainer = Trainer(load_config(config))
+    trainer.run.prepare()  # the log point writes steps.jsonl into the run directory
     try:
         before = torch.cat([p.detach().flatten().clone() for p in trainer.model.parameters()])
         record = trainer.train_epoch(0)

@@ -40,6 +40,7 @@ VISIBLE_DEVICES_VARS = {
 }
 # NOTE: main.py (pytorch/examples imagenet) defaults to nccl, i.e. CUDA.
 REFERENCE_DEFAULT_PROCESS_GROUP = "nccl"
+HOST_DEVICE_TYPE = "cpu"  # the device with no accelerator: its process group is gloo
 
 
 def device_for_process_group(process_group: str) -> str | None:

@@ -30,7 +30,14 @@ from typing import Any
 
 import yaml
 
-from trainer.backend import DEVICE_TYPES, PROCESS_GROUP_BACKENDS, REFERENCE_DEFAULT_PROCESS_GROUP, VISIBLE_DEVICES_VARS, device_for_process_group
+from trainer.backend import (
+    DEVICE_TYPES,
+    HOST_DEVICE_TYPE,
+    PROCESS_GROUP_BACKENDS,
+    REFERENCE_DEFAULT_PROCESS_GROUP,
+    VISIBLE_DEVICES_VARS,
+    device_for_process_group,
+)
 from trainer.config import ConfigError
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
@@ -160,10 +167,10 @@ def import_main_py_args(argv: list[str], device: str = "auto", devices_per_machi
 
     # -- device and processes ------------------------------------------------------
     if device == "auto":
-        device = "cpu" if a["no_accel"] else device_for_process_group(a["dist_backend"]) or ""
+        device = HOST_DEVICE_TYPE if a["no_accel"] else device_for_process_group(a["dist_backend"]) or ""
         if not device:
             unmapped.append(f"--dist-backend {a['dist_backend']}: no device uses this process group here; pass import-args --device")
-            device = "cpu"
+            device = HOST_DEVICE_TYPE
     elif "dist_backend" in given and device_for_process_group(given["dist_backend"]) not in (device, None):
         notes.append(f"--dist-backend {given['dist_backend']}: replaced by {PROCESS_GROUP_BACKENDS[device]}, the process group of --device {device}")
     env: list[str] = []
@@ -190,7 +197,7 @@ def import_main_py_args(argv: list[str], device: str = "auto", devices_per_machi
         unmapped.append(
             f"--world-size {a['world_size']} without --multiprocessing-distributed: one process per machine, each over all its devices, has no equivalent; use --multiprocessing-distributed"
         )
-    if device == "cpu":
+    if device == HOST_DEVICE_TYPE:
         processes = processes if distributed else 1
 
     # -- data, model, optimizer, schedule ------------------------------------------
