@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from trainer.config import OptimConfig, ScheduleConfig
-from trainer.optim import create_lr_scheduler, create_optimizer, lr_factor
+from trainer.optim import create_lr_scheduler, create_optimizer, lr_factor, zero_fused_momentum
 
 STEPS = 10  # optimizer steps per epoch in these tests
 
@@ -203,3 +203,28 @@ def test_no_decay_norm_bias_spares_norm_weights_and_biases():
     assert by_decay[0.0] == {id(p) for p in model.parameters()} - decayed  # conv/linear biases and both BN parameters
     plain = create_optimizer(model, OptimConfig(name="sgd", weight_decay=3e-5))
     assert len(plain.param_groups) == 1 and plain.param_groups[0]["weight_decay"] == 3e-5
+
+
+def test_fused_sgd_momentum_starts_at_zero_so_a_skipped_first_step_leaves_no_garbage():
+    # A loss scaler skips fp16's overflowing first steps; fused SGD would then read the
+    # momentum buffers it allocated with empty_like but never filled.
+    torch.manual_seed(0)
+    reference, fused = torch.nn.Linear(4, 3), torch.nn.Linear(4, 3)
+    fused.load_state_dict(reference.state_dict())
+    ref_opt = torch.optim.SGD(reference.parameters(), lr=0.1, momentum=0.9, foreach=False)
+    opt = torch.optim.SGD(fused.parameters(), lr=0.1, momentum=0.9, fused=True)
+    zero_fused_momentum(opt)
+    assert all(torch.equal(opt.state[p]["momentum_buffer"], torch.zeros_like(p)) for p in fused.parameters())
+    for p in fused.parameters():
+        p.grad = torch.full_like(p, float("inf"))
+    opt.found_inf = torch.ones(())  # what GradScaler hands a fused optimizer on an overflow
+    opt.step()
+    del opt.found_inf
+    assert all(torch.equal(opt.state[p]["momentum_buffer"], torch.zeros_like(p)) for p in fused.parameters())
+    x = torch.randn(8, 4)
+    for model, optimizer in ((reference, ref_opt), (fused, opt)):
+        optimizer.zero_grad()
+        model(x).square().sum().backward()
+        optimizer.step()
+    for a, b in zip(reference.parameters(), fused.parameters(), strict=True):
+        torch.testing.assert_close(a, b)

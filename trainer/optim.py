@@ -34,6 +34,24 @@ def create_optimizer(model: torch.nn.Module, cfg: OptimConfig, prefer_fused: boo
     return create_optimizer_v2(model, opt=cfg.name, lr=cfg.lr, weight_decay=cfg.weight_decay, filter_bias_and_bn=cfg.no_decay_norm_bias, **kwargs)
 
 
+def zero_fused_momentum(optimizer: torch.optim.Optimizer) -> None:
+    """Give fused SGD zeroed momentum buffers before its first step (call after the params sit on their device).
+
+    NOTE: torch's fused SGD allocates its momentum buffers with `empty_like` and fills
+    them in the first step it takes; when the loss scaler skips that step (fp16's first
+    steps overflow), the next step reads uninitialized memory (seen: NaN weights on one of
+    two processes, the others finite). With zeros, the first step's buffer is
+    `momentum * 0 + grad = grad`, the same update (dampening is 0 here).
+    """
+    for group in optimizer.param_groups:
+        if not (group.get("fused") and group.get("momentum", 0)):
+            continue
+        for param in group["params"]:
+            state = optimizer.state[param]
+            if state.get("momentum_buffer") is None:
+                state["momentum_buffer"] = torch.zeros_like(param)
+
+
 def lr_factor(step: int, cfg: ScheduleConfig, steps_per_epoch: int, epochs: int) -> float:
     """The lr multiplier at optimizer step `step`, a pure function so resume needs no state.
 

@@ -33,7 +33,7 @@ from trainer.loop.stop import StopAgreement
 from trainer.loss import create_loss, hard_labels
 from trainer.metrics import RunningSums, reduce_sums, topk_correct
 from trainer.model import create_model
-from trainer.optim import create_lr_scheduler, create_optimizer
+from trainer.optim import create_lr_scheduler, create_optimizer, zero_fused_momentum
 from trainer.progress import EpochProgress, check_trackers
 from trainer.run_dir import RunDirectory
 from trainer.summary import end_summary, flat_config, start_summary
@@ -80,6 +80,7 @@ class Trainer:
         if t.compile:
             model = torch.compile(model)
         self.model, self.optimizer = acc.prepare(model, optimizer)
+        zero_fused_momentum(self.optimizer)
         self.steps_per_epoch = self._steps_per_epoch()
         self.scheduler = create_lr_scheduler(self.optimizer, cfg.schedule, self.steps_per_epoch, t.epochs)
         # Recipe components, each None when its keys leave it off: random erasing and
