@@ -19,6 +19,7 @@ from typing import Any
 import yaml
 
 from trainer.backend import DEVICE_TYPES
+from trainer.data.resize import schedule_problem
 from trainer.errors import ConfigError
 
 
@@ -103,6 +104,11 @@ class DataConfig:
     re_count: int = _field(1, "random erasing: at most this many boxes per image")
     repeated_aug: int = _field(
         0, "repeated augmentation (timm RepeatAugSampler): each image this many times per epoch, differently augmented, epoch length kept; 0 or 1 disables it"
+    )
+    train_size_schedule: list = _field(
+        [],
+        "progressive resizing: [[epoch, px], ...], the train crop from each epoch on (epochs from 0, as in metrics.jsonl), e.g. [[0, 160], [12, 192]]; "
+        "the val crop stays test_img_size or img_size; empty trains at img_size throughout",
     )
 
 
@@ -324,6 +330,7 @@ def _validate(cfg: Config, origins: dict[str, str]) -> None:
         ("ema.warmup_power", cfg.ema.warmup_power > 0, "must be > 0"),
         ("data.root", bool(d.root), "must name the dataset (a folder, a parquet/save_to_disk dir or a hub id)"),
     ]
+    checks.append(("data.train_size_schedule", not (problem := schedule_problem(d.train_size_schedule)), problem))
     for key, ok, why in checks:
         if not ok:
             section, name = key.split(".")

@@ -242,7 +242,8 @@ class Trainer:
 
     def _epoch_batches(self, epoch: int) -> Lockstep:
         """This epoch's train batches past those already done, padded for uneven stream shards."""
-        loader = self.train_loader
+        # NOTE: resized before skipping, so a resumed epoch loads its rest at its own size
+        self.train_loader = loader = self.pipeline.resize(epoch, self.train_loader)
         if self.state.batches_done:
             loader = self.accelerator.skip_first_batches(loader, self.state.batches_done)
         loader.set_epoch(epoch)

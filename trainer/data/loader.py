@@ -16,6 +16,7 @@ from trainer.config import ConfigError, DataConfig
 from trainer.data.dataset import EpochSampler, ImageDataset, StreamingImageDataset, _SampleDecoder, collate
 from trainer.data.digits import write_digits
 from trainer.data.readers import SpreadSubset
+from trainer.data.resize import train_size_at
 from trainer.data.sampler import RepeatAugSampler
 from trainer.data.sources import class_names, create_reader, create_stream_reader, get_source
 from trainer.data.worker_memory import bound_worker_heap
@@ -66,24 +67,23 @@ def resolve_input_config(cfg: DataConfig, model_name: str) -> dict:
 TRIVIAL_AUGMENT = ("trivial", "ta_wide")  # torchvision's TrivialAugmentWide; timm has none
 
 
-def create_transforms(cfg: DataConfig, input_cfg: dict) -> tuple[Any, Any]:
-    """Train and val transforms from timm; uint8 output when normalizing on the device.
+def create_train_transform(cfg: DataConfig, input_cfg: dict, size: int) -> Any:
+    """The train transform from timm at `size` px (a scheduled size, or the input size); uint8 output when normalizing on the device.
 
     Random erasing is not here: it runs on the normalized device batch (`trainer.batch_augment`),
-    where timm's prefetcher runs it. `data.test_img_size` sets the val crop apart from the train one.
+    where timm's prefetcher runs it.
     """
-    common = dict(interpolation=input_cfg["interpolation"], mean=input_cfg["mean"], std=input_cfg["std"], use_prefetcher=cfg.normalize_on_device)
     trivial = cfg.auto_augment in TRIVIAL_AUGMENT
     try:
         train = create_transform(
-            input_size=input_cfg["input_size"],
+            input_size=(3, size, size),
             is_training=True,
             scale=tuple(cfg.scale),
             ratio=tuple(cfg.ratio),
             hflip=cfg.hflip,
             color_jitter=cfg.color_jitter or None,
             auto_augment=None if trivial else cfg.auto_augment or None,
-            **common,
+            **_common_transform_args(cfg, input_cfg),
         )
     except (AssertionError, ValueError, KeyError, IndexError) as err:
         raise ConfigError(
@@ -96,9 +96,34 @@ def create_transforms(cfg: DataConfig, input_cfg: dict) -> tuple[Any, Any]:
         at = max((i + 1 for i, t in enumerate(steps) if isinstance(t, (T.RandomHorizontalFlip, T.RandomVerticalFlip))), default=1)
         steps.insert(at, T.TrivialAugmentWide(interpolation=T.InterpolationMode.BILINEAR))
         train = T.Compose(steps)
+    return train
+
+
+def _common_transform_args(cfg: DataConfig, input_cfg: dict) -> dict:
+    return dict(interpolation=input_cfg["interpolation"], mean=input_cfg["mean"], std=input_cfg["std"], use_prefetcher=cfg.normalize_on_device)
+
+
+def create_transforms(cfg: DataConfig, input_cfg: dict, train_size: int = 0) -> tuple[Any, Any]:
+    """Train and val transforms from timm; `train_size` (0: the input size) sets the train crop.
+
+    `data.test_img_size` sets the val crop apart from the train one.
+    """
+    train = create_train_transform(cfg, input_cfg, train_size or input_cfg["input_size"][-1])
     test_size = (3, cfg.test_img_size, cfg.test_img_size) if cfg.test_img_size else input_cfg["input_size"]
+    common = _common_transform_args(cfg, input_cfg)
     val = create_transform(input_size=test_size, is_training=False, crop_pct=input_cfg["crop_pct"], crop_mode=input_cfg.get("crop_mode", "center"), **common)
     return train, val
+
+
+def resize_train(data: Datasets, cfg: DataConfig, size: int) -> None:
+    """Rebuild the train split's transform (and JPEG draft size) at `size` px; val is untouched.
+
+    The dataset object stays: the sampler, reader and Accelerate's sharding refer to it.
+    Workers that already hold a pickled copy do not see this (`trainer.data.resize`).
+    """
+    old = data.train.decoder
+    transform = create_train_transform(cfg, data.data_config, size)
+    data.train.decoder = _SampleDecoder(transform, old.num_classes, size if cfg.draft_decode else None, old.on_error, old.seed)
 
 
 def create_datasets(cfg: DataConfig, model_name: str, seed: int, rank: int, world_size: int, num_classes: int = 0, train: bool = True) -> Datasets:
@@ -113,9 +138,9 @@ def create_datasets(cfg: DataConfig, model_name: str, seed: int, rank: int, worl
         BUILTIN_DATASETS[cfg.create_if_missing](Path(cfg.root).expanduser())
     source = get_source(cfg.source)
     input_cfg = resolve_input_config(cfg, model_name)
-    train_tf, val_tf = create_transforms(cfg, input_cfg)
-    size = input_cfg["input_size"][-1]
-    test_size = cfg.test_img_size or size
+    test_size = cfg.test_img_size or input_cfg["input_size"][-1]
+    size = train_size_at(cfg.train_size_schedule, 0, input_cfg["input_size"][-1])  # a resumed run resizes on its first epoch
+    train_tf, val_tf = create_transforms(cfg, input_cfg, size)
     val_split = source.val_split(cfg)
 
     def decoder(transform: Any, draft_size: int, classes: list[str]) -> _SampleDecoder:

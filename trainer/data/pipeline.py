@@ -6,6 +6,9 @@ ship uint8 (N, 3, H, W) batches, 4x fewer bytes than float, and `Normalizer` tur
 into normalized float on the device; without it the transforms normalize on the host and
 batches arrive as float, which `Normalizer` passes through (only the memory format is set).
 
+With `data.train_size_schedule`, `resize` hands the train loop each epoch's loader: the same
+one, or (when the scheduled size changes) a new one over the train set rebuilt at that size.
+
 Every batch reaches the device one way, `place`: Accelerate's `prepare_data_loader`,
 which shards a map-style loader across processes and copies batches to the device.
 """
@@ -19,7 +22,8 @@ import torch
 from accelerate.data_loader import prepare_data_loader
 
 from trainer.config import DataConfig
-from trainer.data.loader import Datasets, create_loader
+from trainer.data.loader import Datasets, create_loader, resize_train
+from trainer.data.resize import TrainResize, train_size_at
 
 
 class Normalizer:
@@ -38,9 +42,10 @@ class Normalizer:
 
 @dataclass
 class InputPipeline:
-    train: Any | None  # None when only evaluating
+    train: Any | None  # None when only evaluating; the first epoch's loader (`resize` gives the others)
     val: Any
     normalize: Normalizer
+    resize: TrainResize | None = None  # (epoch, loader) -> that epoch's train loader, rebuilt when its size changes
 
 
 def place(loader: Any, accelerator: Any, shard: bool, even_batches: bool = True) -> Any:
@@ -72,10 +77,19 @@ def create_pipeline(
     `wait_s` > 0 bounds each wait for a batch from the loader workers.
     """
     shard = not data.streamed
-    train_loader = None
+    train_loader, resize = None, None
     if train:
-        loader = create_loader(data.train, cfg, cfg.batch_size_per_device, pin_kwargs, data.train_sampler, drop_last=True, timeout_s=wait_s)
-        train_loader = place(loader, accelerator, shard)
+
+        def create_train_loader() -> Any:
+            loader = create_loader(data.train, cfg, cfg.batch_size_per_device, pin_kwargs, data.train_sampler, drop_last=True, timeout_s=wait_s)
+            return place(loader, accelerator, shard)
+
+        def rebuild(size: int) -> Any:
+            resize_train(data, cfg, size)
+            return create_train_loader()  # new workers, forked by the fork server, get the dataset at the new size
+
+        train_loader = create_train_loader()
+        resize = TrainResize(cfg.train_size_schedule, train_size_at(cfg.train_size_schedule, 0, data.data_config["input_size"][-1]), rebuild)
     val_loader = create_loader(data.val, cfg, cfg.val_batch_size_per_device or cfg.batch_size_per_device, pin_kwargs, timeout_s=wait_s)
     normalize = Normalizer(data.data_config["mean"], data.data_config["std"], accelerator.device, channels_last)
-    return InputPipeline(train_loader, place(val_loader, accelerator, shard, even_batches=False), normalize)
+    return InputPipeline(train_loader, place(val_loader, accelerator, shard, even_batches=False), normalize, resize)
