@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import ast
+from pathlib import Path
+
 import pytest
 
-from trainer.collectives import CollectiveError, is_collective_failure, named_collective_failures
+from trainer.collectives import WAITS, CollectiveError, is_collective_failure, named_collective_failures
+
+PACKAGE = Path(__file__).resolve().parent.parent / "trainer"
 
 GLOO_TIMEOUT = "[../third_party/gloo/gloo/transport/tcp/unbound_buffer.cc:78] Timed out waiting 300000ms for recv operation to complete"
 GLOO_PEER = "[../third_party/gloo/gloo/transport/tcp/pair.cc:545] Read error [127.0.0.1]:27776: Connection reset by peer."
 
 
-def _epoch_over(message: str) -> None:
+def epoch_over(message: str) -> None:
     raise RuntimeError(message)
 
 
@@ -21,7 +26,7 @@ def train_step(message: str) -> None:
 @pytest.mark.parametrize(
     ("where", "message", "expected"),
     [
-        (_epoch_over, GLOO_TIMEOUT, "process 1: step 42: timed out after backend.collective_timeout_s=300 s waiting in the stop agreement"),
+        (epoch_over, GLOO_TIMEOUT, "process 1: step 42: timed out after backend.collective_timeout_s=300 s waiting in the stop agreement"),
         (train_step, GLOO_PEER, "process 1: step 42: lost another process during the gradient all-reduce (DDP backward)"),
         (
             train_step,
@@ -43,3 +48,14 @@ def test_other_errors_pass_through_unchanged():
     with pytest.raises(KeyError):
         with named_collective_failures(0, lambda: 0, 300):
             raise KeyError("x")
+
+
+def test_every_wait_names_a_function_the_trainer_defines():
+    """A renamed function would silently turn its wait into "a collective in ..."."""
+    defined = {
+        node.name
+        for path in PACKAGE.rglob("*.py")
+        for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef)
+    }
+    assert not [name for name, _ in WAITS if name not in defined]

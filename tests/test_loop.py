@@ -13,10 +13,12 @@ import torch
 from trainer.backend import create_accelerator
 from trainer.checkpoint import TrainState
 from trainer.errors import TrainingStopped
+from trainer.loop.clip import GradClip
 from trainer.loop.lockstep import Lockstep, StandIn, is_empty
 from trainer.loop.nonfinite import NonFiniteGuard
 from trainer.loop.step import OptimizerStep, StepHook
 from trainer.loop.stop import StopAgreement
+from trainer.loop.tally import EpochTally
 
 
 class Recorder(StepHook):
@@ -121,6 +123,22 @@ def test_guard_stops_after_the_limit_and_vetoes_bad_checkpoints(tmp_path: Path):
         guard.check(step=5)
 
 
+def test_guard_decides_with_every_process(tmp_path: Path):
+    """A NaN on another process spares this one's checkpoint and stops it too: the decisions are taken together."""
+    other = torch.tensor([0, 0, 0])  # what another process reports: its longest streak, latest loss non-finite, weights non-finite
+    guard = NonFiniteGuard(torch.device("cpu"), limit=3, loss_scaler=False, checkpoints=tmp_path, agree=lambda mine: torch.maximum(mine, other))
+    model = torch.nn.Linear(2, 2)
+    guard.observe(torch.tensor(1.0))
+    assert guard.safe_to_save(model, step=1)
+    other[:] = torch.tensor([1, 1, 0])
+    assert not guard.safe_to_save(model, step=2)
+    other[:] = torch.tensor([1, 0, 1])
+    assert not guard.safe_to_save(model, step=3)
+    other[:] = torch.tensor([3, 1, 0])
+    with pytest.raises(TrainingStopped, match=r"non-finite for 3 consecutive steps, up to step 4"):
+        guard.check(step=4)
+
+
 def test_guard_leaves_overflows_to_the_loss_scaler(tmp_path: Path):
     guard = NonFiniteGuard(torch.device("cpu"), limit=1, loss_scaler=True, checkpoints=tmp_path)
     guard.observe(torch.tensor(float("inf")))
@@ -156,3 +174,37 @@ def test_stop_agreement_asks_the_others_at_log_points_only():
     ended = StopAgreement(TwoProcesses(others=[0, 1]))
     assert not ended.epoch_over(step=10, stream_ended=False, at_log_point=True)  # only the other's stream ran out
     assert ended.epoch_over(step=20, stream_ended=True, at_log_point=True) and not ended.requested
+
+
+def test_tally_resumed_mid_epoch_reports_the_whole_epoch():
+    acc, _ = create_accelerator("cpu", "fp32")
+    clip = GradClip(acc, torch.nn.Linear(2, 2), max_norm=1.0)
+
+    def first_part(tally: EpochTally) -> None:
+        tally.window.add(torch.tensor(6.0), torch.tensor(2.0), torch.tensor(3.0))  # loss x n, correct, n
+        clip.norms.add(torch.tensor(4.0), torch.tensor(1.0))
+
+    def second_part(tally: EpochTally) -> None:
+        tally.window.add(torch.tensor(2.0), torch.tensor(0.0), torch.tensor(1.0))
+        tally.skipped += 1
+        clip.norms.add(torch.tensor(2.0), torch.tensor(1.0))
+
+    straight = EpochTally(acc, clip)
+    straight.start({})
+    first_part(straight)
+    saved = straight.snapshot()  # what a mid-epoch checkpoint stores
+    second_part(straight)
+    whole, _ = straight.epoch_metrics(elapsed_s=2.0)
+
+    resumed = EpochTally(acc, clip)  # a new process, after the kill
+    resumed.start(saved)
+    second_part(resumed)
+    rest, _ = resumed.epoch_metrics(elapsed_s=2.0)
+
+    same = ("train_loss", "train_top1", "train_samples", "skipped", "grad_norm")
+    assert (
+        {k: rest[k] for k in same} == {k: whole[k] for k in same} == {"train_loss": 2.0, "train_top1": 0.5, "train_samples": 4, "skipped": 1, "grad_norm": 3.0}
+    )
+    assert (whole["img_per_s"], rest["img_per_s"]) == (2.0, 0.5)  # only the images this run trained on are timed
+    resumed.start({})
+    assert resumed.epoch_metrics(elapsed_s=1.0)[0]["train_samples"] == 0  # the next epoch starts from nothing

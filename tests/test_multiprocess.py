@@ -7,6 +7,7 @@ one of them by pid (found by a marker in its environment).
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import threading
@@ -19,6 +20,7 @@ import yaml
 from safetensors.torch import load_file
 
 import helpers
+from trainer.metrics import read_metrics
 
 REPO = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow
@@ -162,3 +164,41 @@ def test_a_killed_process_is_survived_with_max_restarts_and_ends_bit_for_bit(tmp
     a, b = load_file(str(runs / "straight" / "model.safetensors")), load_file(str(runs / "restarted" / "model.safetensors"))
     different = [k for k in a if not torch.equal(a[k], b[k])]
     assert not different, different[:3]
+
+
+def test_the_recipe_features_on_two_processes_survive_a_kill_mid_epoch_bit_for_bit(tmp_path):
+    """Repeated augmentation (copies dealt to both processes), progressive resizing, mixup/cutmix,
+    BCE, RandAugment, random erasing, clipping and the EMA: a worker killed mid-epoch after the
+    size change, both restarted, and the run ends as the uninterrupted one, EMA and metrics included."""
+    config = tiny(tmp_path, epochs=3, resume="auto", checkpoint_every_steps=1, keep_last_checkpoints=100, loss="bce", grad_clip_norm=0.5)
+    recipe = (
+        "data.batch_size_per_device=2",  # 24 images x 3 copies, 12 per process per epoch: 6 steps
+        "data.repeated_aug=3",
+        "data.train_size_schedule=[[0,24],[1,32]]",
+        "data.auto_augment=rand-m6-mstd0.5-inc1",
+        "data.re_prob=0.5",
+        "mixup.mixup_alpha=0.1",
+        "mixup.cutmix_alpha=1.0",
+        "ema.enabled=true",
+        "ema.decay=0.9",
+    )
+    straight = Launch(config, *recipe, "output.run_name=straight")
+    assert straight.finish() == 0, straight.text[-3000:]
+
+    launch = Launch(config, *recipe, "output.run_name=restarted", launch_args=("--max_restarts", "1"))
+    launch.wait_for("epoch 2/3 step 2/")
+    os.kill(launch.worker(1), signal.SIGKILL)
+    rc = launch.finish()
+    (tmp_path / "launch.log").write_text(launch.text)
+    assert rc == 0, launch.text[-6000:]
+    resumed = re.search(r"resumed from \S+ \(epoch 2, step (\d+)\)", launch.text)
+    assert resumed and 6 < int(resumed.group(1)) < 12, launch.text[-3000:]  # mid-epoch, at the new size
+
+    runs = tmp_path / "runs"
+    for weights in ("model.safetensors", "model_ema.safetensors"):
+        a, b = load_file(str(runs / "straight" / weights)), load_file(str(runs / "restarted" / weights))
+        assert not [k for k in a if not torch.equal(a[k], b[k])], weights
+    timed = ("img_per_s", "epoch_time_s")
+    assert [{k: v for k, v in r.items() if k not in timed} for r in read_metrics(runs / "restarted")] == [
+        {k: v for k, v in r.items() if k not in timed} for r in read_metrics(runs / "straight")
+    ]

@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 
 import helpers
 from trainer.config import load_config
+from trainer.metrics import read_metrics
 from trainer.train import Trainer
 
 REPO = Path(__file__).resolve().parent.parent
@@ -93,6 +94,10 @@ def test_resume_mid_epoch_with_every_feature_on_is_bit_exact(tmp_path, data):
         for weights in ("model.safetensors", "model_ema.safetensors"):
             assert same_tensors(full / weights, tmp_path / "runs" / name / weights), (step, weights)
         assert record["val_top1_ema"] == full_record["val_top1_ema"] and record["val_loss"] == full_record["val_loss"]
+        # the resumed epoch's train figures are the whole epoch's, as in the uninterrupted run
+        train = ("train_loss", "train_top1", "train_samples", "skipped", "grad_norm")
+        resumed_epochs = {r["epoch"]: {k: r[k] for k in train} for r in read_metrics(tmp_path / "runs" / name)}
+        assert resumed_epochs == {r["epoch"]: {k: r[k] for k in train} for r in read_metrics(full) if r["epoch"] in resumed_epochs}, step
 
 
 def test_clipping_bounds_the_update_at_the_accumulation_boundary(tmp_path, data):

@@ -14,16 +14,21 @@ import os
 import sys
 import traceback
 from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
 
 # Where in the trainer a collective is called (function names on the failing stack,
 # innermost first), and what that call waits for.
 WAITS = (
-    ("_epoch_over", "the stop agreement (every process asks whether to stop)"),
-    ("_save_if_finite", "the checkpoint barrier (every process saves its state)"),
+    ("epoch_over", "the stop agreement (every process asks whether to stop)"),
+    ("_flags", "the non-finite check (every process's losses and weights)"),
     ("save", "the checkpoint barrier (every process saves its state)"),
     ("evaluate", "the validation all-reduce (every process's val sums)"),
     ("train_step", "the gradient all-reduce (DDP backward)"),
     ("backward", "the gradient all-reduce (DDP backward)"),
+    ("snapshot", "the epoch's metrics all-reduce"),
     ("train_epoch", "the epoch's metrics all-reduce"),
     ("export", "the barrier after exporting the weights"),
     ("prepare", "the run-directory check on the main process"),
@@ -84,6 +89,15 @@ def named_collective_failures(rank: int, step: Callable[[], int], timeout_s: flo
         if not is_collective_failure(err):
             raise
         raise CollectiveError(describe(err, rank, step(), timeout_s)) from None
+
+
+def max_over_processes(values: torch.Tensor) -> torch.Tensor:
+    """`values` maxed element-wise over every process of the group (in place); unchanged for one process."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(values, op=dist.ReduceOp.MAX)
+    return values
 
 
 def exit_now(code: int) -> None:

@@ -67,6 +67,12 @@ class RunningSums:
     def totals(self) -> dict[str, float]:
         return dict(zip(self.names, self.values.tolist()))
 
+    def load(self, totals: dict[str, float]) -> None:
+        """Start from `totals` (a resumed epoch's sums so far); names it lacks start at 0."""
+        import torch
+
+        self.values.copy_(torch.tensor([float(totals.get(name, 0.0)) for name in self.names], dtype=torch.float64))
+
     def reset(self) -> None:
         self.values.zero_()
 

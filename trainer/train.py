@@ -30,8 +30,9 @@ from trainer.loop.lockstep import Lockstep, StandIn, is_empty
 from trainer.loop.nonfinite import NonFiniteGuard
 from trainer.loop.step import OptimizerStep
 from trainer.loop.stop import StopAgreement
+from trainer.loop.tally import EpochTally
 from trainer.loss import create_loss, hard_labels
-from trainer.metrics import RunningSums, reduce_sums, topk_correct
+from trainer.metrics import RunningSums, topk_correct
 from trainer.model import create_model
 from trainer.optim import create_lr_scheduler, create_optimizer, zero_fused_momentum
 from trainer.progress import EpochProgress, check_trackers
@@ -39,7 +40,6 @@ from trainer.run_dir import RunDirectory
 from trainer.summary import end_summary, flat_config, start_summary
 
 log = logging.getLogger("trainer")
-SUMS = ("loss", "top1", "n")  # what the training loop adds up on the device
 
 __all__ = ["Trainer", "TrainingStopped"]
 
@@ -97,6 +97,7 @@ class Trainer:
         for hook in (self.clip, self.ema and EmaStepHook(self.ema, acc.unwrap_model(self.model))):
             if hook:
                 self.boundary.add_hook(hook)
+        self.tally = EpochTally(acc, self.clip)
         self.guard = NonFiniteGuard(acc.device, t.max_non_finite_steps, acc.scaler is not None, self.checkpoints.directory)
         self.stop = StopAgreement(acc, every_step=self.backend.host_sync_is_free)
         self.stand_in = StandIn(self.data.data_config["input_size"], acc.device)
@@ -142,9 +143,6 @@ class Trainer:
             raise CheckpointError(
                 f"train.resume={self.cfg.train.resume}: none of the {len(candidates)} checkpoints in {self.checkpoints.directory} could be loaded; move them away to start fresh"
             )
-            raise CheckpointError(
-                f"train.resume={self.cfg.train.resume}: none of the {len(candidates)} checkpoints in {self.checkpoints.directory} could be loaded; move them away to start fresh"
-            )
         if self.accelerator.is_main_process:
             self.run.metrics.drop_from_epoch(0)  # records of a run killed before its first checkpoint: it starts again
 
@@ -182,33 +180,34 @@ class Trainer:
 
     def train_epoch(self, epoch: int) -> dict[str, float]:
         """One epoch (or its rest, after a resume); returns its metrics, reduced over processes."""
-        acc, t, state = self.accelerator, self.cfg.train, self.state
+        t, state, tally = self.cfg.train, self.state, self.tally
         batches = self._epoch_batches(epoch)
         step_in_epoch = math.ceil(state.batches_done / t.grad_accum_steps)
         progress = EpochProgress(epoch, t.epochs, self.steps_per_epoch, step_in_epoch, *self._shown())
-        sums, window = RunningSums(acc.device, SUMS), RunningSums(acc.device, SUMS)
-        skipped, start_s, window_s = 0, time.perf_counter(), time.perf_counter()
+        tally.start(state.epoch_totals if state.batches_done else {})
+        start_s = window_s = time.perf_counter()
         for batch in batches:
-            skipped += self.run.record_skipped(batch["skipped"]) if batch["skipped"] else 0
+            tally.skipped += self.run.record_skipped(batch["skipped"]) if batch["skipped"] else 0
             state.batches_done += 1
-            if is_empty(batch) and acc.num_processes == 1:  # all skipped; several processes step on together
+            if is_empty(batch) and self.accelerator.num_processes == 1:  # all skipped; several processes step on together
                 continue
-            if not self.train_step(batch, window):
+            if not self.train_step(batch, tally.window):
                 continue  # inside an accumulation window
             step_in_epoch += 1
             stats = None
             if step_in_epoch % t.log_every_steps == 0 or step_in_epoch == self.steps_per_epoch:
-                stats, window_s = self._read_window(window, sums, time.perf_counter() - window_s), time.perf_counter()
+                stats, window_s = self._read_window(time.perf_counter() - window_s), time.perf_counter()
             progress.update(1, stats)
             if self._checkpoint_due(step_in_epoch):
-                self._fold(window, sums)
+                state.epoch_totals = tally.snapshot()
                 self._save_checkpoint()
             if self.stop.epoch_over(state.global_step, batches.ended, at_log_point=stats is not None) or step_in_epoch >= self.steps_per_epoch:
                 break
         progress.close()
-        self._fold(window, sums)
+        # NOTE: kept in the state, so a stop checkpoint taken now resumes with them too
+        metrics, state.epoch_totals = tally.epoch_metrics(time.perf_counter() - start_s)
         self.guard.check(state.global_step)
-        return self._epoch_metrics(sums, skipped, time.perf_counter() - start_s)
+        return metrics
 
     def _shown(self) -> tuple[bool, str]:
         """Whether this process shows progress, and how (`output.progress`)."""
@@ -218,27 +217,6 @@ class Trainer:
         """`train.checkpoint_every_steps` reached, short of the epoch's end (which checkpoints anyway)."""
         every = self.cfg.train.checkpoint_every_steps
         return bool(every) and self.state.global_step % every == 0 and step_in_epoch < self.steps_per_epoch
-
-    def _epoch_metrics(self, sums: RunningSums, skipped: int, elapsed_s: float) -> dict[str, float]:
-        totals = reduce_sums(self.accelerator, sums, skipped)
-        n = max(totals["n"], 1)
-        clipped = {"grad_norm": self.clip.mean_norm()} if self.clip else {}
-        if self.clip:
-            self.clip.reset()
-        return {
-            **clipped,
-            "train_loss": totals["loss"] / n,
-            "train_top1": totals["top1"] / n,
-            "img_per_s": totals["n"] / elapsed_s,
-            "epoch_time_s": elapsed_s,
-            "skipped": int(totals["skipped"]),
-            "train_samples": int(totals["n"]),
-        }
-
-    @staticmethod
-    def _fold(window: RunningSums, sums: RunningSums) -> None:
-        sums.values += window.values
-        window.reset()
 
     def _epoch_batches(self, epoch: int) -> Lockstep:
         """This epoch's train batches past those already done, padded for uneven stream shards."""
@@ -252,10 +230,9 @@ class Trainer:
         pad = self.data.streamed and self.accelerator.num_processes > 1
         return Lockstep(loader, pad, epoch, self.state.batches_done, self.steps_per_epoch * self.cfg.train.grad_accum_steps, self.accelerator.process_index)
 
-    def _read_window(self, window: RunningSums, sums: RunningSums, elapsed_s: float) -> dict[str, float]:
+    def _read_window(self, elapsed_s: float) -> dict[str, float]:
         """Read the loss at log intervals only: this is the loop's one host sync."""
-        w = window.totals()
-        self._fold(window, sums)
+        w = self.tally.fold()
         self.guard.check(self.state.global_step)
         n, img_per_s = max(w["n"], 1), w["n"] * self.accelerator.num_processes / max(elapsed_s, 1e-9)
         stats = {"loss": w["loss"] / n, "top1": w["top1"] / n, "lr": self.boundary.lr, "img_per_s": img_per_s}
@@ -307,7 +284,7 @@ class Trainer:
 
     def _end_epoch(self, record: dict[str, Any]) -> None:
         """Mark the epoch done, note the best checkpoint, write the record, then checkpoint."""
-        self.state.epoch, self.state.batches_done = record["epoch"] + 1, 0
+        self.state.epoch, self.state.batches_done, self.state.epoch_totals = record["epoch"] + 1, 0, {}
         if record.get("val_top1", -1) > self.state.best_val_top1:
             self.state.best_val_top1, self.state.best_checkpoint = record["val_top1"], checkpoint_name(self.state.global_step)
         # NOTE: record first, checkpoint second: a kill between them re-runs the epoch
