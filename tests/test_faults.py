@@ -320,6 +320,36 @@ def test_non_finite_weights_after_a_finite_loss_are_not_checkpointed(data: Path,
 
 
 # -- (e) output that cannot be written ----------------------------------------------------
+def test_a_full_disk_is_one_line_and_keeps_earlier_checkpoints(data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # safetensors reports a failed write as its own SafetensorError, not an OSError
+    from safetensors import SafetensorError
+
+    from trainer import checkpoint as checkpoint_module
+    from trainer.checkpoint import CheckpointError
+    from trainer.config import load_config
+    from trainer.train import Trainer
+
+    def disk_full(*args, **kwargs):
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    trainer = Trainer(load_config(write_config(tmp_path, data, "full")))
+    trainer.run.prepare()
+    trainer._save_checkpoint()
+    trainer.state.global_step = 1
+    monkeypatch.setattr(trainer.accelerator, "save_state", disk_full)
+    with pytest.raises(
+        CheckpointError, match=r"\.tmp-step_00000001: checkpoint write failed \(No space left on device \(os error 28\)\); earlier checkpoints are intact"
+    ):
+        trainer._save_checkpoint()
+    assert [p.name for p in trainer.checkpoints.directory.iterdir()] == ["step_00000000"]
+    monkeypatch.setattr(checkpoint_module, "save_file", disk_full)
+    with pytest.raises(
+        CheckpointError, match=r"model.safetensors: writing the final weights failed \(No space left on device .*train.resume=auto writes them again"
+    ):
+        trainer.run.export(trainer.model)
+    trainer.close()
+
+
 @pytest.mark.parametrize("blocked", ["output_dir_is_a_file", "read_only_output_dir", "checkpoints_path_is_a_file"])
 def test_unwritable_output_is_one_line_naming_it(blocked: str, data: Path, tmp_path: Path) -> None:
     config = write_config(tmp_path, data, "run")

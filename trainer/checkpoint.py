@@ -97,10 +97,11 @@ class CheckpointManager:
                 os.replace(tmp, final)
                 _fsync_dir(self.directory)
                 self.prune(keep=state.best_checkpoint)
-        except OSError as err:
+        # NOTE: safetensors reports a failed write (a full disk) as its own SafetensorError
+        except (OSError, SafetensorError) as err:
             if acc.is_main_process:
                 shutil.rmtree(tmp, ignore_errors=True)
-            raise CheckpointError(f"{tmp}: checkpoint write failed ({err.strerror or err}); earlier checkpoints are intact") from None
+            raise CheckpointError(f"{tmp}: checkpoint write failed ({write_failure(err)}); earlier checkpoints are intact") from None
         acc.wait_for_everyone()
         return final
 
@@ -136,11 +137,21 @@ class CheckpointManager:
         return state
 
 
+def write_failure(err: Exception) -> str:
+    """Why a write failed, in a few words ("No space left on device"), from an OSError or a SafetensorError."""
+    text = getattr(err, "strerror", None) or str(err)
+    return text.removeprefix("Error while serializing: ").removeprefix("I/O error: ")
+
+
 def export_weights(model: torch.nn.Module, path: Path) -> Path:
     """Save plain weights as safetensors that timm loads via pretrained_cfg_overlay=dict(file=...)."""
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     tmp = path.with_name(f".{path.name}.tmp")
-    save_file(tensors, str(tmp), metadata={"format": "pt"})
+    try:
+        save_file(tensors, str(tmp), metadata={"format": "pt"})
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a part-written file (a full disk) would only take more space
+        raise
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(tmp, 0o666 & ~umask)  # NOTE: safetensors creates 0600; every other file of a run is 0644

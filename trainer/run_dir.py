@@ -8,7 +8,9 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from trainer.checkpoint import PREFIX, STATE_FILE, export_weights
+from safetensors import SafetensorError
+
+from trainer.checkpoint import PREFIX, STATE_FILE, CheckpointError, export_weights, write_failure
 from trainer.config import Config, ConfigError, save_config
 from trainer.metrics import MetricsWriter
 from trainer.plots import write_plots
@@ -89,7 +91,12 @@ class RunDirectory:
         """The final weights as model.safetensors (or `name`: the EMA's), loadable by timm."""
         path = self.path / name
         if self.accelerator.is_main_process:
-            export_weights(self.accelerator.unwrap_model(model), path)
+            try:
+                export_weights(self.accelerator.unwrap_model(model), path)
+            except (OSError, SafetensorError) as err:
+                raise CheckpointError(
+                    f"{path}: writing the final weights failed ({write_failure(err)}); the checkpoints are intact, and train.resume=auto writes them again"
+                ) from None
         self.accelerator.wait_for_everyone()
         return path
 
