@@ -330,12 +330,13 @@ def test_check_data_clean_folder_exits_0(tmp_path: Path, capsys: pytest.CaptureF
 
 def test_check_data_hf_rows(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     spoiled = {index: change for index, change, _ in HF_SKIPPED.values()} | {10: {"label": None}}
-    cfg = load_config(write_config(tmp_path, write_parquet(tmp_path / "data", spoiled), "hf"))
-    assert check_data_command(cfg, Namespace(limit=0, examples=5)) == 1
-    out = capsys.readouterr().out
-    assert "unreadable files: 2\n" in out and "train[3]: row has no image" in out and "train[6]: not an image" in out
-    assert "label problems: 2\n" in out and "train[9]: label 5" in out and "label missing (-1): 1\n    train[10]" in out
-    assert "class mismatches: 0" in out
+    config = write_config(tmp_path, write_parquet(tmp_path / "data", spoiled), "hf")
+    for workers in (0, 2):  # in this process, then in worker processes (pickled readers, from the fork server)
+        assert check_data_command(load_config(config, [f"data.workers={workers}"]), Namespace(limit=0, examples=5)) == 1
+        out = capsys.readouterr().out
+        assert "unreadable files: 2\n" in out and "train[3]: row has no image" in out and "train[6]: not an image" in out
+        assert "label problems: 2\n" in out and "train[9]: label 5" in out and "label missing (-1): 1\n    train[10]" in out
+        assert "class mismatches: 0" in out
 
 
 def test_check_data_limit_with_worker_processes(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

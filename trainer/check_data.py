@@ -8,7 +8,6 @@ one training would skip (or stop at, with data.on_error=raise).
 from __future__ import annotations
 
 import dataclasses
-import multiprocessing
 import os
 import sys
 import time
@@ -16,7 +15,7 @@ from argparse import Namespace
 
 from trainer.config import Config, DataConfig
 from trainer.data.decode import inspect_image
-from trainer.data.loader import effective_num_classes
+from trainer.data.loader import effective_num_classes, worker_context
 from trainer.data.readers import Reader
 from trainer.data.sources import Source, get_source
 
@@ -82,7 +81,9 @@ def _scan(reader: Reader, split: str, count: int, workers: int, num_classes: int
     """Inspect the first `count` samples; returns the labels seen. `num_classes` None: no label check."""
     seen: set[int] = set()
     start = time.perf_counter()
-    pool = multiprocessing.Pool(workers, _init_worker, (reader,)) if workers > 0 else None
+    # NOTE: workers from the loaders' fork server, not a fork of this process: opening a
+    # source can start threads (pyarrow's pool for hf), whose held locks a fork would copy.
+    pool = worker_context().Pool(workers, _init_worker, (reader,)) if workers > 0 else None
     _init_worker(reader)
     results = pool.imap(_inspect, range(count), chunksize=32) if pool else map(_inspect, range(count))
     try:
