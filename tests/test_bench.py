@@ -61,7 +61,16 @@ def test_bench_reports_three_measurements_and_the_bound(tmp_path: Path, workers:
         assert line in proc.stdout, (line, proc.stdout)
 
 
-@pytest.mark.parametrize("flag, value", [("--steps", "0"), ("--warmup", "-1")])
+@pytest.mark.slow
+def test_bench_measures_at_the_scheduled_size_of_an_epoch(tmp_path: Path) -> None:
+    proc = bench(tmp_path, 0, "data.train_size_schedule=[[0,24],[2,40]]", "--epoch", "2")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    figures = json.loads((tmp_path / "runs" / "bench" / "bench.json").read_text())
+    assert (figures["setup"]["img_size"], figures["setup"]["epoch"]) == (40, 2)
+    assert "test_resnet 40px (epoch 2 of data.train_size_schedule)" in proc.stdout, proc.stdout
+
+
+@pytest.mark.parametrize("flag, value", [("--steps", "0"), ("--warmup", "-1"), ("--epoch", "-1")])
 def test_bad_step_counts_exit_2_with_one_line(tmp_path: Path, flag: str, value: str) -> None:
     proc = bench(tmp_path, 0, flag, value)
     assert proc.returncode == 2

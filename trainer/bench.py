@@ -37,6 +37,7 @@ import torch
 
 from trainer.backend import Backend, resolve_precision
 from trainer.config import Config
+from trainer.data.resize import train_size_at
 from trainer.errors import TrainingStopped
 from trainer.metrics import RunningSums
 from trainer.traffic import format_traffic, per_step_traffic
@@ -58,11 +59,17 @@ def batch_stream(trainer: Trainer) -> Iterator[dict[str, Any]]:
             raise TrainingStopped(f"{trainer.cfg.data.root}: an epoch of the train split gave no usable batch")
 
 
-def synthetic_batch(trainer: Trainer) -> dict[str, Any]:
-    """A batch as the loader delivers it, made on the device: uint8 when normalizing there."""
+def train_size(trainer: Trainer, epoch: int) -> int:
+    """The train crop of `epoch` (`data.train_size_schedule`), the loader resized to it."""
+    trainer.train_loader = trainer.pipeline.resize(epoch, trainer.train_loader)
+    return train_size_at(trainer.cfg.data.train_size_schedule, epoch, trainer.data.data_config["input_size"][-1])
+
+
+def synthetic_batch(trainer: Trainer, size: int) -> dict[str, Any]:
+    """A batch as the loader delivers it at `size` px, made on the device: uint8 when normalizing there."""
     data = trainer.cfg.data
     batch, device = data.batch_size_per_device, trainer.accelerator.device
-    _, height, width = trainer.data.data_config["input_size"]
+    height = width = size
     num_classes = trainer.data.num_classes(trainer.cfg.model.num_classes)
     if data.normalize_on_device:
         images = torch.randint(0, 256, (batch, 3, height, width), dtype=torch.uint8, device=device)
@@ -128,13 +135,13 @@ def verdict(model: float, pipeline: float, end_to_end: float, trainer: Trainer, 
 
 def bench_command(cfg: Config, args: argparse.Namespace) -> int:
     """Measure, print a table and a verdict, and write the figures as JSON; returns the exit code."""
-    for flag, value, least in (("--steps", args.steps, 1), ("--warmup", args.warmup, 0)):
+    for flag, value, least in (("--steps", args.steps, 1), ("--warmup", args.warmup, 0), ("--epoch", args.epoch, 0)):
         if value < least:
             print(f"trainer: error: {flag} must be >= {least}, got {value}", file=sys.stderr)
             return 2
     trainer = Trainer(cfg)
     try:
-        figures = measure(trainer, args.steps, args.warmup)
+        figures = measure(trainer, args.steps, args.warmup, args.epoch)
     finally:
         trainer.close()
     if trainer.accelerator.is_main_process:
@@ -146,15 +153,16 @@ def bench_command(cfg: Config, args: argparse.Namespace) -> int:
     return 0
 
 
-def measure(trainer: Trainer, steps: int, warmup: int) -> dict[str, Any]:
-    """The three measurements and the verdict, as the JSON `trainer bench` writes."""
+def measure(trainer: Trainer, steps: int, warmup: int, epoch: int = 0) -> dict[str, Any]:
+    """The three measurements at `epoch`'s train size, and the verdict, as the JSON `trainer bench` writes."""
     cfg, backend = trainer.cfg, trainer.backend
     batch, workers = cfg.data.batch_size_per_device, cfg.data.workers
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     sums = RunningSums(trainer.accelerator.device, ("loss", "top1", "n"))
 
+    size = train_size(trainer, epoch)
     backend.reset_peak_memory()
-    synthetic = synthetic_batch(trainer)
+    synthetic = synthetic_batch(trainer, size)
     model = summarize(time_steps(lambda: trainer.train_step(synthetic, sums), backend, steps, warmup), batch)
 
     stream = batch_stream(trainer)
@@ -185,7 +193,9 @@ def measure(trainer: Trainer, steps: int, warmup: int) -> dict[str, Any]:
             "channels_last": t.channels_last,
             "compile": t.compile,
             "batch_size_per_device": batch,
-            "img_size": trainer.data.data_config["input_size"][-1],
+            "img_size": size,
+            "epoch": epoch,
+            "scheduled": bool(cfg.data.train_size_schedule),
             "workers": workers,
             "cores": cores,
             "normalize_on_device": cfg.data.normalize_on_device,
@@ -219,8 +229,9 @@ def format_table(figures: dict[str, Any]) -> str:
         ("input pipeline", pipe, f"{_workers(s['workers'])}: {pipe['img_per_s_per_worker']:.1f} img/s per worker, {pipe['img_per_s_per_core']:.1f} per core"),
         ("end to end", figures["end_to_end"], "train_step over the real loader"),
     ]
+    scheduled = f" (epoch {s['epoch']} of data.train_size_schedule)" if s.get("scheduled") else ""
     lines = [
-        f"{s['model']} {s['img_size']}px, batch {s['batch_size_per_device']}/device, median of {s['steps']} steps after {s['warmup']} warm-up",
+        f"{s['model']} {s['img_size']}px{scheduled}, batch {s['batch_size_per_device']}/device, median of {s['steps']} steps after {s['warmup']} warm-up",
         f"{'measurement':<16}{'img/s':>10}{'ms/step':>10}  notes",
     ]
     lines += [f"{name:<16}{f['img_per_s']:>10.1f}{f['step_s_median'] * 1e3:>10.1f}  {note}" for name, f, note in rows]
