@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+from trainer.checkpoint import checkpoint_name
 from trainer.metrics import read_metrics
 
 REPO = Path(__file__).resolve().parent.parent
@@ -162,8 +163,6 @@ def main() -> None:
             straight_cmd = train_command(out, "straight", args.epochs, overrides)
             run(straight_cmd)
             killed = train_command(out, "killed", args.epochs, overrides)
-            from trainer.checkpoint import checkpoint_name
-
             killed_after = run_until_checkpoint(killed, out / "killed" / "checkpoints" / checkpoint_name(args.kill_at_step))
             run([*killed, "train.resume=auto"])
             straight, resumed = out / "straight", out / "killed"

@@ -232,7 +232,7 @@ class Trainer:
 
     def _read_window(self, elapsed_s: float) -> dict[str, float]:
         """Read the loss at log intervals only: this is the loop's one host sync."""
-        w = self.tally.fold()
+        w = self.tally.read_window()
         self.guard.check(self.state.global_step)
         n, img_per_s = max(w["n"], 1), w["n"] * self.accelerator.num_processes / max(elapsed_s, 1e-9)
         stats = {"loss": w["loss"] / n, "top1": w["top1"] / n, "lr": self.boundary.lr, "img_per_s": img_per_s}

@@ -47,16 +47,19 @@ class EpochTally:
             self.sums.load(carried)
             self.skipped = int(carried["skipped"])
 
-    def fold(self) -> dict[str, float]:
-        """Move the window into the epoch's sums; returns the window's totals (reads the device)."""
+    def read_window(self) -> dict[str, float]:
+        """The window's totals (reads the device: log points only), then the window folded into the epoch's sums."""
         window = self.window.totals()
+        self._fold()
+        return window
+
+    def _fold(self) -> None:
         self.sums.values += self.window.values
         self.window.reset()
-        return window
 
     def snapshot(self) -> dict[str, float]:
         """The epoch's sums so far over all processes, for a checkpoint; every process must call it."""
-        self.fold()
+        self._fold()
         totals = reduce_sums(self.accelerator, self.sums, self.skipped)
         if self.clip:
             totals.update(zip(NORM_KEYS, self.clip.norms.totals().values()))
