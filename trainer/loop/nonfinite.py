@@ -47,7 +47,7 @@ class NonFiniteGuard:
         weights_bad = torch.zeros((), dtype=torch.int64, device=self.worst.device)
         if model is not None:
             weights_bad = (~torch.stack([torch.isfinite(p.detach()).all() for p in model.parameters()]).all()).to(torch.int64)
-        # NOTE: reduced as float32, the one dtype every collective backend reduces
+        # NOTE: reduced as float32, which every collective backend reduces (int64 is not a given)
         flags = torch.stack([self.worst, self.streak.clamp(max=1), weights_bad.to(self.worst.device)]).to(torch.float32)
         worst, streak, bad = self.agree(flags).tolist()
         return int(worst), bool(streak), bool(bad)
