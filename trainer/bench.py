@@ -39,6 +39,7 @@ from trainer.backend import Backend, resolve_precision
 from trainer.config import Config
 from trainer.data.resize import train_size_at
 from trainer.errors import TrainingStopped
+from trainer.loop.tally import SUMS
 from trainer.metrics import RunningSums
 from trainer.traffic import format_traffic, per_step_traffic
 from trainer.train import Trainer
@@ -158,7 +159,7 @@ def measure(trainer: Trainer, steps: int, warmup: int, epoch: int = 0) -> dict[s
     cfg, backend = trainer.cfg, trainer.backend
     batch, workers = cfg.data.batch_size_per_device, cfg.data.workers
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    sums = RunningSums(trainer.accelerator.device, ("loss", "top1", "n"))
+    sums = RunningSums(trainer.accelerator.device, SUMS)
 
     size = train_size(trainer, epoch)
     backend.reset_peak_memory()
