@@ -28,11 +28,8 @@ import argparse
 import itertools
 import json
 import multiprocessing as mp
-import os
-import platform
 import resource
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -40,6 +37,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from harness import machine  # a sibling module: these scripts run as benchmarks/<name>.py
 from PIL import Image, ImageDraw, ImageFilter
 
 REPO = Path(__file__).resolve().parent.parent
@@ -349,21 +347,6 @@ def _receive(conn, name: str):
         return conn.recv()
     except EOFError:
         raise RuntimeError(f"{name}: the process died (its traceback is above)") from None
-
-
-def machine() -> dict[str, str]:
-    lscpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-    fields = dict(line.split(":", 1) for line in lscpu.splitlines() if ":" in line)
-    from trainer.backend import is_bf16_supported, resolve_precision
-
-    return {
-        "cpu": fields.get("Model name", platform.processor()).strip(),
-        "cores": str(len(os.sched_getaffinity(0))),
-        "torch": torch.__version__,
-        "native_bf16": str(is_bf16_supported("cpu")),
-        "fast_path_precision": {"no": "fp32"}.get(resolve_precision("auto", "cpu"), "bf16"),
-        "date": time.strftime("%Y-%m-%d %H:%M %Z"),
-    }
 
 
 def main() -> int:

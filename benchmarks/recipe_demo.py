@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import signal
 import subprocess
 import sys
@@ -31,6 +30,7 @@ import time
 from pathlib import Path
 
 import torch
+from harness import machine  # a sibling module: these scripts run as benchmarks/<name>.py
 from safetensors.torch import load_file
 
 from trainer.checkpoint import checkpoint_name
@@ -115,23 +115,6 @@ def epoch_rows(run_dir: Path) -> list[dict]:
     return [{"epoch": r["epoch"], **{k: r.get(k) for k in EPOCH_KEYS}} for r in read_metrics(run_dir)]
 
 
-def cpu_name() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown"
-
-
-def cpu_flags() -> str:
-    flags = set()
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("flags"):
-            flags = set(line.split(":", 1)[1].split())
-            break
-    have = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags]
-    return ", ".join(have) or "none of avx2/avx512/amx"
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--epochs", type=int, default=4)
@@ -141,7 +124,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None, help="write the results here as JSON")
     args = parser.parse_args()
 
-    results = {"cpu": cpu_name(), "cpu_flags": cpu_flags(), "cores": os.cpu_count(), "epochs": args.epochs, "recipe": RECIPE, "runs": []}
+    results = {"machine": machine(), "epochs": args.epochs, "recipe": RECIPE, "runs": []}
     with tempfile.TemporaryDirectory(prefix="recipe_demo-") as tmp:
         out = Path(tmp)
         for index, setting in enumerate(args.ema):
@@ -176,7 +159,8 @@ def main() -> None:
             }
             print(f"resume: {results['resume']}", flush=True)
 
-    print(f"\n{results['cpu']} ({results['cpu_flags']}), {results['cores']} cores, fp32")
+    m = results["machine"]
+    print(f"\n{m['cpu']}, {m['cores']} cores, native bf16: {m['native_bf16']}; these runs fp32")
     print("| EMA setting | epoch | val top-1 raw | val top-1 EMA | val loss raw | val loss EMA | train top-1 | grad norm |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in results["runs"]:

@@ -16,14 +16,13 @@ import argparse
 import io
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from marked import kill_marked  # a sibling module: these scripts run as benchmarks/<name>.py
+from harness import kill_marked, machine, two_process_launcher  # a sibling module: these scripts run as benchmarks/<name>.py
 
 REPO = Path(__file__).resolve().parent.parent
 CLASSES, PER_CLASS, VAL = 1000, 1281, 50_000
@@ -170,12 +169,7 @@ def launch_to_first_step(root: Path, cache: Path, workdir: Path) -> dict:
     for run in ("first", "cache_reused"):
         cold = drop_caches()
         cmd = [
-            sys.executable,
-            "-m",
-            "accelerate.commands.launch",
-            "--config_file",
-            str(REPO / "configs/accelerate/cpu_2proc.yaml"),
-            "-m",
+            *two_process_launcher(),
             "trainer",
             "train",
             "--config",
@@ -305,11 +299,7 @@ def main() -> int:
     workdir.mkdir(parents=True, exist_ok=True)
     out = Path(args.out)
     results = json.loads(out.read_text()) if out.is_file() else {}
-    results["machine"] = {
-        "cpu": platform.processor() or open("/proc/cpuinfo").read().split("model name")[1].split("\n")[0].strip(" \t:"),
-        "cores": len(os.sched_getaffinity(0)),
-        "python": platform.python_version(),
-    }
+    results["machine"] = machine()
     steps = [
         ("tree", lambda: build_tree(root)),
         ("index", lambda: index_figures(root, cache)),

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -24,27 +23,12 @@ import threading
 import time
 from pathlib import Path
 
-from marked import kill_marked  # a sibling module: these scripts run as benchmarks/<name>.py
-
-REPO = Path(__file__).resolve().parent.parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from harness import REPO, kill_marked, two_process_launcher  # a sibling module: these scripts run as benchmarks/<name>.py
 
 
 def one_launch(index: int, out: Path, pythonpath: str, hang_s: float) -> dict:
     cmd = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--config_file",
-        str(REPO / "configs/accelerate/cpu_2proc.yaml"),
-        "--main_process_port",
-        str(free_port()),
-        "-m",
+        *two_process_launcher(),
         "trainer",
         "train",
         "--config",
