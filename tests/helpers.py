@@ -8,6 +8,8 @@ it) and each image its own bright square (so every file, and every crop, differs
 from __future__ import annotations
 
 import io
+import os
+import signal
 import sys
 from pathlib import Path
 
@@ -177,3 +179,14 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def kill_marked(marker: str) -> None:
+    """SIGKILL every process whose environment has TRAINER_TEST_RUN=marker (torchrun starts its workers in sessions of their own)."""
+    needle = f"TRAINER_TEST_RUN={marker}".encode()
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and needle in (proc / "environ").read_bytes().split(b"\0"):
+                os.kill(int(proc.name), signal.SIGKILL)
+        except OSError:  # gone already, or not ours to read
+            continue

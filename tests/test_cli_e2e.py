@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -47,23 +46,12 @@ def run_cli(*args: str, launcher: list[str] | None = None, check: bool = True, t
         try:
             stdout, stderr = process.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
-            kill_marked(marker)  # torchrun starts its workers in sessions of their own
+            helpers.kill_marked(marker)  # torchrun starts its workers in sessions of their own
             raise
     proc = subprocess.CompletedProcess(cmd, process.returncode, stdout, stderr)
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n{proc.stderr[-4000:]}")
     return proc
-
-
-def kill_marked(marker: str) -> None:
-    """SIGKILL every process whose environment has TRAINER_TEST_RUN=marker."""
-    needle = f"TRAINER_TEST_RUN={marker}".encode()
-    for proc in Path("/proc").iterdir():
-        try:
-            if proc.name.isdigit() and needle in (proc / "environ").read_bytes().split(b"\0"):
-                os.kill(int(proc.name), signal.SIGKILL)
-        except OSError:  # gone already, or not ours to read
-            continue
 
 
 def read_metrics(run_dir: Path) -> list[dict]:

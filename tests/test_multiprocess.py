@@ -77,19 +77,9 @@ class Launch:
         try:
             rc = self.proc.wait(timeout=timeout_s)
         finally:
-            _kill_marked(self.marker)  # torchrun starts its workers in sessions of their own
+            helpers.kill_marked(self.marker)  # torchrun starts its workers in sessions of their own
         self.reader.join(timeout=10)
         return rc
-
-
-def _kill_marked(marker: str) -> None:
-    needle = f"TRAINER_TEST_RUN={marker}".encode()
-    for proc in Path("/proc").iterdir():
-        try:
-            if proc.name.isdigit() and needle in (proc / "environ").read_bytes().split(b"\0"):
-                os.kill(int(proc.name), signal.SIGKILL)
-        except OSError:
-            continue
 
 
 def test_ctrl_c_saves_a_checkpoint_and_every_process_exits_0_within_seconds(tmp_path):
