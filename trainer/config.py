@@ -9,6 +9,7 @@ whose message names the key and the file it came from.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import re
 import types
 import typing
@@ -52,7 +53,12 @@ def _field(default: Any, help: str, choices: tuple[str, ...] = ()) -> Any:
 class ModelConfig:
     name: str = _field("resnet50", "timm model name; any name `timm.list_models()` knows")
     num_classes: int = _field(0, "classifier outputs; 0 takes the number of classes in the training data")
-    pretrained_file: str = _field("", "local weights file (.safetensors, .pth) to start from; nothing is downloaded")
+    pretrained: str = _field(
+        "",
+        "weights to start from: a model folder (local-dir:PATH or PATH), a run directory, a checkpoint, a weights file "
+        "(.safetensors, .pth) or a hub id already in the local hub cache; nothing is downloaded (docs/models.md)",
+    )
+    pretrained_file: str = _field("", "deprecated: an alias of model.pretrained, mapped to it with a warning")
     drop_rate: float = _field(0.0, "dropout before the classifier")
     drop_path_rate: float = _field(0.0, "stochastic depth rate, for models that support it")
 
@@ -125,6 +131,11 @@ class OptimConfig:
         ("auto", "foreach", "fused", "loop"),
     )
     no_decay_norm_bias: bool = _field(False, "no weight decay on normalization weights and biases (timm's filter_bias_and_bn), as the DLE and RSB recipes")
+    layer_decay: float = _field(
+        0.0,
+        "layer-wise lr decay for fine-tuning (timm's): a block's lr is lr x layer_decay^(blocks above it); "
+        "norm weights and biases get no weight decay; 0 disables it",
+    )
 
 
 @dataclass
@@ -300,6 +311,7 @@ def _validate(cfg: Config, origins: dict[str, str]) -> None:
         ("optim.lr", 0 < o.lr <= _FLOAT32_MAX, f"must be > 0 and at most {_FLOAT32_MAX:.4g} (float32)"),
         ("optim.weight_decay", 0 <= o.weight_decay <= _FLOAT32_MAX, f"must be >= 0 and at most {_FLOAT32_MAX:.4g} (float32)"),
         ("optim.momentum", 0 <= o.momentum < 1, "must be in [0, 1)"),
+        ("optim.layer_decay", 0 <= o.layer_decay <= 1, "must be in (0, 1], or 0 to disable it"),
         ("train.epochs", t.epochs > 0, "must be > 0"),
         ("schedule.step_epochs", s.step_epochs > 0, "must be > 0"),
         ("schedule.gamma", 0 < s.gamma <= 1, "must be in (0, 1]"),
@@ -385,8 +397,23 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
     for key, value in parse_overrides(overrides or []).items():
         _set(cfg, key, value, "command line")
         origins[key] = "command line"  # NOTE: so `train.epochs=0` is not blamed on the file
+    _map_deprecated(cfg, origins)
     _validate(cfg, origins)
     return cfg
+
+
+def _map_deprecated(cfg: Config, origins: dict[str, str]) -> None:
+    """Move a deprecated key's value to the key that replaced it, with one warning line."""
+    m = cfg.model
+    if not m.pretrained_file:
+        return
+    where = origins.get("model.pretrained_file", cfg.source)
+    if m.pretrained:
+        raise ConfigError(f"{where}: model.pretrained_file is a deprecated alias of model.pretrained; set only that")
+    log = logging.getLogger("trainer")
+    log.warning("%s: model.pretrained_file is deprecated; read as model.pretrained=%s", where, m.pretrained_file)
+    # NOTE: cleared, so the saved config.yaml holds the one key and loads back equal
+    m.pretrained, m.pretrained_file = m.pretrained_file, ""
 
 
 def config_to_dict(cfg: Config) -> dict[str, dict[str, Any]]:
