@@ -103,6 +103,23 @@ def _common_transform_args(cfg: DataConfig, input_cfg: dict) -> dict:
     return dict(interpolation=input_cfg["interpolation"], mean=input_cfg["mean"], std=input_cfg["std"], use_prefetcher=cfg.normalize_on_device)
 
 
+def create_val_transform(input_cfg: dict, normalize_on_device: bool) -> Any:
+    """The val transform from timm: resize to input_size / crop_pct, crop, and (unless on the device) normalize.
+
+    Also what `trainer predict` runs, from a model folder's input config.
+    """
+    return create_transform(
+        input_size=input_cfg["input_size"],
+        is_training=False,
+        crop_pct=input_cfg["crop_pct"],
+        crop_mode=input_cfg.get("crop_mode", "center"),
+        interpolation=input_cfg["interpolation"],
+        mean=input_cfg["mean"],
+        std=input_cfg["std"],
+        use_prefetcher=normalize_on_device,
+    )
+
+
 def create_transforms(cfg: DataConfig, input_cfg: dict, train_size: int = 0) -> tuple[Any, Any]:
     """Train and val transforms from timm; `train_size` (0: the input size) sets the train crop.
 
@@ -110,9 +127,7 @@ def create_transforms(cfg: DataConfig, input_cfg: dict, train_size: int = 0) -> 
     """
     train = create_train_transform(cfg, input_cfg, train_size or input_cfg["input_size"][-1])
     test_size = (3, cfg.test_img_size, cfg.test_img_size) if cfg.test_img_size else input_cfg["input_size"]
-    common = _common_transform_args(cfg, input_cfg)
-    val = create_transform(input_size=test_size, is_training=False, crop_pct=input_cfg["crop_pct"], crop_mode=input_cfg.get("crop_mode", "center"), **common)
-    return train, val
+    return train, create_val_transform({**input_cfg, "input_size": test_size}, cfg.normalize_on_device)
 
 
 def resize_train(data: Datasets, cfg: DataConfig, size: int) -> None:
