@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import json
 import logging
+from dataclasses import asdict
 
 import pytest
 import timm
 import torch
-import yaml
 
-from trainer.checkpoint import export_weights
-from trainer.config import ConfigError, ModelConfig, load_config
+import helpers
+from trainer.checkpoint import STATE_FILE, TrainState, export_weights
+from trainer.config import ConfigError, ModelConfig, load_config, save_config
 from trainer.model import ModelError, create_model
 from trainer.pretrained import resolve_pretrained
 
@@ -67,22 +69,30 @@ def test_folder_of_another_architecture_is_a_model_error_naming_both(model_folde
 
 
 def test_run_directory_and_its_checkpoint_load(tmp_path):
+    """A run from before model folders (config.yaml + model.safetensors) and a checkpoint of it."""
     model = trained(4)
-    run = tmp_path / "run"
-    (run / "checkpoints" / "step_00000010").mkdir(parents=True)
-    (run / "config.yaml").write_text(yaml.safe_dump({"model": {"name": NAME}}))
+    run, checkpoint = tmp_path / "run", tmp_path / "run" / "checkpoints" / "step_00000010"
+    checkpoint.mkdir(parents=True)
+    root = helpers.make_image_folder(tmp_path / "data", classes=4, train_per_class=1, val_per_class=1)
+    save_config(load_config(None, [f"data.root={root}", f"model.name={NAME}"]), run / "config.yaml")
+    (checkpoint / STATE_FILE).write_text(json.dumps(asdict(TrainState())))
     export_weights(model, run / "model.safetensors")
-    export_weights(model, run / "checkpoints" / "step_00000010" / "model.safetensors")
-    for spec in (run, run / "checkpoints" / "step_00000010"):
+    export_weights(model, checkpoint / "model.safetensors")
+    for spec in (run, checkpoint):
         assert resolve_pretrained(str(spec)).architecture == NAME
         assert same_backbone(model, create_model(ModelConfig(name=NAME, pretrained=str(spec)), num_classes=4))
     with pytest.raises(ModelError, match="not model.name resnet18"):
         create_model(ModelConfig(name="resnet18", pretrained=str(run)), num_classes=4)
 
 
-def test_folder_without_weights_is_a_model_error(tmp_path):
+def test_folder_without_weights_is_a_model_error(model_folder, tmp_path):
+    _, folder = model_folder
+    (folder / "model.safetensors").unlink()
     with pytest.raises(ModelError, match=r"model\.pretrained: .* holds no model\.safetensors or pytorch_model\.bin"):
-        create_model(ModelConfig(name=NAME, pretrained=str(tmp_path)), num_classes=3)
+        create_model(ModelConfig(name=NAME, pretrained=str(folder)), num_classes=3)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ModelError, match=r"model\.pretrained: .*: neither a model folder"):
+        create_model(ModelConfig(name=NAME, pretrained=str(tmp_path / "empty")), num_classes=3)
 
 
 def write_hub_cache(cache, repo_id: str, folder) -> None:
@@ -128,7 +138,7 @@ def test_missing_path_that_is_no_hub_id_says_it_does_not_exist(tmp_path):
 def test_bad_config_json_is_a_model_error_naming_it(model_folder):
     _, folder = model_folder
     (folder / "config.json").write_text("{not json")
-    with pytest.raises(ModelError, match=r"config\.json is not valid JSON"):
+    with pytest.raises(ModelError, match=r"model\.pretrained: .*config\.json: unreadable"):
         resolve_pretrained(str(folder))
 
 

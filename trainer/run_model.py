@@ -75,7 +75,7 @@ def model_from_run(run: Path, weights: Path) -> tuple[torch.nn.Module, Config, l
     num_classes = cfg.model.num_classes or len(classes) or _head_size(cfg.model.name, weights)
     if not num_classes:
         raise ModelError(f"{weights}: the number of classes is unknown (no classes in the data, no model.num_classes)")
-    cfg.model.pretrained_file = ""  # the run's weights replace whatever it started from
+    cfg.model.pretrained = ""  # the run's weights replace whatever it started from
     model = create_model(cfg.model, num_classes)
     load_weights_file(model, weights)
     return model.eval(), cfg, classes, resolve_input_config(cfg.data, cfg.model.name)
