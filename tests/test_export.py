@@ -17,6 +17,9 @@ from trainer.config import load_config, save_config
 from trainer.errors import DependencyError, ModelError
 from trainer.export import LOGIT_BAR, export_command, onnx_exporter
 
+# NOTE: imported before a capsys test runs export_command: its default stream (sys.stderr) is bound at import
+from trainer.progress import EpochProgress  # noqa: F401
+
 pytest.importorskip("onnxruntime", reason="the [export] extra is not installed")
 
 NAME = "test_resnet"
@@ -27,8 +30,8 @@ def run(tmp_path_factory):
     """A finished run's directory as a run leaves it: config.yaml and model.safetensors, 3 classes of 9 val images."""
     tmp = tmp_path_factory.mktemp("export")
     root = helpers.make_image_folder(tmp / "data", classes=3, size=(48, 40))
-    overrides = [f"data.root={root}", f"model.name={NAME}", "data.img_size=32", "data.crop_pct=0.875"]
-    overrides += ["data.mean=[0.5, 0.4, 0.3]", "data.std=[0.2, 0.25, 0.3]", "data.interpolation=bicubic"]
+    overrides = [f"data.root={root}", f"model.name={NAME}", "input.img_size=32", "input.crop_pct=0.875"]
+    overrides += ["input.mean=[0.5, 0.4, 0.3]", "input.std=[0.2, 0.25, 0.3]", "input.interpolation=bicubic"]
     cfg = load_config(None, [*overrides, f"output.dir={tmp}"])
     run = tmp / "run"
     run.mkdir()

@@ -63,8 +63,9 @@ def _val_split(run: Path, input_cfg: dict, samples: int) -> CheckBatch:
     from trainer.data.loader import create_datasets
 
     cfg = load_config(run / RUN_CONFIG)
-    cfg.data.workers, cfg.data.max_val_samples = 0, samples
-    data = create_datasets(cfg.data, cfg.model.name, cfg.train.seed, 0, 1, cfg.model.num_classes, train=False)
+    cfg.loader.workers, cfg.data.max_val_samples = 0, samples
+    sections = dict(data=cfg.data, loader=cfg.loader, input=cfg.input, aug=cfg.aug, model_name=cfg.model.name)
+    data = create_datasets(**sections, seed=cfg.train.seed, rank=0, world_size=1, train=False)
     items = []
     for item in data.val if data.streamed else (data.val[i] for i in range(len(data.val))):
         items.append(item)
@@ -76,35 +77,19 @@ def _val_split(run: Path, input_cfg: dict, samples: int) -> CheckBatch:
 
 
 def _given_images(paths: list[str], input_cfg: dict, samples: int) -> CheckBatch:
-    """Image files (or the images in given folders), decoded and transformed as the val split is."""
-    from timm.data import create_transform
-
+    """Image files, folders or globs (as `trainer predict` takes them), decoded and transformed as the val split is."""
     from trainer.data.dataset import _SampleDecoder
-    from trainer.data.readers import IMG_EXTENSIONS, Sample
+    from trainer.data.loader import create_val_transform
+    from trainer.predict import ImageFiles, expand_images
 
-    files = []
-    for text in paths:
-        path = Path(text).expanduser()
-        if path.is_dir():
-            files += sorted(p for p in path.rglob("*") if p.suffix.lower() in IMG_EXTENSIONS and p.is_file())
-        elif path.is_file():
-            files.append(path)
-        else:
-            raise DataError(f"--images: {path} does not exist")
-    size = int(input_cfg["input_size"][-1])
-    transform = create_transform(
-        input_size=input_cfg["input_size"],
-        is_training=False,
-        crop_pct=input_cfg["crop_pct"],
-        crop_mode=input_cfg.get("crop_mode", "center"),
-        interpolation=input_cfg["interpolation"],
-        mean=input_cfg["mean"],
-        std=input_cfg["std"],
-        use_prefetcher=True,  # uint8 out, normalized below as the trainer does
-    )
-    draft_size = int(size / input_cfg["crop_pct"])  # as the val split decodes: JPEG draft no smaller than the resize
-    decoder = _SampleDecoder(transform, num_classes=1, draft_size=draft_size, on_error="skip", seed=0)
-    items = [decoder(Sample(p.read_bytes(), 0, str(p)), 0, i) for i, p in enumerate(files[:samples])]
+    files, missing = expand_images(paths)
+    if missing:
+        raise DataError(f"--images: {missing[0][0]}: {missing[0][1]}")
+    transform = create_val_transform(input_cfg, 0, normalize_on_device=True)  # uint8 out, normalized below
+    draft_size = int(input_cfg["input_size"][-1] / input_cfg["crop_pct"])  # as the val split decodes JPEGs
+    reader = ImageFiles(files[:samples])
+    decoder = _SampleDecoder(transform, len(reader), draft_size, "skip", seed=0)
+    items = [decoder(reader.read(i), 0, i) for i in range(len(reader))]
     batch = _collate(items, input_cfg, f"--images ({len(files)} files)")
     return CheckBatch(batch["images"], None, f"given images ({len(files)} found, {len(batch['skipped'])} undecodable)")
 

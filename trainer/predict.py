@@ -157,7 +157,7 @@ def _report(
 def predict_command(args: Any) -> int:
     """`trainer predict`: load the model, predict every image, print the table (or JSON / CSV)."""
     from trainer.backend import create_accelerator
-    from trainer.config import DataConfig
+    from trainer.config import LoaderConfig
     from trainer.data.dataset import ImageDataset, _SampleDecoder
     from trainer.data.loader import create_loader, create_val_transform
     from trainer.data.pipeline import Normalizer, place
@@ -180,10 +180,10 @@ def predict_command(args: Any) -> int:
     input_cfg = data_config(source.config)
     # As the val loader: JPEGs decode at a reduced scale no smaller than the resize needs.
     draft = int(input_cfg["input_size"][-1] / input_cfg["crop_pct"])
-    transform = create_val_transform(input_cfg, normalize_on_device=True)
+    transform = create_val_transform(input_cfg, 0, normalize_on_device=True)
     dataset = ImageDataset(ImageFiles(files), _SampleDecoder(transform, len(files), draft, "skip", seed=0))
-    loader_cfg = DataConfig(workers=args.workers, persistent_workers=False)
-    loader = create_loader(dataset, loader_cfg, args.batch_size, backend.pin_memory_kwargs())
+    loader_cfg = LoaderConfig(workers=args.workers, persistent_workers=False)
+    loader = create_loader(dataset, loader_cfg, batch_size=args.batch_size, pin_kwargs=backend.pin_memory_kwargs())
     normalize = Normalizer(input_cfg["mean"], input_cfg["std"], accelerator.device, channels_last=False)
     names, descriptions = class_labels(source.config)
     top_k = min(args.top_k, len(names))
