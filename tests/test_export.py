@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import shutil
 import sys
 
 import pytest
@@ -158,3 +159,17 @@ def test_cli_export_prints_the_check(run, tmp_path):
     assert "PassManager" not in done.stderr and "unused nodes" not in done.stderr  # the dynamo exporter's chatter
     assert done.stdout.count("largest logit difference") == 2
     assert (out / "model.onnx").is_file() and (out / "model.pt").is_file()
+
+
+def test_a_runs_model_folder_is_checked_on_the_runs_val_split(run, tmp_path):
+    """RUN/model/ (what a run writes now) knows its data through the run's config.yaml beside it."""
+    from trainer.model_folder import data_config, load_model_folder, write_model_folder
+
+    model, config = load_model_folder(run)
+    folder = write_model_folder(model, run / "model", classes=config["label_names"], input_config=data_config(config))
+    try:
+        assert export_command(args(folder, output=str(tmp_path))) == 0
+    finally:
+        shutil.rmtree(folder)  # the module's run stays a run from before model folders
+    check = json.loads((tmp_path / "model.onnx.json").read_text())["check"]
+    assert check["inputs"].startswith("val images of the run's data") and check["passed"]

@@ -183,7 +183,7 @@ def export_command(args: Any) -> int:
     model, config = load_model_folder(args.model, ema=args.ema)
     model = model.float().eval()  # the val-time model in fp32: no dropout, BatchNorm on its running statistics
     input_cfg = data_config(config)
-    batch = check_batch(args.model, input_cfg, images=args.images, samples=args.samples, ema=args.ema)
+    batch = check_batch(args.model, input_cfg, images=args.images, samples=args.samples)
     out = Path(args.output).expanduser() if args.output else Path(args.model).expanduser() / "export"
     out.mkdir(parents=True, exist_ok=True)
     contract = input_contract(config, input_cfg)

@@ -40,7 +40,7 @@ def run_directory(path: Path) -> Path | None:
     return next((c for c in candidates if (c / RUN_CONFIG).is_file()), None)
 
 
-def check_batch(model_path: str, input_cfg: dict, *, images: list[str], samples: int, ema: bool = False) -> CheckBatch:
+def check_batch(model_path: str, input_cfg: dict, *, images: list[str], samples: int) -> CheckBatch:
     """Up to `samples` inputs: `images` when given, else the run's val split, else random (with a warning)."""
     if images:
         return _given_images(images, input_cfg, samples)
