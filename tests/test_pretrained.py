@@ -9,12 +9,14 @@ from dataclasses import asdict
 import pytest
 import timm
 import torch
+from test_train import fit, tiny_config
 
 import helpers
 from trainer.checkpoint import STATE_FILE, TrainState, export_weights
 from trainer.config import ConfigError, ModelConfig, load_config, save_config
 from trainer.model import ModelError, create_model
 from trainer.pretrained import resolve_pretrained
+from trainer.train import Trainer
 
 NAME = "test_resnet"
 
@@ -59,7 +61,8 @@ def test_other_head_size_is_reinitialised_with_one_line_naming_it(model_folder, 
         loaded = create_model(ModelConfig(name=NAME, pretrained=str(folder)), num_classes=5)
     assert loaded.get_classifier().out_features == 5 and same_backbone(model, loaded, head=False)
     lines = [r.getMessage() for r in caplog.records if "re-initialised" in r.getMessage()]
-    assert len(lines) == 1 and "3-class head" in lines[0] and "fc re-initialised for 5 classes" in lines[0] and str(folder) in lines[0]
+    assert len(lines) == 1 and str(folder) in lines[0]
+    assert "3-class head" in lines[0] and "fc re-initialised for 5 classes" in lines[0]
 
 
 def test_folder_of_another_architecture_is_a_model_error_naming_both(model_folder):
@@ -127,7 +130,8 @@ def test_uncached_hub_id_is_one_line_and_downloads_nothing(tmp_path, monkeypatch
     with pytest.raises(ModelError) as err:
         resolve_pretrained("timm/resnet50.a1_in1k", cache_dir=str(tmp_path))
     message = str(err.value)
-    assert "\n" not in message and "'timm/resnet50.a1_in1k' is not in the local hub cache" in message and "nothing is downloaded" in message
+    assert "\n" not in message and "nothing is downloaded" in message
+    assert "'timm/resnet50.a1_in1k' is not in the local hub cache" in message
 
 
 def test_missing_path_that_is_no_hub_id_says_it_does_not_exist(tmp_path):
@@ -149,3 +153,24 @@ def test_deprecated_pretrained_file_maps_to_pretrained_with_a_warning(caplog):
     assert any("model.pretrained_file is deprecated" in r.getMessage() for r in caplog.records)
     with pytest.raises(ConfigError, match="deprecated alias of model.pretrained; set only that"):
         load_config(None, ["data.root=/x", "model.pretrained_file=/w.safetensors", "model.pretrained=/v"])
+
+
+def test_a_run_fine_tunes_from_another_runs_folder_with_layer_decay(tmp_path):
+    """Trained on 3 classes, fine-tuned on 2: backbone from the first run's model/ folder, new head, decayed lrs."""
+    first, _ = fit(tiny_config(tmp_path, "output.run_name=first", "train.epochs=1"))
+    source = tmp_path / "runs" / "first"
+    other = helpers.make_image_folder(tmp_path / "two", classes=2)
+    overrides = [f"data.root={other}", f"model.pretrained={source}", "optim.layer_decay=0.5", "train.epochs=1"]
+    cfg = tiny_config(tmp_path, *overrides, "output.run_name=second")
+    trainer = Trainer(cfg)
+    try:
+        model = trainer.accelerator.unwrap_model(trainer.model)
+        trained = first.accelerator.unwrap_model(first.model).state_dict()
+        assert model.get_classifier().out_features == 2
+        assert all(torch.equal(v, trained[k]) for k, v in model.state_dict().items() if not k.startswith("fc."))
+        lrs = sorted({group["lr"] for group in trainer.optimizer.param_groups})
+        assert len(lrs) > 2 and lrs[-1] == pytest.approx(cfg.optim.lr) and trainer.boundary.lr == pytest.approx(lrs[-1])
+        record = trainer.fit()
+    finally:
+        trainer.close()
+    assert record["val_samples"] == 6 and record["lr"] == pytest.approx(cfg.optim.lr)
