@@ -27,8 +27,6 @@ import torch
 from trainer.errors import DependencyError, ModelError
 from trainer.export_inputs import CheckBatch, check_batch
 
-log = logging.getLogger("trainer")
-
 EXTRA = "pip install 'mlu-imagenet-trainer[export]'"
 LOGIT_BAR = 1e-3  # fp32 exports agree with PyTorch to ~1e-6; a real difference is orders above
 INPUT_NAME, OUTPUT_NAME = "images", "logits"
@@ -53,10 +51,10 @@ def onnx_exporter(requested: str) -> str:
 
     NOTE: torch.onnx.export's `dynamo` default turned True in torch 2.9 (torch/onnx/__init__.py,
     "versionchanged:: 2.9"), where the TorchScript-based exporter became deprecated; torch 2.1
-    to 2.4 have no `dynamo` argument and only the TorchScript-based one behind
-    torch.onnx.export (their dynamo exporter is the separate, beta `dynamo_export`). So: the
-    TorchScript exporter where it is torch's default, the torch.export-based one (which needs
-    onnxscript) from 2.9 on.
+    has no `dynamo` argument: torch.onnx.export is the TorchScript-based exporter there (its
+    dynamo exporter is the separate, beta `torch.onnx.dynamo_export`). So: the TorchScript
+    exporter where it is torch's default, the torch.export-based one (which needs onnxscript)
+    from 2.9 on; both run on torch 2.14.1 (tests/test_export.py checks each).
     """
     if requested != "auto":
         return requested
