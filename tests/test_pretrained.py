@@ -174,3 +174,22 @@ def test_a_run_fine_tunes_from_another_runs_folder_with_layer_decay(tmp_path):
     finally:
         trainer.close()
     assert record["val_samples"] == 6 and record["lr"] == pytest.approx(cfg.optim.lr)
+
+
+@pytest.mark.slow
+def test_cli_train_says_which_head_it_reinitialised(model_folder, tmp_path):
+    """The line is logged while the Trainer is built: the CLI must show it (logging is set up before)."""
+    import subprocess
+    import sys
+
+    _, folder = model_folder
+    root = helpers.make_image_folder(tmp_path / "data", classes=2)
+    overrides = [f"model.name={NAME}", f"model.pretrained={folder}", f"data.root={root}", "data.create_if_missing="]
+    overrides += ["input.img_size=16", "loader.workers=0", "train.epochs=1", "train.max_steps_per_epoch=1"]
+    overrides += ["train.precision=fp32", f"output.dir={tmp_path / 'runs'}", "output.plots=false"]
+    cmd = [sys.executable, "-m", "trainer", "train", *overrides, "output.progress=log"]
+    done = subprocess.run(cmd, capture_output=True, text=True, cwd=helpers.REPO)
+    assert done.returncode == 0, done.stderr[-2000:]
+    lines = [line for line in done.stderr.splitlines() if "re-initialised" in line]
+    assert len(lines) == 1 and f"{folder} has a 3-class head; fc re-initialised for 2 classes" in lines[0]
+    assert "Loading pretrained weights" not in done.stderr  # timm's own lines are kept quiet

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import logging
+from collections.abc import Iterator
 from pathlib import Path
 
 import timm
@@ -50,7 +52,8 @@ def create_model(cfg: ModelConfig, num_classes: int) -> torch.nn.Module:
         head_shape = shapes.get(f"{classifiers[0]}.weight") if classifiers else None
         if head_shape:
             overlay["num_classes"] = head_shape[0]
-        model = timm.create_model(cfg.name, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs)
+        with _quiet("timm.models"):  # our one line below says what loaded; timm's three say it again
+            model = timm.create_model(cfg.name, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs)
     except (RuntimeError, OSError, KeyError, ValueError, SafetensorError) as err:
         raise ModelError(f"{KEY}: {path} does not fit {cfg.name}: {str(err).splitlines()[0]}") from None
     # NOTE: when it adapts a classifier timm loads with strict=False, so a file of another
@@ -73,6 +76,18 @@ def create_model(cfg: ModelConfig, num_classes: int) -> torch.nn.Module:
     else:
         log.info("%s: all weights from %s", KEY, source.described)
     return model
+
+
+@contextlib.contextmanager
+def _quiet(logger_name: str) -> Iterator[None]:
+    """Only warnings from `logger_name` while inside."""
+    logger = logging.getLogger(logger_name)
+    level = logger.level
+    logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def _classifier_names(model_name: str) -> tuple[str, ...]:
