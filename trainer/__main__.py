@@ -1,4 +1,4 @@
-"""Command line: `trainer train|eval|env|bench|check-data|convert|plot|prepare-digits ...` (also `python -m trainer`).
+"""Command line: `trainer train|eval|predict|model-folder|env|bench|check-data|convert|plot|...` (also `python -m trainer`).
 
 Under `accelerate launch -m trainer train ...` every process runs the same command;
 Accelerate supplies the process group, this CLI the recipe.
@@ -109,6 +109,12 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return convert_command(_load(args), args)
 
 
+def cmd_model_folder(args: argparse.Namespace) -> int:
+    from trainer.run_model import model_folder_command
+
+    return model_folder_command(args)
+
+
 def cmd_import_args(args: argparse.Namespace) -> int:
     from trainer.import_args import import_args_command
 
@@ -178,6 +184,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", default=None, help="write the recipe here and print the launch command (default: the recipe to stdout)")
     p.add_argument("main_py", nargs=argparse.REMAINDER, help="-- python main.py DIR -a resnet50 -b 128 ...")
     p.set_defaults(func=cmd_import_args)
+
+    p = sub.add_parser(
+        "model-folder",
+        help="write a run's model as a timm / Hugging Face model folder, RUN_DIR/model/ (and model_ema/), for runs from before they were written",
+    )
+    p.add_argument("run_dir", help="the run directory (holds config.yaml)")
+    p.add_argument(
+        "--checkpoint", default=None, help="take the weights from this checkpoint of the run (an unfinished run) instead of RUN_DIR/model.safetensors"
+    )
+    p.set_defaults(func=cmd_model_folder)
 
     p = sub.add_parser("plot", help="write PNG curves of a run to RUN_DIR/plots/")
     p.add_argument("run_dir")
