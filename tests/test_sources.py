@@ -54,8 +54,9 @@ def test_class_names_absent_are_none(tmp_path, hf_parquet_dir):
 
     ds = datasets.load_dataset("parquet", data_files=str(hf_parquet_dir / "data" / "train-*.parquet"), split="train")
     (tmp_path / "ints" / "data").mkdir(parents=True)
-    ds.cast_column("label", datasets.Value("int64")).to_parquet(str(tmp_path / "ints" / "data" / "train-00000-of-00001.parquet"))
-    assert class_names(DataConfig(source="hf", root=str(tmp_path / "ints"))) is None  # int labels: the reader counts them
+    ds = ds.cast_column("label", datasets.Value("int64"))
+    ds.to_parquet(str(tmp_path / "ints" / "data" / "train-00000-of-00001.parquet"))
+    assert class_names(DataConfig(source="hf", root=str(tmp_path / "ints"))) is None  # the reader counts int labels
     (tmp_path / "shards").mkdir()
     assert class_names(DataConfig(source="wds", root=str(tmp_path / "shards"))) is None  # no _info.json
     (tmp_path / "shards" / "_info.json").write_text('{"classes": ["cat", "dog"]}')

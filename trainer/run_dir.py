@@ -104,7 +104,8 @@ class RunDirectory:
                 export_run_folder(self.path, self.cfg, unwrapped, **inputs, ema=ema, processes=n)
             except (OSError, SafetensorError) as err:
                 again = "the checkpoints are intact, and train.resume=auto writes them again"
-                raise CheckpointError(f"{folder}: writing the final weights failed ({write_failure(err)}); {again}") from None
+                failure = write_failure(err)
+                raise CheckpointError(f"{folder}: writing the final weights failed ({failure}); {again}") from None
         self.accelerator.wait_for_everyone()
         return folder
 
