@@ -139,3 +139,16 @@ def test_imagenet_synsets_are_described_other_names_kept():
     described = label_descriptions(["n01440764", "n02102040", "digit_3", "n99999999"])
     assert described == {"n01440764": "tench, Tinca tinca", "n02102040": "English springer, English springer spaniel"}
     assert label_descriptions(["cat", "dog"]) == {}
+
+
+def test_without_timms_imagenet_metadata_names_stay_undescribed(monkeypatch):
+    import sys
+
+    from trainer import labels
+
+    labels._imagenet_lemmas.cache_clear()
+    monkeypatch.setitem(sys.modules, "timm.data", None)  # as a timm without ImageNetInfo: the import fails
+    try:
+        assert label_descriptions(["n01440764"]) == {}
+    finally:
+        labels._imagenet_lemmas.cache_clear()

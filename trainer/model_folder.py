@@ -164,9 +164,12 @@ def write_model_folder(
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
         if card:
             (tmp / CARD_FILE).write_text(card)
-        if folder.exists():
-            shutil.rmtree(folder)
+        old = folder.with_name(f".old-{folder.name}")
+        shutil.rmtree(old, ignore_errors=True)
+        if folder.exists():  # moved aside, not deleted first: the window without a folder is two renames
+            os.replace(folder, old)
         os.replace(tmp, folder)
+        shutil.rmtree(old, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
