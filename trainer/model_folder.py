@@ -14,6 +14,7 @@ API (also what fine-tuning and export build on):
     hub_config(model, classes=, input_config=, test_size=) -> the config.json dict
     write_model_folder(model, folder, classes=, input_config=, test_size=, card=) -> folder
     resolve_model(path, ema=) -> ModelSource(config, weights): a model folder, a run or a checkpoint
+    model_from_run(run, weights) -> (model, cfg, classes, input_config): a run without a folder, from config.yaml
     load_model_folder(path, ema=) -> (model, config): the timm model with its weights, on the CPU
     data_config(config) -> timm's resolved eval input config (input_size, crop_pct, ...)
 """
@@ -21,18 +22,24 @@ API (also what fine-tuning and export build on):
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from trainer.checkpoint import STATE_FILE, export_weights
-from trainer.errors import ModelError
+from trainer.errors import ConfigError, DataError, ModelError
 from trainer.labels import label_descriptions
+
+if TYPE_CHECKING:
+    from trainer.config import Config
+
+log = logging.getLogger("trainer")
 
 MODEL_FOLDER = "model"
 EMA_FOLDER = "model_ema"
@@ -44,25 +51,9 @@ RUN_CONFIG = "config.yaml"
 
 # The architecture's pretrained_cfg describes timm's published weights; these keys say
 # where those came from and what they were tested at, which is untrue of a run's weights.
-_SOURCE_KEYS = (
-    "url",
-    "hf_hub_id",
-    "hf_hub_filename",
-    "file",
-    "state_dict",
-    "source",
-    "tag",
-    "license",
-    "origin_url",
-    "paper_ids",
-    "paper_name",
-    "notes",
-    "label_names",
-    "label_descriptions",
-    "label_offset",
-    "test_input_size",
-    "test_crop_pct",
-    "test_pool_size",
+_SOURCE_KEYS = tuple(
+    "url hf_hub_id hf_hub_filename file state_dict source tag license origin_url paper_ids paper_name notes "
+    "label_names label_descriptions label_offset test_input_size test_crop_pct test_pool_size".split()
 )
 
 
@@ -200,6 +191,59 @@ def read_config(folder: Path) -> dict[str, Any]:
     return config
 
 
+def run_config(run: Path) -> Config:
+    """The run's resolved recipe; a one-line ModelError when there is none."""
+    from trainer.config import load_config
+
+    path = run / RUN_CONFIG
+    if not path.is_file():
+        raise ModelError(f"{run}: not a run directory (no {RUN_CONFIG})")
+    return load_config(path)
+
+
+def run_classes(cfg: Config) -> list[str]:
+    """The training classes in index order, from the run's data; [] (outputs named by index) when it is gone."""
+    from trainer.data.sources import class_names, create_reader
+
+    try:
+        return class_names(cfg.data) or list(create_reader(cfg.data, cfg.data.train_split).classes)
+    except (DataError, ConfigError, OSError) as err:
+        log.warning("class names unavailable, outputs named by index: %s", err)
+        return []
+
+
+def _head_size(model_name: str, weights: Path) -> int:
+    """The classifier's outputs in a weights file, 0 when it cannot tell."""
+    import timm.models
+    from safetensors import SafetensorError, safe_open
+
+    pretrained_cfg = timm.models.get_pretrained_cfg(model_name)
+    classifier = pretrained_cfg.classifier if pretrained_cfg else None
+    first = classifier if isinstance(classifier, str) else (classifier or [None])[0]
+    try:
+        with safe_open(str(weights), framework="pt") as f:
+            key = f"{first}.weight"
+            return f.get_slice(key).get_shape()[0] if key in f.keys() else 0
+    except (OSError, SafetensorError) as err:
+        raise ModelError(f"{weights}: unreadable weights ({err})") from None
+
+
+def model_from_run(run: Path, weights: Path) -> tuple[torch.nn.Module, Config, list[str], dict[str, Any]]:
+    """The model of a run from its config.yaml, `weights` loaded; with its config, classes and resolved input config."""
+    from trainer.data.loader import resolve_input_config
+    from trainer.model import create_model
+
+    cfg = run_config(run)
+    classes = run_classes(cfg)
+    num_classes = cfg.model.num_classes or len(classes) or _head_size(cfg.model.name, weights)
+    if not num_classes:
+        raise ModelError(f"{weights}: the number of classes is unknown (no classes in the data, no model.num_classes)")
+    cfg.model.pretrained_file = ""  # the run's weights replace whatever it started from
+    model = create_model(cfg.model, num_classes)
+    load_weights_file(model, weights)
+    return model.eval(), cfg, classes, resolve_input_config(cfg.data, cfg.model.name)
+
+
 def resolve_model(path: str | Path, ema: bool = False) -> ModelSource:
     """The config and weights behind `path`: a model folder, a run directory or a checkpoint directory.
 
@@ -229,9 +273,9 @@ def resolve_model(path: str | Path, ema: bool = False) -> ModelSource:
     folder = run / (EMA_FOLDER if ema else MODEL_FOLDER)
     if (folder / CONFIG_FILE).is_file():
         return ModelSource(read_config(folder), weights)
-    from trainer.run_model import config_from_run
-
-    return ModelSource(config_from_run(run, weights), weights)
+    model, cfg, classes, input_config = model_from_run(run, weights)
+    config = hub_config(model, classes=classes, input_config=input_config, test_size=cfg.data.test_img_size)
+    return ModelSource(config, weights)
 
 
 def create_from_config(config: dict[str, Any]) -> torch.nn.Module:

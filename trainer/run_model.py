@@ -1,90 +1,28 @@
-"""A run's model rebuilt from its config.yaml, and `trainer model-folder RUN`: model folders for existing runs.
+"""A run's model folders written, with their cards: at the end of training and by `trainer model-folder RUN`.
 
 Runs from before model folders left `model.safetensors` (and `model_ema.safetensors`) with
-config.yaml beside them; that is enough to write the folder: the architecture and input
-config from the recipe, the class names from the data it names (when it is still there).
+config.yaml beside them; that is enough to write the folder (`model_folder.model_from_run`).
 """
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from trainer.config import Config, load_config
-from trainer.errors import ConfigError, DataError, ModelError
+from trainer.config import Config
+from trainer.errors import ModelError
 from trainer.model_folder import (
     EMA_FOLDER,
     EMA_WEIGHTS_FILE,
     MODEL_FOLDER,
-    RUN_CONFIG,
     WEIGHTS_FILE,
     hub_config,
     link_weights,
-    load_weights_file,
+    model_from_run,
     write_model_folder,
 )
-
-log = logging.getLogger("trainer")
-
-
-def run_config(run: Path) -> Config:
-    """The run's resolved recipe; a one-line ModelError when there is none."""
-    path = run / RUN_CONFIG
-    if not path.is_file():
-        raise ModelError(f"{run}: not a run directory (no {RUN_CONFIG})")
-    return load_config(path)
-
-
-def run_classes(cfg: Config) -> list[str]:
-    """The training classes in index order, from the run's data; [] (outputs named by index) when it is gone."""
-    from trainer.data.sources import class_names, create_reader
-
-    try:
-        return class_names(cfg.data) or list(create_reader(cfg.data, cfg.data.train_split).classes)
-    except (DataError, ConfigError, OSError) as err:
-        log.warning("class names unavailable, outputs named by index: %s", err)
-        return []
-
-
-def _head_size(model_name: str, weights: Path) -> int:
-    """The classifier's outputs in a weights file, 0 when it cannot tell."""
-    import timm.models
-    from safetensors import SafetensorError, safe_open
-
-    pretrained_cfg = timm.models.get_pretrained_cfg(model_name)
-    classifier = pretrained_cfg.classifier if pretrained_cfg else None
-    first = classifier if isinstance(classifier, str) else (classifier or [None])[0]
-    try:
-        with safe_open(str(weights), framework="pt") as f:
-            key = f"{first}.weight"
-            return f.get_slice(key).get_shape()[0] if key in f.keys() else 0
-    except (OSError, SafetensorError) as err:
-        raise ModelError(f"{weights}: unreadable weights ({err})") from None
-
-
-def model_from_run(run: Path, weights: Path) -> tuple[torch.nn.Module, Config, list[str], dict[str, Any]]:
-    """The run's model with `weights` loaded, its config, its classes and its resolved input config."""
-    from trainer.data.loader import resolve_input_config
-    from trainer.model import create_model
-
-    cfg = run_config(run)
-    classes = run_classes(cfg)
-    num_classes = cfg.model.num_classes or len(classes) or _head_size(cfg.model.name, weights)
-    if not num_classes:
-        raise ModelError(f"{weights}: the number of classes is unknown (no classes in the data, no model.num_classes)")
-    cfg.model.pretrained_file = ""  # the run's weights replace whatever it started from
-    model = create_model(cfg.model, num_classes)
-    load_weights_file(model, weights)
-    return model.eval(), cfg, classes, resolve_input_config(cfg.data, cfg.model.name)
-
-
-def config_from_run(run: Path, weights: Path) -> dict[str, Any]:
-    """config.json of `weights` from the run's config.yaml (a run or checkpoint without a model folder)."""
-    model, cfg, classes, input_config = model_from_run(run, weights)
-    return hub_config(model, classes=classes, input_config=input_config, test_size=cfg.data.test_img_size)
 
 
 def export_run_folder(
