@@ -24,7 +24,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory):
     """One epoch of test_resnet on 3 classes at 16 px with an EMA; the trainer kept for its models."""
     tmp = tmp_path_factory.mktemp("model_folder")
     overrides = ("output.run_name=r", "train.epochs=1", "ema.enabled=true", "ema.decay=0.5")
-    overrides += ("data.crop_pct=0.875", "data.interpolation=bicubic")
+    overrides += ("input.crop_pct=0.875", "input.interpolation=bicubic")
     trainer, _ = fit(tiny_config(tmp, *overrides))
     return trainer, tmp / "runs" / "r"
 

@@ -24,7 +24,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory):
     """One epoch of test_resnet at 16 px on 3 ImageNet-named classes, with an EMA."""
     tmp = tmp_path_factory.mktemp("predict")
     helpers.make_image_folder(tmp / "data", names=SYNSETS)
-    overrides = ("output.run_name=r", "train.epochs=1", "ema.enabled=true", "ema.decay=0.5", "data.crop_pct=0.875")
+    overrides = ("output.run_name=r", "train.epochs=1", "ema.enabled=true", "ema.decay=0.5", "input.crop_pct=0.875")
     trainer, _ = fit(tiny_config(tmp, *overrides))
     return trainer, tmp / "runs" / "r", tmp / "data" / "val"
 

@@ -35,10 +35,10 @@ def results_table(records: list[dict[str, Any]], ema: bool) -> str:
 
 
 def _recipe(cfg: Config) -> list[str]:
-    d, t, o = cfg.data, cfg.train, cfg.optim
-    augment = [f"RandomResizedCrop scale {d.scale}", f"hflip {d.hflip}"]
-    augment += [f"auto-augment {d.auto_augment}"] if d.auto_augment else []
-    augment += [f"random erasing {d.re_prob}"] if d.re_prob else []
+    a, t, o = cfg.aug, cfg.train, cfg.optim
+    augment = [f"RandomResizedCrop scale {a.scale}", f"hflip {a.hflip}"]
+    augment += [f"auto-augment {a.auto_augment}"] if a.auto_augment else []
+    augment += [f"random erasing {a.re_prob}"] if a.re_prob else []
     augment += [f"mixup {cfg.mixup.mixup_alpha}"] if cfg.mixup.mixup_alpha else []
     augment += [f"cutmix {cfg.mixup.cutmix_alpha}"] if cfg.mixup.cutmix_alpha else []
     augment += [f"label smoothing {t.label_smoothing}"] if t.label_smoothing else []
@@ -46,7 +46,7 @@ def _recipe(cfg: Config) -> list[str]:
         f"- **Epochs:** {t.epochs}",
         f"- **Optimizer:** {o.name}, lr {o.lr}, weight decay {o.weight_decay}",
         f"- **Schedule:** {cfg.schedule.name}, warmup {cfg.schedule.warmup_epochs} epochs",
-        f"- **Batch:** {d.batch_size_per_device} per device, gradient accumulation {t.grad_accum_steps}",
+        f"- **Batch:** {cfg.loader.batch_size_per_device} per device, gradient accumulation {t.grad_accum_steps}",
         f"- **Precision:** {t.precision}; loss {t.loss}",
         f"- **Augmentation:** {', '.join(augment)}",
         f"- **EMA:** decay {cfg.ema.decay}" if cfg.ema.enabled else "- **EMA:** off",

@@ -241,7 +241,7 @@ def model_from_run(run: Path, weights: Path) -> tuple[torch.nn.Module, Config, l
     cfg.model.pretrained_file = ""  # the run's weights replace whatever it started from
     model = create_model(cfg.model, num_classes)
     load_weights_file(model, weights)
-    return model.eval(), cfg, classes, resolve_input_config(cfg.data, cfg.model.name)
+    return model.eval(), cfg, classes, resolve_input_config(cfg.input, cfg.model.name)
 
 
 def resolve_model(path: str | Path, ema: bool = False) -> ModelSource:
@@ -274,7 +274,7 @@ def resolve_model(path: str | Path, ema: bool = False) -> ModelSource:
     if (folder / CONFIG_FILE).is_file():
         return ModelSource(read_config(folder), weights)
     model, cfg, classes, input_config = model_from_run(run, weights)
-    config = hub_config(model, classes=classes, input_config=input_config, test_size=cfg.data.test_img_size)
+    config = hub_config(model, classes=classes, input_config=input_config, test_size=cfg.input.test_img_size)
     return ModelSource(config, weights)
 
 

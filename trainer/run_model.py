@@ -41,10 +41,10 @@ def export_run_folder(
     from trainer.model_card import model_card
 
     folder = run / (EMA_FOLDER if ema else MODEL_FOLDER)
-    config = hub_config(model, classes=classes, input_config=input_config, test_size=cfg.data.test_img_size)
+    config = hub_config(model, classes=classes, input_config=input_config, test_size=cfg.input.test_img_size)
     records = read_metrics(run, skip_malformed=True) if (run / METRICS_FILENAME).is_file() else []
     card = model_card(cfg, records, config=config, run_dir=run, ema=ema, processes=processes)
-    test_size = cfg.data.test_img_size
+    test_size = cfg.input.test_img_size
     write_model_folder(model, folder, classes=classes, input_config=input_config, test_size=test_size, card=card)
     if link:
         link_weights(folder, run / (EMA_WEIGHTS_FILE if ema else WEIGHTS_FILE))
