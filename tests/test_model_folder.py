@@ -152,3 +152,16 @@ def test_without_timms_imagenet_metadata_names_stay_undescribed(monkeypatch):
         assert label_descriptions(["n01440764"]) == {}
     finally:
         labels._imagenet_lemmas.cache_clear()
+
+
+def test_a_separate_val_size_becomes_timms_test_input_size():
+    from trainer.model_folder import hub_config
+
+    model = timm.create_model("test_resnet", num_classes=2)
+    train = {"input_size": (3, 160, 160), "interpolation": "bicubic", "crop_pct": 0.95}
+    train.update(mean=(0.5,) * 3, std=(0.5,) * 3)
+    config = hub_config(model, classes=["a", "b"], input_config=train, test_size=224)  # RSB A3: train 160, test 224
+    pretrained = config["pretrained_cfg"]
+    assert pretrained["input_size"] == [3, 160, 160] and pretrained["test_input_size"] == [3, 224, 224]
+    assert data_config(config)["input_size"] == (3, 224, 224)  # what predict and timm's validate.py use
+    assert "test_input_size" not in model.pretrained_cfg  # the model's own pretrained_cfg is put back
