@@ -165,3 +165,10 @@ def test_a_separate_val_size_becomes_timms_test_input_size():
     assert pretrained["input_size"] == [3, 160, 160] and pretrained["test_input_size"] == [3, 224, 224]
     assert data_config(config)["input_size"] == (3, 224, 224)  # what predict and timm's validate.py use
     assert "test_input_size" not in model.pretrained_cfg  # the model's own pretrained_cfg is put back
+
+
+def test_ema_of_a_run_without_one_is_one_line(trained, tmp_path: Path):
+    run = tmp_path / "no_ema"
+    shutil.copytree(trained[1], run, ignore=lambda folder, names: {"model_ema", "model_ema.safetensors"} & set(names))
+    with pytest.raises(ModelError, match=r"model_ema.safetensors: not found \(the run had ema.enabled off\)"):
+        resolve_model(run, ema=True)
