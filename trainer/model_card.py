@@ -93,11 +93,14 @@ def model_card(
     usage = (
         "```python\nimport timm\n\n"
         f'model = timm.create_model("local-dir:{folder}", pretrained=True).eval()  # timm >= 1.0.16\n'
+        "# once uploaded (huggingface-cli upload NAME/REPO this-folder):\n"
+        '# timm.create_model("hf-hub:NAME/REPO", pretrained=True)\n'
         "config = timm.data.resolve_data_config({}, model=model)\n"
         "transform = timm.data.create_transform(**config)\n```\n\n"
         f"or from the command line: `trainer predict {folder} IMAGE...`\n"
     )
     card = {
+        "tags": ["image-classification", "timm"],  # NOTE: newer timm adds "transformers" unless told the tags
         "license": "other",  # the weights follow the terms of the data they were trained on: set it before publishing
         "description": f"A {config['architecture']} trained with the trainer from run `{run_dir}`.",
         "details": details,
