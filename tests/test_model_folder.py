@@ -152,3 +152,23 @@ def test_without_timms_imagenet_metadata_names_stay_undescribed(monkeypatch):
         assert label_descriptions(["n01440764"]) == {}
     finally:
         labels._imagenet_lemmas.cache_clear()
+
+
+def test_a_separate_val_size_becomes_timms_test_input_size():
+    from trainer.model_folder import hub_config
+
+    model = timm.create_model("test_resnet", num_classes=2)
+    train = {"input_size": (3, 160, 160), "interpolation": "bicubic", "crop_pct": 0.95}
+    train.update(mean=(0.5,) * 3, std=(0.5,) * 3)
+    config = hub_config(model, classes=["a", "b"], input_config=train, test_size=224)  # RSB A3: train 160, test 224
+    pretrained = config["pretrained_cfg"]
+    assert pretrained["input_size"] == [3, 160, 160] and pretrained["test_input_size"] == [3, 224, 224]
+    assert data_config(config)["input_size"] == (3, 224, 224)  # what predict and timm's validate.py use
+    assert "test_input_size" not in model.pretrained_cfg  # the model's own pretrained_cfg is put back
+
+
+def test_ema_of_a_run_without_one_is_one_line(trained, tmp_path: Path):
+    run = tmp_path / "no_ema"
+    shutil.copytree(trained[1], run, ignore=lambda folder, names: {"model_ema", "model_ema.safetensors"} & set(names))
+    with pytest.raises(ModelError, match=r"model_ema.safetensors: not found \(the run had ema.enabled off\)"):
+        resolve_model(run, ema=True)

@@ -9,6 +9,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import timm
 import torch
 from test_train import fit, tiny_config
 
@@ -16,6 +17,7 @@ import helpers
 from trainer.__main__ import main
 from trainer.predict import expand_images
 
+TIMM_LOCAL_DIR = tuple(int(v) for v in timm.__version__.split(".")[:3] if v.isdigit()) >= (1, 0, 16)
 SYNSETS = ["n01440764", "n02102040", "n02979186"]  # tench, English springer, cassette player
 
 
@@ -117,3 +119,44 @@ def test_expand_images_keeps_order_and_names_what_matched_nothing(tmp_path: Path
     files, missing = expand_images([str(tmp_path / p) for p in ("c.webp", "d", "*.webp", "none*.jpg")])
     assert files == [str(tmp_path / p) for p in ("c.webp", "d/b.jpg", "d/sub/a.png")]
     assert missing == [(str(tmp_path / "none*.jpg"), "no image found")]
+
+
+def test_an_hf_datasets_class_label_names_name_the_outputs(tmp_path: Path):
+    import datasets
+
+    names = ["cat", "dog", "bird"]
+    (tmp_path / "parquet" / "data").mkdir(parents=True)
+    for split, ds in helpers.make_hf_splits().items():
+        ds = ds.cast_column("label", datasets.Value("int64")).cast_column("label", datasets.ClassLabel(names=names))
+        ds.to_parquet(str(tmp_path / "parquet" / "data" / f"{split}-00000-of-00001.parquet"))
+    overrides = ("output.run_name=hf", "train.epochs=1", "data.source=hf", f"data.root={tmp_path / 'parquet'}")
+    fit(tiny_config(tmp_path, *overrides))
+    config = json.loads((tmp_path / "runs" / "hf" / "model" / "config.json").read_text())
+    assert config["label_names"] == names and "label_descriptions" not in config
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not TIMM_LOCAL_DIR, reason="timm's local-dir: loading needs timm 1.0.16 or later")
+def test_the_cli_trains_predicts_and_a_fresh_python_loads_the_folder_in_timm(tmp_path: Path):
+    import subprocess
+    import sys
+
+    from test_cli_e2e import run_cli
+    from test_cli_e2e import tiny_config as cli_config
+
+    root = helpers.make_image_folder(tmp_path / "imagenet", names=SYNSETS)
+    run_cli("train", "--config", str(cli_config(tmp_path, {"root": str(root)}, train={"epochs": 1})))
+    run = tmp_path / "runs" / "tiny"
+    document = json.loads(run_cli("predict", str(run), str(root / "val"), "--json", "--top-k", "1").stdout)
+    assert document["predicted"] == 9 and not document["skipped"]
+    assert {row["top"][0]["label"] for row in document["predictions"]} <= set(SYNSETS)
+    # nothing of the trainer imported, nothing typed but the folder
+    code = (
+        "import json, sys, timm\n"
+        "m = timm.create_model('local-dir:' + sys.argv[1], pretrained=True)\n"
+        "size = timm.data.resolve_data_config({}, model=m)['input_size']\n"
+        "print(json.dumps([m.num_classes, m.pretrained_cfg['label_names'], size]))"
+    )
+    command = [sys.executable, "-c", code, str(run / "model")]
+    loaded = subprocess.run(command, capture_output=True, text=True, check=True, cwd=tmp_path)
+    assert json.loads(loaded.stdout.splitlines()[-1]) == [3, SYNSETS, [3, 32, 32]]

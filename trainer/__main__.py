@@ -168,7 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=32, help="images per batch on the device")
     p.add_argument("--workers", type=int, default=0, help="loader worker processes to decode images (0: this process)")
     p.add_argument("--device", default="auto", help="backend.device to run on")
-    p.add_argument("--precision", default="fp32", help="train.precision to run at (fp32, bf16, fp16, auto)")
+    p.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16", "auto"), help="train.precision to run at")
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("export", help="the val-time model as ONNX or TorchScript, with its input contract, checked")

@@ -42,9 +42,11 @@ def _recipe(cfg: Config) -> list[str]:
     augment += [f"mixup {cfg.mixup.mixup_alpha}"] if cfg.mixup.mixup_alpha else []
     augment += [f"cutmix {cfg.mixup.cutmix_alpha}"] if cfg.mixup.cutmix_alpha else []
     augment += [f"label smoothing {t.label_smoothing}"] if t.label_smoothing else []
+    started = f", fine-tuned from `{cfg.model.pretrained}`" if cfg.model.pretrained else ""
+    layer_decay = f", layer-wise lr decay {o.layer_decay}" if o.layer_decay else ""
     return [
-        f"- **Epochs:** {t.epochs}" + (f", fine-tuned from `{cfg.model.pretrained}`" if cfg.model.pretrained else ""),
-        f"- **Optimizer:** {o.name}, lr {o.lr}, weight decay {o.weight_decay}" + (f", layer-wise lr decay {o.layer_decay}" if o.layer_decay else ""),
+        f"- **Epochs:** {t.epochs}{started}",
+        f"- **Optimizer:** {o.name}, lr {o.lr}, weight decay {o.weight_decay}{layer_decay}",
         f"- **Schedule:** {cfg.schedule.name}, warmup {cfg.schedule.warmup_epochs} epochs",
         f"- **Batch:** {cfg.loader.batch_size_per_device} per device, gradient accumulation {t.grad_accum_steps}",
         f"- **Precision:** {t.precision}; loss {t.loss}",
@@ -93,11 +95,14 @@ def model_card(
     usage = (
         "```python\nimport timm\n\n"
         f'model = timm.create_model("local-dir:{folder}", pretrained=True).eval()  # timm >= 1.0.16\n'
+        "# once uploaded (huggingface-cli upload NAME/REPO this-folder):\n"
+        '# timm.create_model("hf-hub:NAME/REPO", pretrained=True)\n'
         "config = timm.data.resolve_data_config({}, model=model)\n"
         "transform = timm.data.create_transform(**config)\n```\n\n"
         f"or from the command line: `trainer predict {folder} IMAGE...`\n"
     )
     card = {
+        "tags": ["image-classification", "timm"],  # NOTE: newer timm adds "transformers" unless told the tags
         "license": "other",  # the weights follow the terms of the data they were trained on: set it before publishing
         "description": f"A {config['architecture']} trained with the trainer from run `{run_dir}`.",
         "details": details,
