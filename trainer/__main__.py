@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -40,10 +39,6 @@ def cmd_train(args: argparse.Namespace) -> int:
     from trainer.progress import setup_logging
     from trainer.train import Trainer
 
-    # NOTE: logging is set up before the Trainer too, so its set-up lines show (which weights
-    # model.pretrained loaded, a re-initialised head); until the accelerator exists, the
-    # launcher's RANK (absent: one process) says which process is the main one
-    setup_logging(os.environ.get("RANK", "0") == "0", args.debug)
     trainer = Trainer(cfg)
     setup_logging(trainer.accelerator.is_main_process, args.debug)
     try:

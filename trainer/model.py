@@ -65,7 +65,9 @@ def create_model(cfg: ModelConfig, num_classes: int) -> torch.nn.Module:
         counts += f" (e.g. {unexpected[:3]})"
         raise ModelError(f"{KEY}: {path} does not fit {cfg.name}: {counts}")
     if head_shape and head_shape[0] != num_classes:
-        log.info(
+        # NOTE: a warning, not info: part of the model starts random, and `trainer train` builds the
+        # model before its logging is set up, when only warnings reach stderr
+        log.warning(
             "%s: %s has a %d-class head; %s re-initialised for %d classes",
             KEY,
             source.described,
