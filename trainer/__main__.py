@@ -1,4 +1,4 @@
-"""Command line: `trainer train|eval|predict|model-folder|env|bench|check-data|convert|plot|...` (python -m trainer).
+"""Command line: `trainer train|eval|predict|export|model-folder|env|bench|check-data|convert|...` (python -m trainer).
 
 Under `accelerate launch -m trainer train ...` every process runs the same command;
 Accelerate supplies the process group, this CLI the recipe.
@@ -14,6 +14,7 @@ from pathlib import Path
 from trainer.config import describe_sections, load_config
 from trainer.errors import USER_ERRORS, ConfigError
 
+EXPORTERS = ("auto", "dynamo", "torchscript")  # trainer.export.onnx_exporter; named here so --help needs no torch
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
 
 
@@ -62,6 +63,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if result is not None:
         print(json.dumps(result))
     return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from trainer.export import export_command
+
+    return export_command(args)
 
 
 def cmd_env(args: argparse.Namespace) -> int:
@@ -158,6 +165,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="backend.device to run on")
     p.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16", "auto"), help="train.precision to run at")
     p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("export", help="the val-time model as ONNX or TorchScript, with its input contract, checked")
+    p.add_argument("model", help="a model folder, a run directory or a checkpoint directory")
+    p.add_argument("--to", nargs="+", default=["onnx"], choices=("onnx", "torchscript"), help="formats (default: onnx)")
+    p.add_argument("--output", default=None, help="directory for the files (default: MODEL/export)")
+    p.add_argument("--ema", action="store_true", help="export the run's EMA weights")
+    p.add_argument("--images", nargs="*", default=[], help="check on these images or folders, not the run's val split")
+    p.add_argument("--samples", type=int, default=32, help="images in the check batch")
+    p.add_argument("--exporter", default="auto", choices=EXPORTERS, help="torch.onnx exporter (auto: torch's default)")
+    p.add_argument("--opset", type=int, default=0, help="ONNX opset (0: the exporter's default)")
+    p.add_argument("--debug", action="store_true", help="log at debug level")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("env", help="print the resolved device, process group, precision and versions")
     p.add_argument("--device", default="auto", help="backend.device to resolve")

@@ -42,9 +42,11 @@ def _recipe(cfg: Config) -> list[str]:
     augment += [f"mixup {cfg.mixup.mixup_alpha}"] if cfg.mixup.mixup_alpha else []
     augment += [f"cutmix {cfg.mixup.cutmix_alpha}"] if cfg.mixup.cutmix_alpha else []
     augment += [f"label smoothing {t.label_smoothing}"] if t.label_smoothing else []
+    started = f", fine-tuned from `{cfg.model.pretrained}`" if cfg.model.pretrained else ""
+    layer_decay = f", layer-wise lr decay {o.layer_decay}" if o.layer_decay else ""
     return [
-        f"- **Epochs:** {t.epochs}",
-        f"- **Optimizer:** {o.name}, lr {o.lr}, weight decay {o.weight_decay}",
+        f"- **Epochs:** {t.epochs}{started}",
+        f"- **Optimizer:** {o.name}, lr {o.lr}, weight decay {o.weight_decay}{layer_decay}",
         f"- **Schedule:** {cfg.schedule.name}, warmup {cfg.schedule.warmup_epochs} epochs",
         f"- **Batch:** {cfg.loader.batch_size_per_device} per device, gradient accumulation {t.grad_accum_steps}",
         f"- **Precision:** {t.precision}; loss {t.loss}",

@@ -230,16 +230,20 @@ def _head_size(model_name: str, weights: Path) -> int:
 
 def model_from_run(run: Path, weights: Path) -> tuple[torch.nn.Module, Config, list[str], dict[str, Any]]:
     """The model of a run from its config.yaml, `weights` loaded; with its config, classes and resolved input config."""
+    import timm
+
     from trainer.data.loader import resolve_input_config
-    from trainer.model import create_model
 
     cfg = run_config(run)
     classes = run_classes(cfg)
     num_classes = cfg.model.num_classes or len(classes) or _head_size(cfg.model.name, weights)
     if not num_classes:
         raise ModelError(f"{weights}: the number of classes is unknown (no classes in the data, no model.num_classes)")
-    cfg.model.pretrained_file = ""  # the run's weights replace whatever it started from
-    model = create_model(cfg.model, num_classes)
+    if not timm.is_model(cfg.model.name):
+        raise ModelError(f"{run / RUN_CONFIG}: model.name {cfg.model.name!r} is unknown to timm {timm.__version__}")
+    # NOTE: timm's factory, not trainer.model.create_model: the run's weights replace whatever it
+    # started from (model.pretrained), and trainer.model reads model folders through this module.
+    model = timm.create_model(cfg.model.name, num_classes=num_classes)
     load_weights_file(model, weights)
     return model.eval(), cfg, classes, resolve_input_config(cfg.input, cfg.model.name)
 
