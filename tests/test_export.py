@@ -18,9 +18,6 @@ from trainer.config import load_config, save_config
 from trainer.errors import DependencyError, ModelError
 from trainer.export import LOGIT_BAR, export_command, onnx_exporter
 
-# NOTE: imported before a capsys test runs export_command: its default stream (sys.stderr) is bound at import
-from trainer.progress import EpochProgress  # noqa: F401
-
 pytest.importorskip("onnxruntime", reason="the [export] extra is not installed")
 
 NAME = "test_resnet"
