@@ -82,7 +82,6 @@ def create_accelerator(
     retained = wants_retained and retain_freed_host_memory()
     from datetime import timedelta
 
-    import torch
     from accelerate import Accelerator
     from accelerate.utils import InitProcessGroupKwargs
 
@@ -93,7 +92,12 @@ def create_accelerator(
         InitProcessGroupKwargs(timeout=timedelta(seconds=collective_timeout_s)),
     ]
     with warnings.catch_warnings():
-        # Accelerate builds the deprecated `torch.mlu.amp.GradScaler`; it is replaced below.
+        # NOTE: Accelerate (1.0 to 1.15, accelerator.py / utils/modeling.py get_grad_scaler) builds
+        # `torch.mlu.amp.GradScaler` for mlu, which is the right class on every torch_mlu line:
+        # on r1.22_pt2.1.0 a subclass of `torch.cuda.amp.GradScaler` (torch 2.1 has no
+        # `torch.amp.GradScaler`), on pt2.3/2.4 `torch.amp.GradScaler("mlu")` by its old name,
+        # deprecated from pt2.4 on (torch_mlu/mlu/amp/grad_scaler.py). So it is kept, and only
+        # the deprecation warning is silenced; on CUDA it picks torch.cuda's scaler before 2.3.
         warnings.filterwarnings("ignore", message=r".*amp\.GradScaler.*deprecated")
         accelerator = Accelerator(
             cpu=device_type == "cpu",
@@ -101,10 +105,6 @@ def create_accelerator(
             kwargs_handlers=handlers,
             **accelerator_kwargs,
         )
-    if mixed_precision == "fp16" and accelerator.scaler is not None:
-        # NOTE: Accelerate builds the deprecated `torch.mlu.amp.GradScaler` on MLU.
-        scaler_kwargs = accelerator.scaler_handler.to_kwargs() if accelerator.scaler_handler else {}
-        accelerator.scaler = torch.amp.GradScaler(device_type, **scaler_kwargs)
     state = accelerator.state
     backend = Backend(
         device_type=device_type,
