@@ -24,8 +24,12 @@ import torch
 import torch.distributed as dist
 
 from torch_mlu import _extension
+from torch_mlu._line import LINE, VERSION
 
-__version__ = "1.22.0+emulated"
+# NOTE: torch_mlu's own version names its torch line ("1.22.2-torch2.1.0"); `trainer doctor`
+# compares it with the installed torch.
+__version__ = VERSION
+EMULATED_LINE = LINE
 __all__ = ["mlu"]
 
 
