@@ -301,7 +301,7 @@ def test_collate_of_only_skipped_items_is_an_empty_batch():
 def test_streaming_dataset_decodes_the_same_images(hf_parquet_dir, monkeypatch):
     import datasets.config
 
-    monkeypatch.setattr(datasets.config, "SLEEP_TIME_ON_THREADS_SHUTDOWN", 0)
+    monkeypatch.setattr(datasets.config, "SLEEP_TIME_ON_THREADS_SHUTDOWN", 0, raising=False)  # absent before datasets 3
     reader = HFStreamReader(str(hf_parquet_dir), "validation", rank=0, world_size=1, seed=0, shuffle=False)
     stream = StreamingImageDataset(reader, _SampleDecoder(val_transform(), 3, None, "skip", 0))
     stream.set_epoch(2)

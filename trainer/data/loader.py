@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 from timm.data import create_transform, resolve_data_config
+from timm.data.transforms import MaybePILToTensor, ToNumpy
 from torch.utils.data import DataLoader
 
 from trainer.config import ConfigError, DataConfig
@@ -89,6 +90,7 @@ def create_train_transform(cfg: DataConfig, input_cfg: dict, size: int) -> Any:
         raise ConfigError(
             f"data.auto_augment: {cfg.auto_augment!r} is not a timm policy (rand-m9-mstd0.5-inc1, augmix-m5-w4-d2, v0, original) nor trivial ({err})"
         ) from None
+    train = _uint8_tensor_output(train)
     if trivial:
         from torchvision import transforms as T
 
@@ -112,7 +114,19 @@ def create_transforms(cfg: DataConfig, input_cfg: dict, train_size: int = 0) -> 
     test_size = (3, cfg.test_img_size, cfg.test_img_size) if cfg.test_img_size else input_cfg["input_size"]
     common = _common_transform_args(cfg, input_cfg)
     val = create_transform(input_size=test_size, is_training=False, crop_pct=input_cfg["crop_pct"], crop_mode=input_cfg.get("crop_mode", "center"), **common)
-    return train, val
+    return train, _uint8_tensor_output(val)
+
+
+def _uint8_tensor_output(transform: Any) -> Any:
+    """A timm pipeline that ends in a uint8 (C, H, W) tensor where timm's ends in the same as an array.
+
+    NOTE: timm before 1.0.16 ends its `use_prefetcher` pipelines in `ToNumpy`, later ones in
+    `MaybePILToTensor` (timm/data/transforms_factory.py); both give (C, H, W) uint8.
+    """
+    steps = getattr(transform, "transforms", None)
+    if steps and type(steps[-1]) is ToNumpy:
+        steps[-1] = MaybePILToTensor()
+    return transform
 
 
 def resize_train(data: Datasets, cfg: DataConfig, size: int) -> None:
