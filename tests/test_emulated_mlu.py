@@ -378,10 +378,21 @@ def worker(rank: int, port: int) -> None:
     t = torch.full((3,), float(rank + 1), device=dev)
     dist.all_reduce(t)
     assert t.device == dev and t.cpu().tolist() == [3.0] * 3
-    for op, expected in ((dist.ReduceOp.AVG, 1.5), (dist.ReduceOp.MAX, 2.0), (dist.ReduceOp.MIN, 1.0)):
+    for op, expected in ((dist.ReduceOp.MAX, 2.0), (dist.ReduceOp.MIN, 1.0)):
         t = torch.full((2,), float(rank + 1), device=dev)
         dist.all_reduce(t, op=op)
         assert t.cpu().tolist() == [expected] * 2, (op, t.cpu())
+    # NOTE: CNCL has no AVG (process_group_cncl.cpp: "Cannot use ReduceOp.AVG with CNCL";
+    # RuntimeError on the 2.1 line, ValueError from 2.3) and sends float64 as float32.
+    try:
+        dist.all_reduce(torch.ones(2, device=dev), op=dist.ReduceOp.AVG)
+        avg_refused = False
+    except (RuntimeError, ValueError) as err:
+        avg_refused = "Cannot use ReduceOp.AVG with CNCL" in str(err)
+    assert avg_refused
+    doubles = torch.tensor([2.0**24 if rank == 0 else 1.0], dtype=torch.float64, device=dev)
+    dist.all_reduce(doubles)
+    assert doubles.item() == 2.0**24, doubles.item()  # 2**24 + 1 has no float32
     b = torch.arange(4.0, device=dev) * (rank + 1)
     dist.broadcast(b, src=1)
     assert b.device == dev and b.cpu().tolist() == [0.0, 2.0, 4.0, 6.0]

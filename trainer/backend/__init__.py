@@ -12,9 +12,12 @@ One module per concern:
     memory         device memory and host<->device traffic statistics
     fused          whether the device runs torch's fused optimizer kernels
     host_memory    pinned loader memory, glibc's keeping of freed memory
+    plugin_lines   the torch line a plugin was built for, and the variables each line reads
     process_group  collective error handling, process groups after a restart
+    device_rng     the device's own random generator, seeded per block
     state          `Backend`, the resolved picture the trainer holds
     accelerator    Accelerate's set-up and the checks that it agrees
+    stack_checks   the device stack `trainer doctor` reports (line, versions, scaler, ...)
 """
 
 from __future__ import annotations
@@ -39,12 +42,12 @@ from trainer.backend.devices import (
 )
 from trainer.backend.host_memory import retain_freed_host_memory
 from trainer.backend.precision import MIXED_PRECISION, is_bf16_supported, precision_name, resolve_precision
-from trainer.backend.process_group import ASYNC_ERROR_HANDLING_VARS, init_restarted_process_group
+from trainer.backend.process_group import enable_collective_error_handling, init_restarted_process_group
+from trainer.backend.stack_checks import device_stack_rows
 from trainer.backend.state import Backend, DeviceTimer
 from trainer.errors import BackendError
 
 __all__ = [
-    "ASYNC_ERROR_HANDLING_VARS",
     "DEVICE_PLUGINS",
     "DEVICE_TYPES",
     "DISTRIBUTED_TYPES",
@@ -62,6 +65,8 @@ __all__ = [
     "device_count",
     "device_for_process_group",
     "device_module",
+    "device_stack_rows",
+    "enable_collective_error_handling",
     "import_device_plugins",
     "init_restarted_process_group",
     "is_bf16_supported",

@@ -5,16 +5,32 @@ from __future__ import annotations
 import os
 
 from trainer.backend.devices import PROCESS_GROUP_BACKENDS
-
-# NOTE: with async error handling a collective past its timeout aborts the communicator and
-# ends the process instead of waiting for ever; torch_mlu mirrors NCCL's variable (MLU_NOTES).
-ASYNC_ERROR_HANDLING_VARS = {"mlu": "TORCH_CNCL_ASYNC_ERROR_HANDLING", "cuda": "TORCH_NCCL_ASYNC_ERROR_HANDLING"}
+from trainer.backend.plugin_lines import error_variables, other_spellings
 
 
-def enable_collective_error_handling(device_type: str) -> None:
-    """Switch on async error handling for the device's collectives, unless set already."""
-    if device_type in ASYNC_ERROR_HANDLING_VARS:
-        os.environ.setdefault(ASYNC_ERROR_HANDLING_VARS[device_type], "1")
+def enable_collective_error_handling(device_type: str) -> dict[str, str]:
+    """Set the collective error-handling variables the device's torch line reads.
+
+    NOTE: with async error handling a collective that fails or passes its timeout is
+    caught by the process group's watchdog thread, which logs and ends the whole process
+    (SIGABRT) instead of letting it hang; the trainer's own one-line message never runs.
+    With blocking wait the error is raised in the calling thread instead, where the
+    trainer turns it into one line (`collectives.named_collective_failures`). Both default
+    to off in torch_mlu, so async handling is switched on unless set. A value the user gave
+    under another line's name (TORCH_CNCL_BLOCKING_WAIT on the 2.1 line, which reads only
+    CNCL_BLOCKING_WAIT) is carried over to the name this line reads.
+
+    Returns:
+        The variables this line reads, with the values now in force.
+    """
+    names = error_variables(device_type)
+    for kind, name in names.items():
+        given = [os.environ[other] for other in other_spellings(device_type, kind) if other in os.environ]
+        if name not in os.environ and given:
+            os.environ[name] = given[0]
+    if "async" in names:
+        os.environ.setdefault(names["async"], "1")
+    return {name: os.environ.get(name, "") for name in names.values()}
 
 
 def init_restarted_process_group(device_type: str, timeout_s: float) -> bool:

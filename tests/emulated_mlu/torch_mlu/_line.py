@@ -40,6 +40,14 @@ def current_line() -> str:
     return named
 
 
+def _version() -> str:
+    """torch_mlu's version string: the line's torch when named, else the installed torch's."""
+    if os.environ.get(LINE_VARIABLE, "").strip():
+        return f"{RELEASE}-torch{LINE}.0"
+    major, minor = torch.__version__.split("+")[0].split(".")[:2]
+    return f"{RELEASE}-torch{major}.{minor}.0"
+
+
 LINE = current_line()
 AT_LEAST_2_3 = LINE != "2.1"
-VERSION = f"{RELEASE}-torch{LINE}.0"
+VERSION = _version()

@@ -3,6 +3,7 @@
 // the device guard are native; every other op runs through a boxed CPU
 // fallback, so numerics are exactly those of the CPU kernels.
 
+#include <ATen/CPUGeneratorImpl.h>
 #include <ATen/EmptyTensor.h>
 #include <ATen/autocast_mode.h>
 #include <ATen/detail/PrivateUse1HooksInterface.h>
@@ -19,8 +20,13 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <array>
 #include <atomic>
 #include <chrono>
+#include <mutex>
+#include <optional>
+#include <set>
+#include <string>
 #include <vector>
 
 namespace {
@@ -239,9 +245,17 @@ at::Tensor empty_strided(c10::IntArrayRef size, c10::IntArrayRef stride,
       c10::dtype_or_default(dtype));
 }
 
+// NOTE: the MLU stores and computes float64 as float32 (torch_mlu aten/utils/types.cpp maps
+// kDouble to CNNL_DTYPE_FLOAT). Every value that lands in a float64 tensor on the device,
+// from the host or as an op's result (the fallback copies results back through here),
+// is rounded to float32, so sums that rely on float64's 53 bits lose them as on the card.
 at::Tensor copy_from(const at::Tensor& self, const at::Tensor& dst, bool non_blocking) {
   count_copy(self, dst, non_blocking);
-  host_alias(dst).copy_(host_alias(self));
+  auto out = host_alias(dst);
+  out.copy_(host_alias(self));
+  if (dst.device().type() == kMlu && dst.scalar_type() == at::kDouble) {
+    out.copy_(out.to(at::kFloat));
+  }
   return dst;
 }
 
@@ -303,9 +317,80 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> native_batch_norm(
   return {out.to(input.device()), mean.to(input.device()), invstd.to(input.device())};
 }
 
+// ------------------------------------------------------------------ RNG
+// NOTE: MLU kernels draw from per-device MLU generators (torch_mlu/mlu/random.py,
+// torch.mlu.default_generators), not from the CPU's. Random ops here run as CPU kernels,
+// so the fallback lends the CPU default generator the MLU generator's state for the call
+// and takes the advanced state back: torch.mlu.manual_seed and friends then really decide
+// the device's random numbers, and seeding only the CPU generator does not.
+
+constexpr uint64_t kDefaultSeed = 67280421310721ULL;  // torch.cuda's default seed
+std::mutex g_rng_mutex;
+std::array<std::optional<at::Generator>, kMaxDevices> g_generators;
+
+at::Generator& mlu_generator(c10::DeviceIndex device) {
+  auto& slot = g_generators[device];
+  if (!slot.has_value()) slot = at::make_generator<at::CPUGeneratorImpl>(kDefaultSeed);
+  return *slot;
+}
+
+c10::DeviceIndex device_of(const c10::OperatorHandle& op, const torch::jit::Stack* stack) {
+  const auto num_args = op.schema().arguments().size();
+  for (auto i = stack->size() - num_args; i < stack->size(); ++i) {
+    const auto& value = (*stack)[i];
+    if (value.isTensor() && value.toTensor().defined() && value.toTensor().device().type() == kMlu) {
+      return value.toTensor().device().index();
+    }
+  }
+  return t_current_device;
+}
+
+// Ops the real card has no MLU kernel for (not in torch_mlu's codegen/mlu_functions.yaml):
+// torch_mlu's MLUFallback.cpp runs them on the CPU after warning once per op. Every other op
+// is treated as native here, so it falls back silently.
+const std::set<std::string> kNoMluKernel = {"aten::_fused_sgd_", "aten::_fused_sgd", "aten::_fused_adam_",
+                                            "aten::_fused_adamw_"};
+std::mutex g_warned_mutex;
+std::set<std::string> g_warned;
+
+void warn_if_no_kernel(const c10::OperatorHandle& op) {
+  const auto& name = op.schema().operator_name().name;
+  if (kNoMluKernel.count(name) == 0) return;
+  std::lock_guard<std::mutex> lock(g_warned_mutex);
+  if (!g_warned.insert(name).second) return;
+  TORCH_WARN("The operator '", op.schema().operator_name(), "' is not currently supported ",
+             "on the MLU backend and will fall back to run on the CPU.",
+             " This may have performance implications.");
+}
+
 void mlu_cpu_fallback(const c10::OperatorHandle& op, torch::jit::Stack* stack) {
   const InternalScope internal;
-  at::native::cpu_fallback(op, stack);
+  warn_if_no_kernel(op);
+  if (!op.hasTag(at::Tag::nondeterministic_seeded)) {
+    at::native::cpu_fallback(op, stack);
+    return;
+  }
+  const c10::DeviceIndex device = device_of(op, stack);
+  std::lock_guard<std::mutex> lock(g_rng_mutex);
+  auto cpu = at::detail::getDefaultCPUGenerator();
+  at::Tensor saved;
+  {
+    std::lock_guard<std::mutex> gen_lock(cpu.mutex());
+    saved = cpu.get_state();
+    cpu.set_state(mlu_generator(device).get_state());
+  }
+  auto restore = [&] {
+    std::lock_guard<std::mutex> gen_lock(cpu.mutex());
+    mlu_generator(device).set_state(cpu.get_state());
+    cpu.set_state(saved);
+  };
+  try {
+    at::native::cpu_fallback(op, stack);
+  } catch (...) {
+    restore();
+    throw;
+  }
+  restore();
 }
 
 // Convolutions with fp16 operands: the CPU has no fast fp16 convolution (its
@@ -426,6 +511,27 @@ void reset_transfer_stats() {
   for (auto& counter : g_traffic) counter = 0;
 }
 void synchronize() { count_sync(); }
+
+void manual_seed(int64_t d, int64_t seed) {
+  check_index(d);
+  std::lock_guard<std::mutex> lock(g_rng_mutex);
+  mlu_generator(d).set_current_seed(static_cast<uint64_t>(seed));
+}
+int64_t initial_seed(int64_t d) {
+  check_index(d);
+  std::lock_guard<std::mutex> lock(g_rng_mutex);
+  return static_cast<int64_t>(mlu_generator(d).current_seed());
+}
+at::Tensor get_rng_state(int64_t d) {
+  check_index(d);
+  std::lock_guard<std::mutex> lock(g_rng_mutex);
+  return mlu_generator(d).get_state();
+}
+void set_rng_state(int64_t d, const at::Tensor& state) {
+  check_index(d);
+  std::lock_guard<std::mutex> lock(g_rng_mutex);
+  mlu_generator(d).set_state(state);
+}
 // Staging that only the emulation does (the cncl group) runs between these.
 void begin_internal() { ++t_internal_depth; }
 void end_internal() { --t_internal_depth; }
@@ -450,6 +556,10 @@ TORCH_LIBRARY(emulated_mlu, m) {
   m.def("transfer_stats", transfer_stats);
   m.def("reset_transfer_stats", reset_transfer_stats);
   m.def("synchronize", synchronize);
+  m.def("manual_seed", manual_seed);
+  m.def("initial_seed", initial_seed);
+  m.def("get_rng_state", get_rng_state);
+  m.def("set_rng_state", set_rng_state);
   m.def("begin_internal", begin_internal);
   m.def("end_internal", end_internal);
 }
