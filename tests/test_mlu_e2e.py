@@ -63,7 +63,9 @@ def tiny(tmp_path_factory) -> Path:
     data = helpers.make_image_folder(root / "data", train_per_class=8)
     cfg = {
         "model": {"name": "test_resnet"},
-        "data": {"root": str(data), "img_size": 32, "batch_size_per_device": 4, "workers": 0},
+        "data": {"root": str(data)},
+        "loader": {"batch_size_per_device": 4, "workers": 0},
+        "input": {"img_size": 32},
         # NOTE: precision pinned (fp16 is what an MLU370 trains in): `auto` must never decide
         # an outcome, since on a CPU with native bf16 it picks bf16 for the CPU runs.
         "train": {"epochs": 1, "log_every_steps": 2, "precision": "fp16"},
@@ -170,7 +172,7 @@ def test_resume_mid_epoch_with_random_erasing_is_bit_exact_on_the_mlu(tiny):
     # the uninterrupted one drew. fp32: fp16's loss scale would be one more state to compare.
     config = str(tiny / "tiny.yaml")
     base = [sys.executable, "-m", "trainer", "train", "--config", config, "train.precision=fp32", "train.epochs=2"]
-    erasing = ["data.re_prob=0.5", "data.re_mode=pixel", "train.checkpoint_every_steps=3", "train.keep_last_checkpoints=100"]
+    erasing = ["aug.re_prob=0.5", "aug.re_mode=pixel", "train.checkpoint_every_steps=3", "train.keep_last_checkpoints=100"]
     run(base + erasing + ["output.run_name=erase_straight"], mlu=True)
     checkpoint = tiny / "runs" / "erase_straight" / "checkpoints" / "step_00000003"  # inside epoch 1
     run(base + erasing + ["output.run_name=erase_resumed", f"train.resume={checkpoint}"], mlu=True)

@@ -348,8 +348,9 @@ def test_erasing_noise_on_the_device_depends_on_the_batch_alone():
             from trainer.backend import import_device_plugins
             import_device_plugins()
             from trainer.batch_augment import create_batch_augment
-            from trainer.config import DataConfig, MixupConfig
-            augment = create_batch_augment(MixupConfig(), DataConfig(re_prob=1.0, re_mode="pixel"), 4, 0.0, 0, 0)
+            from trainer.config import AugConfig, MixupConfig
+            augment = create_batch_augment(mixup=MixupConfig(), aug=AugConfig(re_prob=1.0, re_mode="pixel"), num_classes=4,
+                                           label_smoothing=0.0, seed=0, process_index=0)
             images = torch.zeros(4, 3, 16, 16, device="mlu:0")
             labels = torch.arange(4, device="mlu:0")
             first, _ = augment(images.clone(), labels, 2, 5)
