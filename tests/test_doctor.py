@@ -24,7 +24,8 @@ def setup(tmp_path: Path, device: str) -> Path:
     helpers.make_image_folder(tmp_path / "work" / "data")
     cfg = {
         "model": {"name": "test_resnet"},
-        "data": {"root": "data", "workers": 0},  # relative: each process reads it from its own working directory
+        "data": {"root": "data"},
+        "loader": {"workers": 0},  # relative: each process reads it from its own working directory
         "train": {"precision": PRECISION[device]},
         "backend": {"collective_timeout_s": 60},
         "output": {"dir": str(tmp_path / "runs")},

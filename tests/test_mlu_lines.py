@@ -308,3 +308,93 @@ def test_trainer_sets_the_variables_its_line_reads(line):
     else:
         assert plain == {"TORCH_CNCL_ASYNC_ERROR_HANDLING": "1", "TORCH_CNCL_BLOCKING_WAIT": ""}
         assert blocking == {"TORCH_CNCL_ASYNC_ERROR_HANDLING": "1", "TORCH_CNCL_BLOCKING_WAIT": "1"}
+
+
+# ------------------------------------------------------------- the trainer on each line
+
+
+def test_fused_optimizer_choice_never_takes_the_cpu_fallback():
+    out = last_json(
+        run_python(
+            """
+            import json, torch
+            from trainer.backend import import_device_plugins
+            from trainer.backend.fused import fused_sgd_status
+            import_device_plugins()
+            listed = fused_sgd_status(torch.device("mlu:0"))
+            # Were mlu listed again (a torch_mlu that did not patch the list), the op still has no MLU
+            # kernel: only its CPU fallback would run, and the choice must still say no.
+            from torch.utils import _foreach_utils
+            _foreach_utils._get_fused_kernels_supported_devices = lambda: ["cuda", "xpu", "mlu"]
+            relisted = fused_sgd_status(torch.device("mlu:0"))
+            print(json.dumps({"listed": listed, "relisted": relisted, "has_op": hasattr(torch, "_fused_sgd_")}))
+            """,
+            mlu_env(),
+        )
+    )
+    assert out["listed"][0] is False and out["relisted"][0] is False
+    if out["has_op"]:
+        assert "leaves out mlu" in out["listed"][1] and "no mlu kernel" in out["relisted"][1]
+
+
+def test_erasing_noise_on_the_device_depends_on_the_batch_alone():
+    # Random erasing draws its noise on the device, from the MLU generator: seeded per
+    # micro-batch as the CPU one is, the same (epoch, batch) erases alike whatever ran before,
+    # which is what a resumed run relies on.
+    out = last_json(
+        run_python(
+            """
+            import json, torch
+            from trainer.backend import import_device_plugins
+            import_device_plugins()
+            from trainer.batch_augment import create_batch_augment
+            from trainer.config import AugConfig, MixupConfig
+            augment = create_batch_augment(mixup=MixupConfig(), aug=AugConfig(re_prob=1.0, re_mode="pixel"), num_classes=4,
+                                           label_smoothing=0.0, seed=0, process_index=0)
+            images = torch.zeros(4, 3, 16, 16, device="mlu:0")
+            labels = torch.arange(4, device="mlu:0")
+            first, _ = augment(images.clone(), labels, 2, 5)
+            torch.randn(1000, device="mlu:0")  # other device draws in between (dropout, ...)
+            torch.mlu.manual_seed(99)
+            again, _ = augment(images.clone(), labels, 2, 5)
+            other, _ = augment(images.clone(), labels, 2, 6)
+            print(json.dumps({"same": torch.equal(first.cpu(), again.cpu()), "differs": not torch.equal(first.cpu(), other.cpu()),
+                              "erased": bool((first != 0).any()), "state_kept": torch.randn(1, device="mlu:0").item()}))
+            """,
+            mlu_env(),
+        )
+    )
+    assert out["erased"] is True and out["differs"] is True
+    assert out["same"] is True
+
+
+def _stack(line: str | None, replace_scaler: bool = False) -> list[dict]:
+    code = f"""
+        import json, torch
+        from trainer.backend import create_accelerator, device_stack_rows
+        accelerator, backend = create_accelerator("mlu", "fp16")
+        if {replace_scaler}:
+            accelerator.scaler = torch.amp.GradScaler("mlu")  # what the backend did before
+        print(json.dumps({{"rows": device_stack_rows("mlu", accelerator, "fp16")}}))
+        """
+    return last_json(run_python(code, mlu_env(line)))["rows"]
+
+
+def test_doctor_rows_on_a_matched_stack():
+    rows = {r["check"]: r for r in _stack(None)}
+    assert list(rows) == ["torch_mlu line", "versions", "loss scaler", "fused SGD", "collective errors", "bf16"]
+    assert not [r for r in rows.values() if r["problem"]], rows
+    assert "built for torch" in rows["torch_mlu line"]["value"]
+    assert rows["loss scaler"]["value"] == "torch_mlu.mlu.amp.GradScaler"
+    assert rows["fused SGD"]["value"].startswith("no: ")
+    assert "ASYNC_ERROR_HANDLING=1" in rows["collective errors"]["value"]
+    assert rows["bf16"]["value"].startswith("not native")
+
+
+@pytest.mark.skipif(_TORCH < (2, 3), reason="a 2.1 torch_mlu on torch 2.1 is the matched stack")
+def test_doctor_flags_a_torch_mlu_built_for_another_torch():
+    rows = {r["check"]: r for r in _stack("2.1", replace_scaler=True)}
+    assert "built for torch 2.1" in rows["torch_mlu line"]["value"]
+    assert "install the torch wheel Cambricon ships" in rows["versions"]["problem"]
+    assert "CNCL_ASYNC_ERROR_HANDLING=1" in rows["collective errors"]["value"]
+    assert "leave the scaler to Accelerate" in rows["loss scaler"]["problem"]

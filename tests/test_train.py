@@ -20,9 +20,9 @@ def tiny_config(tmp_path: Path, *overrides: str):
     base = [
         "model.name=test_resnet",
         f"data.root={data}",
-        "data.img_size=16",
-        "data.batch_size_per_device=4",
-        "data.workers=0",
+        "input.img_size=16",
+        "loader.batch_size_per_device=4",
+        "loader.workers=0",
         "train.precision=fp32",
         "train.epochs=2",
         "train.log_every_steps=2",

@@ -41,7 +41,12 @@ def _register() -> None:
     ops.set_device_count(device_module.visible_device_count())
     torch.utils.rename_privateuse1_backend("mlu")
     torch._register_device_module("mlu", device_module)
-    torch.utils.generate_methods_for_privateuse1_backend(for_tensor=True, for_module=True, for_packed_sequence=True, for_storage=True)
+    import inspect
+
+    # NOTE: torch 2.1's generator has no for_packed_sequence argument.
+    wanted = {"for_tensor": True, "for_module": True, "for_packed_sequence": True, "for_storage": True}
+    accepted = inspect.signature(torch.utils.generate_methods_for_privateuse1_backend).parameters
+    torch.utils.generate_methods_for_privateuse1_backend(**{k: v for k, v in wanted.items() if k in accepted})
     if dist.is_available():
         dist.Backend.register_backend("cncl", _cncl.create_process_group, devices=["mlu"])
     _leave_mlu_out_of_foreach_and_fused_lists()

@@ -247,6 +247,41 @@ def get_amp_supported_dtype() -> list[torch.dtype]:
     return [torch.float16, torch.bfloat16]
 
 
+# NOTE: torch_mlu/mlu/autocast_utils.py: the autocast state torch's autocast asks a custom
+# device module for; torch 2.4 keeps it itself (by device name), torch 2.1 does not.
+_TORCH_KEEPS_AUTOCAST_STATE = hasattr(torch, "get_autocast_dtype")
+
+
+def is_autocast_enabled() -> bool:
+    """Return whether autocast is on for mlu in this thread."""
+    if _TORCH_KEEPS_AUTOCAST_STATE:
+        return torch.is_autocast_enabled("mlu")
+    return bool(_ops().autocast_enabled())
+
+
+def set_autocast_enabled(enabled: bool) -> None:
+    """Switch autocast for mlu on or off in this thread."""
+    if _TORCH_KEEPS_AUTOCAST_STATE:
+        torch.set_autocast_enabled("mlu", enabled)
+    else:
+        _ops().set_autocast_enabled(enabled)
+
+
+def get_autocast_dtype() -> torch.dtype:
+    """Return the dtype autocast casts to on mlu."""
+    if _TORCH_KEEPS_AUTOCAST_STATE:
+        return torch.get_autocast_dtype("mlu")
+    return _ops().autocast_dtype()
+
+
+def set_autocast_dtype(dtype: torch.dtype) -> None:
+    """Set the dtype autocast casts to on mlu."""
+    if _TORCH_KEEPS_AUTOCAST_STATE:
+        torch.set_autocast_dtype("mlu", dtype)
+    else:
+        _ops().set_autocast_dtype(dtype)
+
+
 # ---------------------------------------------------------------- memory
 
 
