@@ -362,9 +362,10 @@ def test_trainer_transforms_end_in_a_tensor_on_every_timm(normalize_on_device):
 
     from trainer.data.loader import create_transforms, resolve_input_config
 
-    cfg = DataConfig(root="/x", img_size=SIZE, normalize_on_device=normalize_on_device)
+    inp = InputConfig(img_size=SIZE)
     image = Image.new("RGB", (40, 30), (200, 30, 10))
-    for transform in create_transforms(cfg, resolve_input_config(cfg, "resnet50")):
+    input_cfg = resolve_input_config(inp, "resnet50")
+    for transform in create_transforms(aug=AugConfig(), input_cfg=input_cfg, test_img_size=0, normalize_on_device=normalize_on_device):
         out = transform(image)
         assert isinstance(out, torch.Tensor) and out.shape == (3, SIZE, SIZE)
         assert out.dtype == (torch.uint8 if normalize_on_device else torch.float32)
