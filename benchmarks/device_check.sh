@@ -63,7 +63,8 @@ if [ "$status" = ok ]; then
   if [ "${#missing[@]}" -gt 0 ]; then
     # One quick probe: an unreachable index costs seconds here, not pip's retries per package.
     probe=$(mktemp -d)
-    if timeout "$(left)" "$PY" -m pip download --no-deps --retries 0 --timeout 10 -d "$probe" "${missing[0]}" >>"$LOG" 2>&1; then
+    if timeout "$(left)" "$PY" -m pip download --no-deps --retries 0 --timeout 10 -d "$probe" "${missing[0]}" \
+        >>"$LOG" 2>&1; then
       index="reachable"
       if timeout "$(left)" "$PY" -m pip install -c "$OUT/host-pins.txt" "${missing[@]}" >>"$LOG" 2>&1; then
         fetched="${missing[*]}"
@@ -82,8 +83,8 @@ install_s=$(( $(date +%s) - start ))
 import json, os, sys
 status, mode, seconds, index, fetched, pins = sys.argv[1:]
 pinned = open(pins).read().split() if os.path.exists(pins) else []
-record = {"status": status, "mode": mode, "seconds": int(seconds), "index": index, "fetched": fetched.split(), "pinned": pinned}
-print(json.dumps(record))
+record = {"status": status, "mode": mode, "seconds": int(seconds), "index": index}
+print(json.dumps({**record, "fetched": fetched.split(), "pinned": pinned}))
 EOF
 echo "install: $status ($mode) in ${install_s} s"
 

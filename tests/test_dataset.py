@@ -365,7 +365,9 @@ def test_trainer_transforms_end_in_a_tensor_on_every_timm(normalize_on_device):
     inp = InputConfig(img_size=SIZE)
     image = Image.new("RGB", (40, 30), (200, 30, 10))
     input_cfg = resolve_input_config(inp, "resnet50")
-    for transform in create_transforms(aug=AugConfig(), input_cfg=input_cfg, test_img_size=0, normalize_on_device=normalize_on_device):
+    on_device = normalize_on_device
+    both = create_transforms(aug=AugConfig(), input_cfg=input_cfg, test_img_size=0, normalize_on_device=on_device)
+    for transform in both:
         out = transform(image)
         assert isinstance(out, torch.Tensor) and out.shape == (3, SIZE, SIZE)
         assert out.dtype == (torch.uint8 if normalize_on_device else torch.float32)

@@ -53,9 +53,11 @@ def test_shell_wrapper_installs_nothing_from_an_index_and_runs_every_phase_witho
     # that is itself a venv (this one), whose packages the check's venv must still see.
     blocker = tmp_path / "blocker"
     blocker.mkdir()
-    (blocker / "sitecustomize.py").write_text("import sys\nfor name in ('datasets', 'simplejpeg'):\n    sys.modules[name] = None\n")
+    absent = "import sys\nfor name in ('datasets', 'simplejpeg'):\n    sys.modules[name] = None\n"
+    (blocker / "sitecustomize.py").write_text(absent)
     out, venv = tmp_path / "dc", tmp_path / "venv"
-    env = {**os.environ, "PIP_NO_INDEX": "1", "PYTHONPATH": str(blocker), "PYTHON": sys.executable, "DEVICE_CHECK_VENV": str(venv)}
+    env = {**os.environ, "PIP_NO_INDEX": "1", "PYTHONPATH": str(blocker), "PYTHON": sys.executable}
+    env["DEVICE_CHECK_VENV"] = str(venv)
     cmd = ["bash", str(REPO / "benchmarks" / "device_check.sh"), str(out), "--tiny", "--phase-limit", "compiled=2"]
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -65,7 +67,8 @@ def test_shell_wrapper_installs_nothing_from_an_index_and_runs_every_phase_witho
     assert install["index"] == "unreachable" and install["fetched"] == []
     assert any(pin.startswith("torch==") for pin in install["pinned"])
     # The project is installed in the check's venv, which imports it from this checkout.
-    where = subprocess.run([str(venv / "bin" / "python"), "-c", "import trainer; print(trainer.__file__)"], capture_output=True, text=True, cwd=tmp_path)
+    show = [str(venv / "bin" / "python"), "-c", "import trainer; print(trainer.__file__)"]
+    where = subprocess.run(show, capture_output=True, text=True, cwd=tmp_path)
     assert where.stdout.strip() == str(REPO / "trainer" / "__init__.py"), where.stderr
     report = json.loads((out / "device_check.json").read_text())
     assert set(report["packages"]["missing"]) == {"datasets", "simplejpeg"}

@@ -34,7 +34,8 @@ def test_a_package_below_its_floor_is_too_old():
 
 
 def test_fetch_list_never_asks_pip_for_torch_and_pins_the_installed_one(monkeypatch):
-    monkeypatch.setattr(host_packages, "requirements", lambda: ["torch>=999", "torch_mlu>=1", "datasets>=2.18", "timm>=0"])
+    lines = ["torch>=999", "torch_mlu>=1", "datasets>=2.18", "timm>=0"]
+    monkeypatch.setattr(host_packages, "requirements", lambda: lines)
     monkeypatch.setitem(sys.modules, "datasets", None)
     assert host_packages.to_fetch() == ["datasets>=2.18"]  # torch too old, torch_mlu absent: the vendor's to fix
     from importlib import metadata

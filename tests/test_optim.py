@@ -14,7 +14,8 @@ from trainer.errors import ConfigError
 from trainer.optim import create_lr_scheduler, create_optimizer, lr_factor, zero_fused_momentum
 
 # torch 2.1 (the floor stack) has no fused SGD
-needs_fused_sgd = pytest.mark.skipif(not trainer.optim._SGD_TAKES_FUSED, reason=f"torch {torch.__version__} has no fused SGD")
+NO_FUSED_SGD = f"torch {torch.__version__} has no fused SGD"
+needs_fused_sgd = pytest.mark.skipif(not trainer.optim._SGD_TAKES_FUSED, reason=NO_FUSED_SGD)
 
 STEPS = 10  # optimizer steps per epoch in these tests
 
@@ -159,7 +160,11 @@ def test_weight_decay_applies_to_every_parameter_like_the_reference():
 
 @pytest.mark.parametrize(
     "implementation, key, value",
-    [("foreach", "foreach", True), ("loop", "foreach", False), pytest.param("fused", "fused", True, marks=needs_fused_sgd)],
+    [
+        ("foreach", "foreach", True),
+        ("loop", "foreach", False),
+        pytest.param("fused", "fused", True, marks=needs_fused_sgd),
+    ],
 )
 def test_implementation_picks_the_step_kernel(implementation, key, value):
     opt = create_optimizer(linear_model(), OptimConfig(implementation=implementation))
