@@ -286,6 +286,9 @@ def orchestrate(args: argparse.Namespace) -> int:
     }
     if args.install:
         report["install"] = json.loads(Path(args.install).read_text())
+    from host_packages import check  # beside this file
+
+    report["packages"] = check()  # what this Python lacks; every phase runs anyway
 
     def left() -> float:
         return deadline - time.perf_counter()
@@ -398,6 +401,8 @@ def format_table(report: dict[str, Any]) -> str:
     ]
     if "install" in report:
         lines.append(f"install: {report['install'].get('status')} in {report['install'].get('seconds', '?')} s")
+    for kind, found in report.get("packages", {}).items():
+        lines += [f"{kind.replace('_', ' ')}: {name}: {why}" for name, why in found.items()]
     lines.append(f"{'phase':<12}{'status':<10}{'model img/s':>12}{'e2e img/s':>11}{'e2e/model':>10}{'peak GiB':>9}  setting")
     for phase, outcome in report["phases"].items():
         if phase in ("env", "data"):

@@ -23,6 +23,31 @@ import pytest  # noqa: E402
 
 import helpers  # noqa: E402
 
+# What CI also runs on the floor stack (.ci/run: torch 2.1, every other direct dependency at
+# its lowest allowed version; `pytest -m floor`): the emulated MLU on torch_mlu's oldest torch
+# line, two emulated MLUs training fp16 over cncl, and the CPU path (config, optimizer, data
+# readers, model, checkpoints, training) against the oldest timm, accelerate and datasets.
+# A whole file, or one test of it (with all its parameters).
+FLOOR_TESTS = (
+    "tests/test_emulated_mlu.py",
+    "tests/test_mlu_lines.py",
+    "tests/test_mlu_e2e.py::test_env_reports_mlu_cncl_fp16_under_emulation",
+    "tests/test_mlu_e2e.py::test_two_emulated_mlus_train_over_cncl_with_fp16",
+    "tests/test_config.py",
+    "tests/test_configs.py",
+    "tests/test_optim.py",
+    "tests/test_model.py",
+    "tests/test_checkpoint.py",
+    "tests/test_readers.py",
+    "tests/test_train.py",
+)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if any(item.nodeid == name or item.nodeid.startswith((name + "::", name + "[")) for name in FLOOR_TESTS):
+            item.add_marker(pytest.mark.floor)
+
 
 def pytest_unconfigure(config: pytest.Config) -> None:
     shutil.rmtree(_HF_HOME, ignore_errors=True)

@@ -12,23 +12,59 @@ import pytest
 import torch
 
 from trainer import backend
-from trainer.backend import Backend, BackendError, check_accelerator_state, resolve_precision
+from trainer.backend import Backend, BackendError, accelerator, check_accelerator_state, precision, resolve_precision
 
-PACKAGE = Path(backend.__file__).resolve().parent
+PACKAGE = Path(backend.__file__).resolve().parent.parent
+SEAM = PACKAGE / "backend"
 
 # A device type or collective backend named as a string, or a call into a device module.
 FORBIDDEN = re.compile(r"""torch\.(cuda|mlu|npu|xpu|mps)\b|\.(cuda|mlu|npu|xpu)\(|['"](cuda|mlu|npu|xpu|mps|cpu|nccl|cncl|hccl|xccl|gloo)(:\d+)?['"]""")
 
 
 def test_no_module_outside_backend_names_a_device():
+    # The seam is exactly the package trainer/backend/: no other file, wherever it lies or
+    # whatever it is named (a stray backend.py elsewhere included), may name a device.
     offenders = []
     for path in sorted(PACKAGE.rglob("*.py")):
-        if path.name == "backend.py":
+        if path.parent == SEAM:
             continue
         for number, line in enumerate(path.read_text().splitlines(), 1):
             if FORBIDDEN.search(line):
                 offenders.append(f"{path.relative_to(PACKAGE.parent)}:{number}: {line.strip()}")
-    assert not offenders, "device-specific code outside trainer/backend.py:\n" + "\n".join(offenders)
+    assert not offenders, "device-specific code outside trainer/backend/:\n" + "\n".join(offenders)
+
+
+def test_seam_is_a_package_of_small_modules_without_import_circles():
+    import ast
+
+    assert not (PACKAGE / "backend.py").exists()
+    modules = {path.stem: path for path in SEAM.glob("*.py") if path.stem != "__init__"}
+    assert len(modules) >= 6
+    edges = {}
+    for name, path in modules.items():
+        assert len(path.read_text().splitlines()) < 400, path
+        targets = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("trainer.backend"):
+                sub = node.module.removeprefix("trainer.backend").lstrip(".")
+                # `from trainer.backend import fused` names the submodule; the package itself is not imported from inside it
+                assert sub or all(a.name in modules for a in node.names), f"{name} imports the package trainer.backend"
+                targets |= {sub} if sub else {a.name for a in node.names}
+        edges[name] = targets
+    done, visiting = set(), []
+
+    def visit(name):
+        assert name not in visiting, "import circle: " + " -> ".join([*visiting, name])
+        if name in done:
+            return
+        visiting.append(name)
+        for target in edges[name]:
+            visit(target)
+        visiting.pop()
+        done.add(name)
+
+    for name in modules:
+        visit(name)
 
 
 def test_scanner_catches_device_names():
@@ -71,7 +107,7 @@ def test_process_group_mapping():
     ],
 )
 def test_precision_per_device(monkeypatch, requested, device, bf16, expected):
-    monkeypatch.setattr(backend, "is_bf16_supported", lambda d: bf16)
+    monkeypatch.setattr(precision, "is_bf16_supported", lambda d: bf16)
     assert resolve_precision(requested, device) == expected
 
 
@@ -86,7 +122,7 @@ def test_auto_on_either_cpu_kind_follows_the_bf16_probe(monkeypatch, native_bf16
 
 
 def test_bf16_without_support_is_a_clear_error(monkeypatch):
-    monkeypatch.setattr(backend, "is_bf16_supported", lambda d: False)
+    monkeypatch.setattr(precision, "is_bf16_supported", lambda d: False)
     with pytest.raises(BackendError, match="no native bf16"):
         resolve_precision("bf16", "mlu")
     with pytest.raises(BackendError, match="fp16 needs an accelerator"):
@@ -110,7 +146,7 @@ def test_disagreeing_accelerate_state_names_cause_and_fix(monkeypatch):
 
 
 def test_cuda_visible_devices_on_mlu_host_is_flagged(monkeypatch):
-    monkeypatch.setattr(backend.importlib.util, "find_spec", lambda name: object() if name == "torch_mlu" else None)
+    monkeypatch.setattr(accelerator.importlib.util, "find_spec", lambda name: object() if name == "torch_mlu" else None)
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
     monkeypatch.delenv("MLU_VISIBLE_DEVICES", raising=False)
     monkeypatch.delenv("CN_VISIBLE_DEVICES", raising=False)
@@ -163,7 +199,7 @@ def test_retained_host_memory_is_reused_without_page_faults():
 
 def test_host_memory_is_released_for_accelerators(monkeypatch):
     calls = []
-    monkeypatch.setattr(backend, "retain_freed_host_memory", lambda: calls.append(1) or True)
+    monkeypatch.setattr(accelerator, "retain_freed_host_memory", lambda: calls.append(1) or True)
     backend.create_accelerator("cpu", "fp32", host_memory="release")
     assert calls == []
     _, b = backend.create_accelerator("cpu", "fp32", host_memory="retain")

@@ -301,7 +301,7 @@ def test_collate_of_only_skipped_items_is_an_empty_batch():
 def test_streaming_dataset_decodes_the_same_images(hf_parquet_dir, monkeypatch):
     import datasets.config
 
-    monkeypatch.setattr(datasets.config, "SLEEP_TIME_ON_THREADS_SHUTDOWN", 0)
+    monkeypatch.setattr(datasets.config, "SLEEP_TIME_ON_THREADS_SHUTDOWN", 0, raising=False)  # absent before datasets 3
     reader = HFStreamReader(str(hf_parquet_dir), "validation", rank=0, world_size=1, seed=0, shuffle=False)
     stream = StreamingImageDataset(reader, _SampleDecoder(val_transform(), 3, None, "skip", 0))
     stream.set_epoch(2)
@@ -354,3 +354,35 @@ def test_repeated_copies_are_augmented_differently(tmp_path: Path):
     copies = [dataset[(0, 1, c)][0] for c in range(3)]
     assert not np.array_equal(np.asarray(copies[0]), np.asarray(copies[1])) and not np.array_equal(np.asarray(copies[1]), np.asarray(copies[2]))
     assert np.array_equal(np.asarray(dataset[(0, 1, 0)][0]), np.asarray(dataset[(0, 1)][0]))  # copy 0 is the plain key
+
+
+@pytest.mark.parametrize("normalize_on_device", [True, False])
+def test_trainer_transforms_end_in_a_tensor_on_every_timm(normalize_on_device):
+    from PIL import Image
+
+    from trainer.data.loader import create_transforms, resolve_input_config
+
+    inp = InputConfig(img_size=SIZE)
+    image = Image.new("RGB", (40, 30), (200, 30, 10))
+    input_cfg = resolve_input_config(inp, "resnet50")
+    on_device = normalize_on_device
+    both = create_transforms(aug=AugConfig(), input_cfg=input_cfg, test_img_size=0, normalize_on_device=on_device)
+    for transform in both:
+        out = transform(image)
+        assert isinstance(out, torch.Tensor) and out.shape == (3, SIZE, SIZE)
+        assert out.dtype == (torch.uint8 if normalize_on_device else torch.float32)
+
+
+def test_timm_to_numpy_ending_becomes_the_same_uint8_tensor():
+    # timm before 1.0.16 ends its use_prefetcher pipelines in ToNumpy (trainer/data/loader.py)
+    from PIL import Image
+    from timm.data.transforms import MaybePILToTensor, ToNumpy
+    from torchvision import transforms as T
+
+    from trainer.data.loader import _uint8_tensor_output
+
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (6, 5, 3), dtype=np.uint8))
+    expected = ToNumpy()(image)
+    transform = _uint8_tensor_output(T.Compose([T.CenterCrop(4), ToNumpy()]))
+    assert type(transform.transforms[-1]) is MaybePILToTensor
+    assert np.array_equal(transform(image).numpy(), ToNumpy()(T.CenterCrop(4)(image))) and expected.shape == (3, 6, 5)

@@ -46,3 +46,33 @@ def test_tiny_device_check_writes_every_phase_and_survives_a_phase_that_runs_out
     for line in ("fast ", "recipe ", "fast_all", "compiled    timed out", "scaling efficiency", "end to end / model step"):
         assert line in table, (line, table)
     assert table in proc.stdout
+
+
+def test_shell_wrapper_installs_nothing_from_an_index_and_runs_every_phase_without_datasets(tmp_path):
+    # A lent machine: no index (PIP_NO_INDEX), no `datasets`, no `simplejpeg`, and a host Python
+    # that is itself a venv (this one), whose packages the check's venv must still see.
+    blocker = tmp_path / "blocker"
+    blocker.mkdir()
+    absent = "import sys\nfor name in ('datasets', 'simplejpeg'):\n    sys.modules[name] = None\n"
+    (blocker / "sitecustomize.py").write_text(absent)
+    out, venv = tmp_path / "dc", tmp_path / "venv"
+    env = {**os.environ, "PIP_NO_INDEX": "1", "PYTHONPATH": str(blocker), "PYTHON": sys.executable}
+    env["DEVICE_CHECK_VENV"] = str(venv)
+    cmd = ["bash", str(REPO / "benchmarks" / "device_check.sh"), str(out), "--tiny", "--phase-limit", "compiled=2"]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    install = json.loads((out / "install.json").read_text())
+    log = (out / "install.log").read_text()
+    assert install["status"] == "ok" and install["mode"] == "no-deps", (install, log[-3000:])
+    assert install["index"] == "unreachable" and install["fetched"] == []
+    assert any(pin.startswith("torch==") for pin in install["pinned"])
+    # The project is installed in the check's venv, which imports it from this checkout.
+    show = [str(venv / "bin" / "python"), "-c", "import trainer; print(trainer.__file__)"]
+    where = subprocess.run(show, capture_output=True, text=True, cwd=tmp_path)
+    assert where.stdout.strip() == str(REPO / "trainer" / "__init__.py"), where.stderr
+    report = json.loads((out / "device_check.json").read_text())
+    assert set(report["packages"]["missing"]) == {"datasets", "simplejpeg"}
+    assert report["install"] == install and report["env"]["device_type"] == "cpu"
+    for name in ("fast", "recipe"):
+        assert report["phases"][name]["status"] == "ok", (name, report["phases"][name])
+    assert "missing: datasets" in proc.stdout

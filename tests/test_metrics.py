@@ -41,16 +41,30 @@ def test_running_sums_accumulate_and_reset():
     sums.add(torch.tensor(1.5), torch.tensor(3), torch.tensor(4))
     sums.add(torch.tensor(0.25, dtype=torch.bfloat16), torch.tensor(1.0), torch.tensor(4, dtype=torch.int64))
     assert sums.totals() == {"loss": 1.75, "correct": 4.0, "count": 8.0}
-    assert sums.values.dtype == torch.float64  # no float32 rounding over an epoch
+    assert sums.counts.dtype == torch.int64 and sums.floats.dtype == torch.float32  # no float64: not on an MLU
     sums.reset()
     assert sums.totals() == {"loss": 0.0, "correct": 0.0, "count": 0.0}
+
+
+def test_running_sums_stay_exact_without_float64():
+    # An MLU computes float64 as float32: a float64 count stops at 2**24 there. Counts are
+    # int64, and the float sums compensated, so neither depends on float64 on the device.
+    sums = RunningSums(torch.device("cpu"), ("loss", "top1", "n"))
+    sums.load({"loss": 0.0, "top1": 2.0**24, "n": 2.0**24})
+    sums.add(torch.tensor(0.1), torch.tensor(1), torch.tensor(1))
+    assert sums.totals()["n"] == 2**24 + 1 and sums.totals()["top1"] == 2**24 + 1
+    drift = RunningSums(torch.device("cpu"), ("loss",))
+    for _ in range(20_000):
+        drift.add(torch.tensor(0.1))
+    # plain float32 accumulation of 20k x 0.1 ends at 1999.66; compensated, at float32's rounding of 2000
+    assert abs(drift.totals()["loss"] - 2000.0) < 1e-3
 
 
 def test_running_sums_do_not_keep_the_autograd_graph():
     sums = RunningSums(torch.device("cpu"), ("loss",))
     w = torch.tensor(2.0, requires_grad=True)
     sums.add(w * 3)
-    assert not sums.values.requires_grad
+    assert not sums.floats.requires_grad
 
 
 def record(epoch: int, **extra) -> dict:

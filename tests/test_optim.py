@@ -8,8 +8,14 @@ import math
 import pytest
 import torch
 
+import trainer.optim
 from trainer.config import OptimConfig, ScheduleConfig
+from trainer.errors import ConfigError
 from trainer.optim import create_lr_scheduler, create_optimizer, lr_factor, zero_fused_momentum
+
+# torch 2.1 (the floor stack) has no fused SGD
+NO_FUSED_SGD = f"torch {torch.__version__} has no fused SGD"
+needs_fused_sgd = pytest.mark.skipif(not trainer.optim._SGD_TAKES_FUSED, reason=NO_FUSED_SGD)
 
 STEPS = 10  # optimizer steps per epoch in these tests
 
@@ -152,10 +158,37 @@ def test_weight_decay_applies_to_every_parameter_like_the_reference():
     assert len(in_groups) == len(list(model.parameters()))  # biases and norm weights included
 
 
-@pytest.mark.parametrize("implementation, key, value", [("foreach", "foreach", True), ("loop", "foreach", False), ("fused", "fused", True)])
+@pytest.mark.parametrize(
+    "implementation, key, value",
+    [
+        ("foreach", "foreach", True),
+        ("loop", "foreach", False),
+        pytest.param("fused", "fused", True, marks=needs_fused_sgd),
+    ],
+)
 def test_implementation_picks_the_step_kernel(implementation, key, value):
     opt = create_optimizer(linear_model(), OptimConfig(implementation=implementation))
     assert opt.param_groups[0][key] is value
+
+
+def test_fused_sgd_on_a_torch_without_it_is_one_config_error_and_auto_falls_back(monkeypatch):
+    monkeypatch.setattr(trainer.optim, "_SGD_TAKES_FUSED", False)
+    with pytest.raises(ConfigError, match="optim.implementation=fused: torch .* has no fused SGD"):
+        create_optimizer(linear_model(), OptimConfig(implementation="fused"))
+    opt = create_optimizer(linear_model(), OptimConfig(implementation="auto"), prefer_fused=True)
+    assert not opt.param_groups[0].get("fused")
+
+
+@pytest.mark.parametrize("registry", [True, False], ids=["timm-registry", "timm-before-1.0.12"])
+@pytest.mark.parametrize("name", ["sgd", "momentum"])
+@pytest.mark.parametrize("nesterov", [True, False])
+def test_nesterov_follows_the_config_with_either_timm_factory(monkeypatch, registry, name, nesterov):
+    if registry and not hasattr(trainer.optim.timm.optim, "OptimizerRegistry"):
+        pytest.skip("this timm has no optimizer registry")
+    monkeypatch.setattr(trainer.optim, "_TIMM_TAKES_NESTEROV", registry)
+    opt = create_optimizer(linear_model(), OptimConfig(name=name, momentum=0.8, nesterov=nesterov))
+    assert isinstance(opt, torch.optim.SGD)
+    assert {(g["nesterov"], g["momentum"]) for g in opt.param_groups} == {(nesterov, 0.8)}
 
 
 def test_sgd_steps_like_torch_sgd():
@@ -205,6 +238,7 @@ def test_no_decay_norm_bias_spares_norm_weights_and_biases():
     assert len(plain.param_groups) == 1 and plain.param_groups[0]["weight_decay"] == 3e-5
 
 
+@needs_fused_sgd
 def test_fused_sgd_momentum_starts_at_zero_so_a_skipped_first_step_leaves_no_garbage():
     # A loss scaler skips fp16's overflowing first steps; fused SGD would then read the
     # momentum buffers it allocated with empty_like but never filled.

@@ -19,6 +19,7 @@ from timm.data import Mixup
 from timm.data.mixup import mixup_target
 from timm.data.random_erasing import RandomErasing
 
+from trainer.backend.device_rng import seeded_device_rng
 from trainer.config import AugConfig, MixupConfig
 from trainer.data.dataset import sample_seed
 
@@ -64,7 +65,8 @@ class BatchAugment:
         return self.mix is not None
 
     def __call__(self, images: torch.Tensor, labels: torch.Tensor, epoch: int, batch_index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        with seeded_rngs(sample_seed(self.seed, epoch, batch_index)):
+        seed = sample_seed(self.seed, epoch, batch_index)
+        with seeded_rngs(seed), seeded_device_rng(images.device, seed):
             if self.erase is not None:
                 self.erase.device = images.device  # NOTE: its noise is drawn where the batch is
                 images = self.erase(images)

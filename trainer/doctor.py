@@ -9,7 +9,10 @@ process, and prints one table (process 0) and the first failure:
    values sums right on every process; all-reduce bandwidth of a ResNet50-sized gradient;
 3. `data.root` is readable with the same class list everywhere (a node without the data);
 4. `output.dir` is writable and the same directory for all (a node-local path);
-5. the pitfalls `trainer env` warns about.
+5. the pitfalls `trainer env` warns about;
+6. the device stack (`backend.device_stack_rows`): the plugin's torch line (torch_mlu's),
+   torch and plugin versions that belong together, the loss scaler's class, fused optimizer
+   kernels, the collective error-handling variables in force, bf16; one row each.
 
 NOTE: every check catches its own errors and only records them, and the processes meet
 only at fixed points, so a failing process never leaves the others waiting.
@@ -28,7 +31,7 @@ from typing import Any
 
 import torch
 
-from trainer.backend import BackendError, create_accelerator, device_count, pitfalls, visible_devices
+from trainer.backend import BackendError, create_accelerator, device_count, device_stack_rows, pitfalls, visible_devices
 from trainer.config import Config
 from trainer.data.readers import DataError
 from trainer.data.sources import create_reader
@@ -99,6 +102,8 @@ def run_checks(cfg: Config, bandwidth_mb: int) -> tuple[list[dict[str, Any]], li
         "group_s": time.perf_counter() - start,
         "problems": [],
     }
+    row["stack"] = device_stack_rows(backend.device_type, acc, cfg.train.precision)
+    row["problems"] += [r["problem"] for r in row["stack"] if r["problem"]]
     n = acc.num_processes
     if n > 1:
         import torch.distributed as dist
@@ -145,6 +150,12 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join("  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip() for row in cells)
 
 
+def format_stack(stack: list[dict[str, str]]) -> str:
+    """Process 0's device stack, one row a check: name, what was found, ok or FAIL."""
+    width = max(len(r["check"]) for r in stack)
+    return "\n".join(f"{r['check'].ljust(width)}  {'FAIL' if r['problem'] else 'ok  '}  {r['value']}" for r in stack)
+
+
 def _cell(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.3g}"
@@ -170,7 +181,8 @@ def doctor_command(cfg: Config, args: Any) -> int:
         exit_now(1)
     lines = []
     if main:
-        lines += [format_table(rows), f"trainer doctor: {len(rows)} process(es) checked, {len(failures)} problem(s)"]
+        lines += [format_table(rows), "", format_stack(rows[0]["stack"]), ""]
+        lines.append(f"trainer doctor: {len(rows)} process(es) checked, {len(failures)} problem(s)")
         lines += [f"  also: {failure}" for failure in failures[1:]]
     if failures:
         lines.append(f"trainer doctor: FAIL: {failures[0]}")

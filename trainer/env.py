@@ -33,7 +33,10 @@ def package_version(name: str) -> str | None:
     """An installed package's version, without importing it unless it is imported already; None if absent."""
     if name in sys.modules:
         return getattr(sys.modules[name], "__version__", "unknown")
-    if importlib.util.find_spec(name) is None:
+    try:
+        if importlib.util.find_spec(name) is None:
+            return None
+    except (ImportError, ValueError):  # an import hook that refuses it, or a half-removed package
         return None
     try:
         return importlib.metadata.version(name)

@@ -47,34 +47,85 @@ def topk_correct(logits: torch.Tensor, labels: torch.Tensor, ks: tuple[int, ...]
     return [hits[:, : min(k, maxk)].any(dim=1) for k in ks]
 
 
+# Sums that count things (hits, images, updates): integer-valued, kept as integers.
+COUNT_NAMES = ("top1", "top5", "n", "steps")
+
+
 class RunningSums:
     """Sums kept on the device, so the training loop never waits for the host.
 
     `add` queues device work only; `totals` is the one place that syncs.
+
+    NOTE: no float64 on the device: an MLU stores and computes float64 as float32 (torch_mlu
+    aten/utils/types.cpp; CNCL sends it as float32 too), where an image count stops being
+    exact past 2**24 and a loss summed over an epoch drifts with the number of steps.
+    Counts (`counts`, by default the names in COUNT_NAMES) are int64, exact everywhere; the
+    other sums are float32 with Kahan compensation, whose error stays at float32's rounding
+    of the total however many steps are added. The arithmetic is the same on every device,
+    so CPU and MLU runs sum alike.
     """
 
-    def __init__(self, device: torch.device, names: tuple[str, ...]) -> None:
+    def __init__(self, device: torch.device, names: tuple[str, ...], counts: tuple[str, ...] | None = None) -> None:
         import torch
 
+        counts = tuple(n for n in names if n in COUNT_NAMES) if counts is None else counts
         self.names = names
-        self.values = torch.zeros(len(names), dtype=torch.float64, device=device)
+        self.count_index = [i for i, name in enumerate(names) if name in counts]
+        self.float_index = [i for i, name in enumerate(names) if name not in counts]
+        self.counts = torch.zeros(len(self.count_index), dtype=torch.int64, device=device)
+        self.floats = torch.zeros(len(self.float_index), dtype=torch.float32, device=device)
+        self.compensation = torch.zeros_like(self.floats)  # Kahan: the low part `floats` lost, negated
 
     def add(self, *values: torch.Tensor) -> None:
         import torch
 
-        self.values += torch.stack([v.detach().to(torch.float64) for v in values])
+        if self.count_index:
+            self.counts += torch.stack([values[i].detach().to(torch.int64) for i in self.count_index])
+        if self.float_index:
+            self._add_floats(torch.stack([values[i].detach().to(torch.float32) for i in self.float_index]))
+
+    def _add_floats(self, floats: torch.Tensor) -> None:
+        corrected = floats - self.compensation
+        total = self.floats + corrected
+        self.compensation = (total - self.floats) - corrected
+        self.floats = total
+
+    def fold(self, other: RunningSums) -> None:
+        """Add `other`'s sums (the same names) to these."""
+        self.counts += other.counts
+        self._add_floats(other.floats - other.compensation)
+
+    def local_totals(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(int64 counts, float32 sums) on the device, each in name order within its kind."""
+        return self.counts, self.floats - self.compensation
+
+    def _merge(self, counts: list[int], floats: list[float]) -> dict[str, float]:
+        values = [0.0] * len(self.names)
+        for i, value in zip(self.count_index, counts):
+            values[i] = float(value)
+        for i, value in zip(self.float_index, floats):
+            values[i] = float(value)
+        return dict(zip(self.names, values))
 
     def totals(self) -> dict[str, float]:
-        return dict(zip(self.names, self.values.tolist()))
+        counts, floats = self.local_totals()
+        return self._merge(counts.tolist(), floats.tolist())
 
     def load(self, totals: dict[str, float]) -> None:
         """Start from `totals` (a resumed epoch's sums so far); names it lacks start at 0."""
         import torch
 
-        self.values.copy_(torch.tensor([float(totals.get(name, 0.0)) for name in self.names], dtype=torch.float64))
+        self.reset()
+        values = [totals.get(name, 0.0) for name in self.names]
+        if self.count_index:
+            self.counts.copy_(torch.tensor([round(values[i]) for i in self.count_index], dtype=torch.int64))
+        if self.float_index:
+            self.floats.copy_(torch.tensor([float(values[i]) for i in self.float_index], dtype=torch.float32))
 
     def reset(self) -> None:
-        self.values.zero_()
+        self.counts.zero_()
+        self.floats.zero_()
+        self.compensation.zero_()
 
 
 def _clean(value: Any) -> Any:
@@ -152,11 +203,18 @@ class MetricsWriter:
 
 
 def reduce_sums(accelerator: Any, sums: RunningSums, skipped: int) -> dict[str, float]:
-    """Every process's sums and skipped count, added up in one collective: {name: total, "skipped": total}."""
+    """Every process's sums and skipped count, added up: {name: total, "skipped": total}.
+
+    NOTE: two SUM all-reduces, counts as int64 and sums as float32: CNCL has no AVG and no
+    float64 (it sends float64 as float32), so neither is asked of it.
+    """
     import torch
 
-    local = torch.cat([sums.values, torch.tensor([skipped], dtype=sums.values.dtype, device=sums.values.device)])
-    return dict(zip((*sums.names, "skipped"), accelerator.reduce(local, "sum").tolist()))
+    counts, floats = sums.local_totals()
+    counts = torch.cat([counts, torch.tensor([skipped], dtype=torch.int64, device=counts.device)])
+    counts = accelerator.reduce(counts, "sum").tolist()
+    floats = accelerator.reduce(floats.clone(), "sum").tolist() if sums.float_index else []
+    return {**sums._merge(counts[:-1], floats), "skipped": float(counts[-1])}
 
 
 class MetricsFileError(ValueError):

@@ -2,13 +2,25 @@
 
 from __future__ import annotations
 
+import inspect
 import math
 from functools import partial
 
+import timm.optim
 import torch
 from timm.optim import create_optimizer_v2
 
 from trainer.config import OptimConfig, ScheduleConfig
+from trainer.errors import ConfigError
+
+# NOTE: timm before 1.0.12 (timm/optim/optim_factory.py) builds 'sgd' as
+# `optim.SGD(..., nesterov=True, **opt_args)` and 'momentum' with nesterov=False, so a
+# `nesterov` keyword is given twice (TypeError). Its optimizer registry (1.0.12,
+# timm/optim/_optim_factory.py) makes nesterov a default that a keyword overrides.
+_TIMM_TAKES_NESTEROV = hasattr(timm.optim, "OptimizerRegistry")
+# torch 2.1's SGD has no fused kernel (no `fused` parameter); later lines have one.
+_SGD_TAKES_FUSED = "fused" in inspect.signature(torch.optim.SGD).parameters
+_SGD_NAMES = ("sgd", "momentum", "nesterov")
 
 
 def create_optimizer(model: torch.nn.Module, cfg: OptimConfig, prefer_fused: bool = False) -> torch.optim.Optimizer:
@@ -25,13 +37,21 @@ def create_optimizer(model: torch.nn.Module, cfg: OptimConfig, prefer_fused: boo
             caller knows the device runs it; with a loss scaler it avoids a sync per step).
     """
     kwargs = {}
-    if cfg.name in ("sgd", "momentum", "lars", "larc"):
+    name = cfg.name
+    if name in ("sgd", "momentum") and not _TIMM_TAKES_NESTEROV:  # the older timm's names for each
+        name, kwargs = ("sgd" if cfg.nesterov else "momentum"), dict(momentum=cfg.momentum)
+    elif name in ("sgd", "momentum", "lars", "larc"):
         kwargs = dict(momentum=cfg.momentum, nesterov=cfg.nesterov)
     elif cfg.name in ("nesterov", "nlars", "nlarc"):  # Nesterov by name: optim.nesterov must not turn it off
         kwargs = dict(momentum=cfg.momentum)
     if cfg.implementation in ("foreach", "loop"):
         kwargs["foreach"] = cfg.implementation == "foreach"
-    elif cfg.implementation == "fused" or (cfg.implementation == "auto" and prefer_fused and cfg.name in ("sgd", "momentum", "nesterov")):
+    elif cfg.implementation == "fused":
+        if cfg.name in _SGD_NAMES and not _SGD_TAKES_FUSED:
+            why = f"torch {torch.__version__} has no fused SGD; use auto, foreach or loop"
+            raise ConfigError(f"optim.implementation=fused: {why}")
+        kwargs["fused"] = True
+    elif cfg.implementation == "auto" and prefer_fused and cfg.name in _SGD_NAMES and _SGD_TAKES_FUSED:
         kwargs["fused"] = True
     no_decay_1d = cfg.no_decay_norm_bias
     if cfg.layer_decay:
@@ -40,7 +60,7 @@ def create_optimizer(model: torch.nn.Module, cfg: OptimConfig, prefer_fused: boo
         # weight_decay_exclude_1d): asking for it gives one behaviour on every admitted timm.
         kwargs["layer_decay"], no_decay_1d = cfg.layer_decay, True
     kwargs.update(lr=cfg.lr, weight_decay=cfg.weight_decay, filter_bias_and_bn=no_decay_1d)
-    optimizer = create_optimizer_v2(model, opt=cfg.name, **kwargs)
+    optimizer = create_optimizer_v2(model, opt=name, **kwargs)
     # NOTE: timm's layer decay only tags each group with an `lr_scale`; timm's own schedulers
     # multiply it in (timm/scheduler/scheduler.py, `if 'lr_scale' in param_group`), a
     # LambdaLR does not, so the scale goes into the group's lr, the base LambdaLR scales.

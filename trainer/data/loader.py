@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 from timm.data import create_transform, resolve_data_config
+from timm.data.transforms import MaybePILToTensor, ToNumpy
 from torch.utils.data import DataLoader
 
 from trainer.config import AugConfig, ConfigError, DataConfig, InputConfig, LoaderConfig
@@ -94,6 +95,7 @@ def create_train_transform(aug: AugConfig, input_cfg: dict, size: int, normalize
         raise ConfigError(
             f"aug.auto_augment: {aug.auto_augment!r} is not a timm policy (rand-m9-mstd0.5-inc1, augmix-m5-w4-d2, v0, original) nor trivial ({err})"
         ) from None
+    train = _uint8_tensor_output(train)
     if trivial:
         from torchvision import transforms as T
 
@@ -116,13 +118,14 @@ def _common_transform_args(input_cfg: dict, normalize_on_device: bool) -> dict:
 def create_val_transform(input_cfg: dict, test_img_size: int, normalize_on_device: bool) -> Any:
     """The val transform from timm: resize to size / crop_pct, center crop `test_img_size` (0: the input size)."""
     test_size = (3, test_img_size, test_img_size) if test_img_size else input_cfg["input_size"]
-    return create_transform(
+    val = create_transform(
         input_size=test_size,
         is_training=False,
         crop_pct=input_cfg["crop_pct"],
         crop_mode=input_cfg.get("crop_mode", "center"),
         **_common_transform_args(input_cfg, normalize_on_device),
     )
+    return _uint8_tensor_output(val)
 
 
 def create_transforms(*, aug: AugConfig, input_cfg: dict, test_img_size: int, normalize_on_device: bool, train_size: int = 0) -> tuple[Any, Any]:
@@ -132,6 +135,18 @@ def create_transforms(*, aug: AugConfig, input_cfg: dict, test_img_size: int, no
     """
     train = create_train_transform(aug, input_cfg, train_size or input_cfg["input_size"][-1], normalize_on_device)
     return train, create_val_transform(input_cfg, test_img_size, normalize_on_device)
+
+
+def _uint8_tensor_output(transform: Any) -> Any:
+    """A timm pipeline that ends in a uint8 (C, H, W) tensor where timm's ends in the same as an array.
+
+    NOTE: timm before 1.0.16 ends its `use_prefetcher` pipelines in `ToNumpy`, later ones in
+    `MaybePILToTensor` (timm/data/transforms_factory.py); both give (C, H, W) uint8.
+    """
+    steps = getattr(transform, "transforms", None)
+    if steps and type(steps[-1]) is ToNumpy:
+        steps[-1] = MaybePILToTensor()
+    return transform
 
 
 def resize_train(data: Datasets, *, aug: AugConfig, loader: LoaderConfig, size: int) -> None:

@@ -107,8 +107,11 @@ def _hf_offline() -> Any:
     """Import `datasets` with the hub switched off: nothing is fetched at run time."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-    import datasets
-
+    try:
+        import datasets
+    except ImportError as err:  # an optional piece: folder and tar-shard sources work without it
+        fix = "pip install 'datasets>=2.18'"
+        raise DataError(f"an HF source needs the `datasets` package, which this Python lacks ({err}): {fix}") from None
     return datasets
 
 

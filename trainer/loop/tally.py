@@ -54,7 +54,7 @@ class EpochTally:
         return window
 
     def _fold(self) -> None:
-        self.sums.values += self.window.values
+        self.sums.fold(self.window)
         self.window.reset()
 
     def snapshot(self) -> dict[str, float]:

@@ -24,8 +24,12 @@ import torch
 import torch.distributed as dist
 
 from torch_mlu import _extension
+from torch_mlu._line import LINE, VERSION
 
-__version__ = "1.22.0+emulated"
+# NOTE: torch_mlu's own version names its torch line ("1.22.2-torch2.1.0"); `trainer doctor`
+# compares it with the installed torch.
+__version__ = VERSION
+EMULATED_LINE = LINE
 __all__ = ["mlu"]
 
 
@@ -37,9 +41,36 @@ def _register() -> None:
     ops.set_device_count(device_module.visible_device_count())
     torch.utils.rename_privateuse1_backend("mlu")
     torch._register_device_module("mlu", device_module)
-    torch.utils.generate_methods_for_privateuse1_backend(for_tensor=True, for_module=True, for_packed_sequence=True, for_storage=True)
+    import inspect
+
+    # NOTE: torch 2.1's generator has no for_packed_sequence argument.
+    wanted = {"for_tensor": True, "for_module": True, "for_packed_sequence": True, "for_storage": True}
+    accepted = inspect.signature(torch.utils.generate_methods_for_privateuse1_backend).parameters
+    torch.utils.generate_methods_for_privateuse1_backend(**{k: v for k, v in wanted.items() if k in accepted})
     if dist.is_available():
         dist.Backend.register_backend("cncl", _cncl.create_process_group, devices=["mlu"])
+    _leave_mlu_out_of_foreach_and_fused_lists()
+
+
+def _cuda_and_xpu() -> list[str]:
+    return ["cuda", "xpu"]
+
+
+def _leave_mlu_out_of_foreach_and_fused_lists() -> None:
+    """torch's foreach and fused optimizer paths, as torch_mlu leaves them: cuda and xpu only.
+
+    NOTE: torch_mlu/utils/_foreach_utils.py (r1.22_pt2.4.0) swaps the code of
+    ``torch.utils._foreach_utils._get_foreach_kernels_supported_devices`` and
+    ``_get_fused_kernels_supported_devices`` for ``return ["cuda", "xpu"]``; the pt2.1 and
+    pt2.3 lines patch torch's source to the same lists (pytorch_patches/support_mlu_amp.diff).
+    Swapping the code reaches the optimizers that imported the functions by name.
+    """
+    from torch.utils import _foreach_utils
+
+    for name in ("_get_foreach_kernels_supported_devices", "_get_fused_kernels_supported_devices"):
+        function = getattr(_foreach_utils, name, None)
+        if function is not None:
+            function.__code__ = _cuda_and_xpu.__code__
 
 
 def _let_autograd_threads_settle() -> None:

@@ -5,20 +5,32 @@ gloo group built on the same store: every collective stages mlu tensors to
 host memory, runs the gloo collective synchronously and copies the results
 back. CPU tensors pass straight through, which object collectives
 (``broadcast_object_list``, ``all_gather_object``, ...) rely on, since they
-pick the CPU for a Python process group. Gloo has no AVG and a partial
-reduce-scatter, so both are built from SUM all-reduces.
+pick the CPU for a Python process group. Gloo has a partial reduce-scatter,
+built here from SUM all-reduces.
+
+As the real ``ProcessGroupCNCL`` (torch_mlu/csrc/framework/distributed/process_group_cncl.cpp
+on r1.22_pt2.1.0 / pt2.3.0 / pt2.4.0), it refuses AVG (and the bitwise reductions), sends
+float64 as float32 (its type table maps kDouble to cnclFloat), and handles a failed or
+timed-out collective by the error-handling variables of its torch_mlu line: with blocking
+wait the caller gets the error; with async error handling the watchdog logs and takes the
+whole process down (SIGABRT); with neither the collective never completes.
 """
 
 from __future__ import annotations
 
 import datetime
 import functools
+import os
+import sys
+import threading
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch.distributed import ReduceOp
+
+from torch_mlu._line import AT_LEAST_2_3
 
 __all__ = ["ProcessGroupCNCL", "create_process_group"]
 
@@ -76,6 +88,36 @@ def _write_back(dst: torch.Tensor, host: torch.Tensor) -> None:
             dst.copy_(host)
 
 
+# NOTE: process_group_cncl.hpp: the 2.1 line reads CNCL_BLOCKING_WAIT / CNCL_ASYNC_ERROR_HANDLING
+# only; pt2.3 and pt2.4 read TORCH_CNCL_*, then TORCH_NCCL_*, then NCCL_* (first one set wins).
+_ERROR_VARIABLES = {
+    "blocking": ["TORCH_CNCL_BLOCKING_WAIT", "TORCH_NCCL_BLOCKING_WAIT", "NCCL_BLOCKING_WAIT"],
+    "async": ["TORCH_CNCL_ASYNC_ERROR_HANDLING", "TORCH_NCCL_ASYNC_ERROR_HANDLING", "NCCL_ASYNC_ERROR_HANDLING"],
+}
+if not AT_LEAST_2_3:
+    _ERROR_VARIABLES = {"blocking": ["CNCL_BLOCKING_WAIT"], "async": ["CNCL_ASYNC_ERROR_HANDLING"]}
+
+
+_DIST_BACKEND_ERROR = getattr(dist, "DistBackendError", RuntimeError)
+
+
+def _read_variable(names: list[str]) -> int:
+    for name in names:
+        value = os.environ.get(name)
+        if value is not None and value.strip():
+            return int(value) if value.strip().lstrip("-").isdigit() else int(value.strip().lower() in ("true", "yes", "on"))
+    return 0
+
+
+def _refuse(op: Any) -> None:
+    """Raise as CNCL does for reductions it lacks: RuntimeError on 2.1, ValueError from 2.3."""
+    names = {ReduceOp.AVG: "AVG", ReduceOp.BAND: "BAND", ReduceOp.BOR: "BOR", ReduceOp.BXOR: "BXOR"}
+    for refused, name in names.items():
+        if op == refused:
+            error = ValueError if AT_LEAST_2_3 else RuntimeError
+            raise error(f"Cannot use ReduceOp.{name} with CNCL")
+
+
 def _sum_options(timeout: datetime.timedelta) -> dist.AllreduceOptions:
     options = dist.AllreduceOptions()
     options.reduceOp = ReduceOp.SUM
@@ -96,6 +138,9 @@ class ProcessGroupCNCL(dist.ProcessGroup):
     def __init__(self, store: dist.Store, rank: int, size: int, timeout: datetime.timedelta) -> None:
         super().__init__(rank, size)
         self._timeout = timeout
+        self._blocking_wait = bool(_read_variable(_ERROR_VARIABLES["blocking"]))
+        self._async_error_handling = _read_variable(_ERROR_VARIABLES["async"])
+        self._seq = 0
         self._gloo = dist.ProcessGroupGloo(dist.PrefixStore("cncl-gloo/", store), rank, size, timeout)
 
     def getBackendName(self) -> str:  # noqa: N802  (C++ virtual's name)
@@ -104,21 +149,48 @@ class ProcessGroupCNCL(dist.ProcessGroup):
 
     # ------------------------------------------------------------- helpers
 
-    def _average(self, host: torch.Tensor) -> None:
-        if host.is_floating_point() or host.is_complex():
-            host.div_(self.size())
-        else:
-            host.div_(self.size(), rounding_mode="floor")
+    def _wait(self, op_type: str, work: Work) -> None:
+        """Wait for a gloo collective; a failure goes where the line's CNCL sends it."""
+        self._seq += 1
+        try:
+            work.wait()
+        except Exception as err:  # noqa: BLE001 - gloo's timeouts and closed connections alike
+            self._collective_failed(op_type, err)
 
     def _allreduce_host(self, host: torch.Tensor, op: Any) -> None:
-        """All-reduce one host tensor in place with any ReduceOp, AVG included."""
-        average = op == ReduceOp.AVG
+        """All-reduce one host tensor in place; float64 travels (and is summed) as float32."""
+        _refuse(op)
         options = _sum_options(self._timeout)
-        if not average:
-            options.reduceOp = op
-        self._gloo.allreduce([host], options).wait()
-        if average:
-            self._average(host)
+        options.reduceOp = op
+        if host.dtype == torch.float64:
+            wire = host.to(torch.float32)
+            self._wait("allreduce", self._gloo.allreduce([wire], options))
+            host.copy_(wire)
+            return
+        self._wait("allreduce", self._gloo.allreduce([host], options))
+
+    def _collective_failed(self, op_type: str, err: Exception) -> None:
+        prefix = f"[PG 0 Rank {self.rank()}] " if AT_LEAST_2_3 else f"[Rank {self.rank()}] "
+        work = f"WorkCNCL(SeqNum={self._seq}, OpType={op_type.upper()}, Timeout(ms)={int(self._timeout.total_seconds() * 1000)})"
+        blocking_name = _ERROR_VARIABLES["blocking"][0]
+        if self._blocking_wait:
+            raise _DIST_BACKEND_ERROR(f"{prefix}Work {work} timed out in blocking wait ({blocking_name}=1).") from err
+        # NOTE: without blocking wait the caller never hears of it: the watchdog thread does
+        # (workCleanupLoop / watchdogHandler). With async error handling it logs, rethrows on
+        # its own thread and std::terminate ends the process; without, the work stays pending.
+        if self._async_error_handling:
+            lines = [
+                f"{prefix}Watchdog caught collective operation timeout: {work} ran for "
+                f"{int(self._timeout.total_seconds() * 1000)} milliseconds before timing out.",
+                f"{prefix}Some CNCL operations have failed or timed out. Due to the asynchronous nature of MLU kernels, "
+                "subsequent MLU operations might run on corrupted/incomplete data.",
+                f"{prefix}To avoid data inconsistency, we are taking the entire process down.",
+                "terminate called after throwing an instance of 'c10::DistBackendError'",
+            ]
+            sys.stderr.write("".join(f"{line}\n" for line in lines))
+            sys.stderr.flush()
+            os.abort()
+        threading.Event().wait()  # the real collective never completes
 
     # --------------------------------------------------------- collectives
 
@@ -138,7 +210,7 @@ class ProcessGroupCNCL(dist.ProcessGroup):
     def broadcast(self, tensors: list[torch.Tensor], opts: Any) -> Work:
         """Broadcast ``tensors`` from ``opts.rootRank``."""
         hosts = [_to_host(t) for t in tensors]
-        self._gloo.broadcast(hosts, opts).wait()
+        self._wait("broadcast", self._gloo.broadcast(hosts, opts))
         for tensor, host in zip(tensors, hosts):
             _write_back(tensor, host)
         return _CompletedWork(tensors)
@@ -164,7 +236,7 @@ class ProcessGroupCNCL(dist.ProcessGroup):
         """Gather every rank's input into each output list."""
         host_outputs = [[_to_host(t) for t in outputs] for outputs in output_lists]
         host_inputs = [_to_host(t) for t in inputs]
-        self._gloo.allgather(host_outputs, host_inputs).wait()
+        self._wait("allgather", self._gloo.allgather(host_outputs, host_inputs))
         for outputs, hosts in zip(output_lists, host_outputs):
             for tensor, host in zip(outputs, hosts):
                 _write_back(tensor, host)
@@ -238,7 +310,7 @@ class ProcessGroupCNCL(dist.ProcessGroup):
         """Gather every rank's input on ``opts.rootRank``."""
         host_outputs = [[_to_host(t) for t in outputs] for outputs in output_lists]
         host_inputs = [_to_host(t) for t in inputs]
-        self._gloo.gather(host_outputs, host_inputs, opts).wait()
+        self._wait("gather", self._gloo.gather(host_outputs, host_inputs, opts))
         for outputs, hosts in zip(output_lists, host_outputs):
             for tensor, host in zip(outputs, hosts):
                 _write_back(tensor, host)
@@ -253,7 +325,7 @@ class ProcessGroupCNCL(dist.ProcessGroup):
         """Scatter ``opts.rootRank``'s inputs, one per rank."""
         host_outputs = [_to_host(t) for t in outputs]
         host_inputs = [[_to_host(t) for t in inputs] for inputs in input_lists]
-        self._gloo.scatter(host_outputs, host_inputs, opts).wait()
+        self._wait("scatter", self._gloo.scatter(host_outputs, host_inputs, opts))
         for tensor, host in zip(outputs, host_outputs):
             _write_back(tensor, host)
         return _CompletedWork(outputs)
@@ -261,7 +333,7 @@ class ProcessGroupCNCL(dist.ProcessGroup):
     def alltoall(self, outputs: list[torch.Tensor], inputs: list[torch.Tensor], opts: Any = None) -> Work:
         """Send input i to rank i, receive output j from rank j."""
         host_outputs = [_to_host(t) for t in outputs]
-        self._gloo.alltoall(host_outputs, [_to_host(t) for t in inputs]).wait()
+        self._wait("alltoall", self._gloo.alltoall(host_outputs, [_to_host(t) for t in inputs]))
         for tensor, host in zip(outputs, host_outputs):
             _write_back(tensor, host)
         return _CompletedWork(outputs)
@@ -276,7 +348,7 @@ class ProcessGroupCNCL(dist.ProcessGroup):
     ) -> Work:
         """All-to-all over slices of one tensor."""
         host = _to_host(output)
-        self._gloo.alltoall_base(host, _to_host(input), list(output_split_sizes), list(input_split_sizes)).wait()
+        self._wait("alltoall_base", self._gloo.alltoall_base(host, _to_host(input), list(output_split_sizes), list(input_split_sizes)))
         _write_back(output, host)
         return _CompletedWork([output])
 
@@ -284,13 +356,13 @@ class ProcessGroupCNCL(dist.ProcessGroup):
 
     def send(self, tensors: list[torch.Tensor], dst: int, tag: int = 0) -> Work:
         """Send ``tensors`` to rank ``dst`` (completes when delivered)."""
-        self._gloo.send([_to_host(t) for t in tensors], dst, tag).wait()
+        self._wait("send", self._gloo.send([_to_host(t) for t in tensors], dst, tag))
         return _CompletedWork(tensors)
 
     def recv(self, tensors: list[torch.Tensor], src: int, tag: int = 0) -> Work:
         """Receive into ``tensors`` from rank ``src``."""
         hosts = [_to_host(t) for t in tensors]
-        self._gloo.recv(hosts, src, tag).wait()
+        self._wait("recv", self._gloo.recv(hosts, src, tag))
         for tensor, host in zip(tensors, hosts):
             _write_back(tensor, host)
         return _CompletedWork(tensors)
@@ -299,7 +371,7 @@ class ProcessGroupCNCL(dist.ProcessGroup):
         """Wait until every rank reaches the barrier."""
         options = dist.BarrierOptions()
         options.timeout = self._timeout
-        self._gloo.barrier(options).wait()
+        self._wait("barrier", self._gloo.barrier(options))
         return _CompletedWork([])
 
 

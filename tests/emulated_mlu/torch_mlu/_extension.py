@@ -23,6 +23,9 @@ _NAME = "torch_mlu_emulated_C"
 # -O0: the file is glue around libtorch kernels, so optimising it gains
 # nothing measurable and costs cold-build time on small CI machines.
 _CFLAGS = ["-O0", "-w"]
+# torch before 2.4 has narrower allocator, guard and hooks interfaces (see the .cpp).
+if tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2]) < (2, 4):
+    _CFLAGS.append("-DEMULATED_MLU_LEGACY_TORCH")
 _DONE_MARKER = "BUILD_OK"
 # cpp_extension serialises builds with a lock file that a killed build leaves
 # behind, after which every later import would wait for it forever.

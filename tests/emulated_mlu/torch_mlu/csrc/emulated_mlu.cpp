@@ -3,6 +3,7 @@
 // the device guard are native; every other op runs through a boxed CPU
 // fallback, so numerics are exactly those of the CPU kernels.
 
+#include <ATen/CPUGeneratorImpl.h>
 #include <ATen/EmptyTensor.h>
 #include <ATen/autocast_mode.h>
 #include <ATen/detail/PrivateUse1HooksInterface.h>
@@ -18,9 +19,26 @@
 #include <c10/core/impl/alloc_cpu.h>
 #include <torch/library.h>
 
+// EMULATED_MLU_LEGACY_TORCH is defined (by _extension.py) for torch before 2.4, whose
+// allocator, device-guard and PrivateUse1-hooks interfaces are narrower; verified on 2.1.
+#ifdef EMULATED_MLU_LEGACY_TORCH
+#define EMU_NEW_API(...)
+#define EMU_NEW_OVERRIDE
+#define EMU_NOEXCEPT noexcept
+#else
+#define EMU_NEW_API(...) __VA_ARGS__
+#define EMU_NEW_OVERRIDE override
+#define EMU_NOEXCEPT
+#endif
+
 #include <algorithm>
+#include <array>
 #include <atomic>
 #include <chrono>
+#include <mutex>
+#include <optional>
+#include <set>
+#include <string>
 #include <vector>
 
 namespace {
@@ -98,7 +116,11 @@ void free_block(void* ctx) {
 // Host memory stands in for device memory. The byte counts make
 // torch.mlu.memory_allocated() report real numbers for the emulated device.
 struct MluAllocator final : c10::Allocator {
+#ifdef EMULATED_MLU_LEGACY_TORCH
+  c10::DataPtr allocate(size_t nbytes) const override {
+#else
   c10::DataPtr allocate(size_t nbytes) override {
+#endif
     const c10::DeviceIndex device = t_current_device;
     void* ptr = nbytes ? c10::alloc_cpu(nbytes) : nullptr;
     if (ptr == nullptr) {
@@ -114,9 +136,9 @@ struct MluAllocator final : c10::Allocator {
   c10::DeleterFnPtr raw_deleter() const override {
     return nullptr;  // the context (Block) is not the data pointer
   }
-  void copy_data(void* dst, const void* src, std::size_t n) const override {
+  EMU_NEW_API(void copy_data(void* dst, const void* src, std::size_t n) const override {
     default_copy_data(dst, src, n);
-  }
+  })
 };
 
 MluAllocator g_allocator;
@@ -146,15 +168,15 @@ struct MluGuardImpl final : c10::impl::DeviceGuardImplInterface {
     if (d.index() >= 0) t_current_device = d.index();
   }
   // Everything is synchronous, so one default stream per device suffices.
-  c10::Stream getStream(c10::Device d) const override {
+  c10::Stream getStream(c10::Device d) const EMU_NOEXCEPT override {
     return c10::Stream(c10::Stream::DEFAULT, d);
   }
   c10::Stream getDefaultStream(c10::Device d) const override { return getStream(d); }
   c10::Stream getStreamFromGlobalPool(c10::Device d, bool) const override {
     return getStream(d);
   }
-  c10::Stream getNewStream(c10::Device d, int) const override { return getStream(d); }
-  c10::Stream exchangeStream(c10::Stream s) const override { return s; }
+  EMU_NEW_API(c10::Stream getNewStream(c10::Device d, int) const override { return getStream(d); })
+  c10::Stream exchangeStream(c10::Stream s) const EMU_NOEXCEPT override { return s; }
   c10::DeviceIndex deviceCount() const noexcept override {
     return static_cast<c10::DeviceIndex>(g_device_count.load());
   }
@@ -171,11 +193,11 @@ struct MluGuardImpl final : c10::impl::DeviceGuardImplInterface {
   }
   void block(void*, const c10::Stream&) const override {}
   bool queryEvent(void*) const override { return true; }
-  void synchronizeEvent(void*) const override { count_sync(); }
+  void synchronizeEvent(void*) const EMU_NEW_OVERRIDE { count_sync(); }
   bool queryStream(const c10::Stream&) const override { return true; }
   void synchronizeStream(const c10::Stream&) const override { count_sync(); }
-  void synchronizeDevice(const c10::DeviceIndex) const override { count_sync(); }
-  double elapsedTime(void* start, void* end, const c10::DeviceIndex) const override {
+  void synchronizeDevice(const c10::DeviceIndex) const EMU_NEW_OVERRIDE { count_sync(); }
+  double elapsedTime(void* start, void* end, const c10::DeviceIndex) const EMU_NEW_OVERRIDE {
     TORCH_CHECK(start && end, "both events must be recorded before elapsed_time()");
     using TP = std::chrono::steady_clock::time_point;
     return std::chrono::duration<double, std::milli>(*static_cast<TP*>(end) -
@@ -189,19 +211,19 @@ C10_REGISTER_GUARD_IMPL(PrivateUse1, MluGuardImpl);
 // ------------------------------------------------------------------- hooks
 
 struct MluHooks final : at::PrivateUse1HooksInterface {
-  bool isBuilt() const override { return true; }
-  bool isAvailable() const override { return g_device_count.load() > 0; }
-  bool hasPrimaryContext(c10::DeviceIndex) const override { return true; }
+  bool isBuilt() const EMU_NEW_OVERRIDE { return true; }
+  bool isAvailable() const EMU_NEW_OVERRIDE { return g_device_count.load() > 0; }
+  bool hasPrimaryContext(c10::DeviceIndex) const EMU_NEW_OVERRIDE { return true; }
   at::Device getDeviceFromPtr(void*) const override {
     return c10::Device(kMlu, t_current_device);
   }
   // Pinning has no meaning for host memory; hand out ordinary CPU memory.
-  c10::Allocator* getPinnedMemoryAllocator() const override {
+  c10::Allocator* getPinnedMemoryAllocator() const EMU_NEW_OVERRIDE {
     return c10::GetCPUAllocator();
   }
   // Reached by UntypedStorage.resize_(); the CPU routine reallocates through
   // the storage's own allocator, which is ours.
-  void resizePrivateUse1Bytes(const c10::Storage& storage, size_t n) const override {
+  void resizePrivateUse1Bytes(const c10::Storage& storage, size_t n) const EMU_NEW_OVERRIDE {
     c10::DeviceGuard guard(storage.device());
     at::native::resize_bytes_cpu(storage.unsafeGetStorageImpl(), n);
   }
@@ -218,11 +240,11 @@ at::Tensor host_alias(const at::Tensor& t) {
 }
 
 at::Tensor empty_memory_format(c10::IntArrayRef size,
-                               std::optional<at::ScalarType> dtype,
-                               std::optional<at::Layout>,
-                               std::optional<at::Device> device,
-                               std::optional<bool>,
-                               std::optional<at::MemoryFormat> memory_format) {
+                               c10::optional<at::ScalarType> dtype,
+                               c10::optional<at::Layout>,
+                               c10::optional<at::Device> device,
+                               c10::optional<bool>,
+                               c10::optional<at::MemoryFormat> memory_format) {
   const c10::OptionalDeviceGuard guard(device);
   return at::detail::empty_generic(size, &g_allocator,
                                    c10::DispatchKeySet(c10::DispatchKey::PrivateUse1),
@@ -230,18 +252,26 @@ at::Tensor empty_memory_format(c10::IntArrayRef size,
 }
 
 at::Tensor empty_strided(c10::IntArrayRef size, c10::IntArrayRef stride,
-                         std::optional<at::ScalarType> dtype,
-                         std::optional<at::Layout>,
-                         std::optional<at::Device> device, std::optional<bool>) {
+                         c10::optional<at::ScalarType> dtype,
+                         c10::optional<at::Layout>,
+                         c10::optional<at::Device> device, c10::optional<bool>) {
   const c10::OptionalDeviceGuard guard(device);
   return at::detail::empty_strided_generic(
       size, stride, &g_allocator, c10::DispatchKeySet(c10::DispatchKey::PrivateUse1),
       c10::dtype_or_default(dtype));
 }
 
+// NOTE: the MLU stores and computes float64 as float32 (torch_mlu aten/utils/types.cpp maps
+// kDouble to CNNL_DTYPE_FLOAT). Every value that lands in a float64 tensor on the device,
+// from the host or as an op's result (the fallback copies results back through here),
+// is rounded to float32, so sums that rely on float64's 53 bits lose them as on the card.
 at::Tensor copy_from(const at::Tensor& self, const at::Tensor& dst, bool non_blocking) {
   count_copy(self, dst, non_blocking);
-  host_alias(dst).copy_(host_alias(self));
+  auto out = host_alias(dst);
+  out.copy_(host_alias(self));
+  if (dst.device().type() == kMlu && dst.scalar_type() == at::kDouble) {
+    out.copy_(out.to(at::kFloat));
+  }
   return dst;
 }
 
@@ -252,7 +282,7 @@ at::Tensor copy_from_and_resize(const at::Tensor& self, const at::Tensor& dst) {
 }
 
 const at::Tensor& resize_(const at::Tensor& self, c10::IntArrayRef size,
-                          std::optional<at::MemoryFormat> memory_format) {
+                          c10::optional<at::MemoryFormat> memory_format) {
   // The CPU resize reallocates via the storage's allocator (ours); the guard
   // makes the new block land on the tensor's own device index.
   const c10::DeviceGuard guard(self.device());
@@ -288,12 +318,12 @@ bool has_compatible_shallow_copy_type(const at::Tensor& self, const at::Tensor& 
 // and drop the result. Running the CPU kernel on aliases of the device memory
 // updates the real buffers.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> native_batch_norm(
-    const at::Tensor& input, const std::optional<at::Tensor>& weight,
-    const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& running_mean,
-    const std::optional<at::Tensor>& running_var, bool training, double momentum,
+    const at::Tensor& input, const c10::optional<at::Tensor>& weight,
+    const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& running_mean,
+    const c10::optional<at::Tensor>& running_var, bool training, double momentum,
     double eps) {
   const InternalScope internal;
-  auto alias = [](const std::optional<at::Tensor>& t) -> std::optional<at::Tensor> {
+  auto alias = [](const c10::optional<at::Tensor>& t) -> c10::optional<at::Tensor> {
     if (!t.has_value() || !t->defined()) return t;
     return host_alias(*t);
   };
@@ -303,9 +333,80 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> native_batch_norm(
   return {out.to(input.device()), mean.to(input.device()), invstd.to(input.device())};
 }
 
+// ------------------------------------------------------------------ RNG
+// NOTE: MLU kernels draw from per-device MLU generators (torch_mlu/mlu/random.py,
+// torch.mlu.default_generators), not from the CPU's. Random ops here run as CPU kernels,
+// so the fallback lends the CPU default generator the MLU generator's state for the call
+// and takes the advanced state back: torch.mlu.manual_seed and friends then really decide
+// the device's random numbers, and seeding only the CPU generator does not.
+
+constexpr uint64_t kDefaultSeed = 67280421310721ULL;  // torch.cuda's default seed
+std::mutex g_rng_mutex;
+std::array<c10::optional<at::Generator>, kMaxDevices> g_generators;
+
+at::Generator& mlu_generator(c10::DeviceIndex device) {
+  auto& slot = g_generators[device];
+  if (!slot.has_value()) slot = at::make_generator<at::CPUGeneratorImpl>(kDefaultSeed);
+  return *slot;
+}
+
+c10::DeviceIndex device_of(const c10::OperatorHandle& op, const torch::jit::Stack* stack) {
+  const auto num_args = op.schema().arguments().size();
+  for (auto i = stack->size() - num_args; i < stack->size(); ++i) {
+    const auto& value = (*stack)[i];
+    if (value.isTensor() && value.toTensor().defined() && value.toTensor().device().type() == kMlu) {
+      return value.toTensor().device().index();
+    }
+  }
+  return t_current_device;
+}
+
+// Ops the real card has no MLU kernel for (not in torch_mlu's codegen/mlu_functions.yaml):
+// torch_mlu's MLUFallback.cpp runs them on the CPU after warning once per op. Every other op
+// is treated as native here, so it falls back silently.
+const std::set<std::string> kNoMluKernel = {"aten::_fused_sgd_", "aten::_fused_sgd", "aten::_fused_adam_",
+                                            "aten::_fused_adamw_"};
+std::mutex g_warned_mutex;
+std::set<std::string> g_warned;
+
+void warn_if_no_kernel(const c10::OperatorHandle& op) {
+  const auto& name = op.schema().operator_name().name;
+  if (kNoMluKernel.count(name) == 0) return;
+  std::lock_guard<std::mutex> lock(g_warned_mutex);
+  if (!g_warned.insert(name).second) return;
+  TORCH_WARN("The operator '", op.schema().operator_name(), "' is not currently supported ",
+             "on the MLU backend and will fall back to run on the CPU.",
+             " This may have performance implications.");
+}
+
 void mlu_cpu_fallback(const c10::OperatorHandle& op, torch::jit::Stack* stack) {
   const InternalScope internal;
-  at::native::cpu_fallback(op, stack);
+  warn_if_no_kernel(op);
+  if (!op.hasTag(at::Tag::nondeterministic_seeded)) {
+    at::native::cpu_fallback(op, stack);
+    return;
+  }
+  const c10::DeviceIndex device = device_of(op, stack);
+  std::lock_guard<std::mutex> lock(g_rng_mutex);
+  auto cpu = at::detail::getDefaultCPUGenerator();
+  at::Tensor saved;
+  {
+    std::lock_guard<std::mutex> gen_lock(cpu.mutex());
+    saved = cpu.get_state();
+    cpu.set_state(mlu_generator(device).get_state());
+  }
+  auto restore = [&] {
+    std::lock_guard<std::mutex> gen_lock(cpu.mutex());
+    mlu_generator(device).set_state(cpu.get_state());
+    cpu.set_state(saved);
+  };
+  try {
+    at::native::cpu_fallback(op, stack);
+  } catch (...) {
+    restore();
+    throw;
+  }
+  restore();
 }
 
 // Convolutions with fp16 operands: the CPU has no fast fp16 convolution (its
@@ -336,9 +437,49 @@ void mlu_conv_fallback(const c10::OperatorHandle& op, torch::jit::Stack* stack) 
   }
 }
 
+#ifdef EMULATED_MLU_LEGACY_TORCH
+// torch 2.1 has the loss scaler's two kernels for CUDA only (the CPU got them in 2.3), so
+// the fallback has nothing to run: they are written here, on host aliases of device memory.
+void amp_non_finite_check_and_unscale(at::TensorList grads, at::Tensor& found_inf,
+                                      const at::Tensor& inv_scale) {
+  const InternalScope internal;
+  auto found = host_alias(found_inf);
+  const auto inv = host_alias(inv_scale);
+  for (const auto& grad : grads) {
+    auto g = host_alias(grad);
+    if (!g.isfinite().all().item<bool>()) found.fill_(1.0);
+    g.mul_(inv.to(g.scalar_type()));
+  }
+}
+
+at::Tensor& amp_update_scale(at::Tensor& scale, at::Tensor& growth_tracker, const at::Tensor& found_inf,
+                             double growth_factor, double backoff_factor, int64_t growth_interval) {
+  const InternalScope internal;
+  auto s = host_alias(scale);
+  auto tracker = host_alias(growth_tracker);
+  if (host_alias(found_inf).item<float>() > 0) {
+    s.mul_(backoff_factor);
+    tracker.fill_(0);
+  } else {
+    const auto successful = tracker.item<int>() + 1;
+    if (successful == growth_interval) {
+      s.mul_(growth_factor);
+      tracker.fill_(0);
+    } else {
+      tracker.fill_(successful);
+    }
+  }
+  return scale;
+}
+#endif
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(aten, PrivateUse1, m) {
+#ifdef EMULATED_MLU_LEGACY_TORCH
+  m.impl("_amp_foreach_non_finite_check_and_unscale_", amp_non_finite_check_and_unscale);
+  m.impl("_amp_update_scale_", amp_update_scale);
+#endif
   m.impl("empty.memory_format", empty_memory_format);
   m.impl("empty_strided", empty_strided);
   m.impl("_copy_from", copy_from);
@@ -359,11 +500,25 @@ TORCH_LIBRARY_IMPL(aten, PrivateUse1, m) {
          torch::CppFunction::makeFromBoxedFunction<&mlu_conv_fallback>());
   m.impl("convolution_backward",
          torch::CppFunction::makeFromBoxedFunction<&mlu_conv_fallback>());
+#ifdef EMULATED_MLU_LEGACY_TORCH
+  // torch 2.1's CPU kernels have no fp16 matrix products: computed in fp32 as the convolutions.
+  for (const char* name : {"addmm", "mm", "bmm", "baddbmm", "addmv", "mv", "addmm.out", "mm.out"}) {
+    m.impl(name, torch::CppFunction::makeFromBoxedFunction<&mlu_conv_fallback>());
+  }
+#endif
 }
 
 TORCH_LIBRARY_IMPL(_, PrivateUse1, m) {
   m.fallback(torch::CppFunction::makeFromBoxedFunction<&mlu_cpu_fallback>());
 }
+
+#ifdef EMULATED_MLU_LEGACY_TORCH
+// NOTE: torch 2.1 registers no autograd fallthrough for PrivateUse1; torch_mlu registers one
+// (torch_mlu/csrc/aten/MLUFallback.cpp), later torch has its own.
+TORCH_LIBRARY_IMPL(_, AutogradPrivateUse1, m) {
+  m.fallback(torch::CppFunction::makeFallthrough());
+}
+#endif
 
 // Torch registers autocast kernels for CPU/CUDA/XPU/MPS only. Without a
 // fallthrough every op (copy_ included) fails on the AutocastPrivateUse1 key
@@ -381,11 +536,29 @@ TORCH_LIBRARY_IMPL(_, AutocastPrivateUse1, m) {
 namespace at {
 namespace {
 TORCH_LIBRARY_IMPL(aten, AutocastPrivateUse1, m) {
+#ifdef EMULATED_MLU_LEGACY_TORCH
+  // torch before 2.4 has no op-list macros in its header: the ops a classifier meets.
+  KERNEL_PRIVATEUSEONE(conv1d, lower_precision_fp)
+  KERNEL_PRIVATEUSEONE(conv2d, lower_precision_fp)
+  KERNEL_PRIVATEUSEONE(conv3d, lower_precision_fp)
+  KERNEL_PRIVATEUSEONE(linear, lower_precision_fp)
+  KERNEL_PRIVATEUSEONE(matmul, lower_precision_fp)
+  KERNEL_PRIVATEUSEONE(mm, lower_precision_fp)
+  KERNEL_PRIVATEUSEONE(bmm, lower_precision_fp)
+  KERNEL_PRIVATEUSEONE(addmm, lower_precision_fp)
+  KERNEL_PRIVATEUSEONE(baddbmm, lower_precision_fp)
+  KERNEL_PRIVATEUSEONE(layer_norm, fp32)
+  KERNEL_PRIVATEUSEONE(group_norm, fp32)
+  KERNEL_PRIVATEUSEONE(nll_loss, fp32)
+  KERNEL_PRIVATEUSEONE(mse_loss, fp32)
+  KERNEL_PRIVATEUSEONE(binary_cross_entropy_with_logits, fp32)
+#else
   AT_FORALL_LOWER_PRECISION_FP(MLU_LOWER_PRECISION)
   AT_FORALL_FP32(MLU_FP32)
   AT_FORALL_FP32_SET_OPT_DTYPE(MLU_FP32_SET_OPT_DTYPE)
   AT_FORALL_DIFFERENT_REDISPATCH_SIGNATURE(KERNEL_DIFFERENT_REDISPATCH_SIGNATURE_PRIVATEUSEONE)
   AT_FORALL_PROMOTE(MLU_PROMOTE)
+#endif
 }
 }  // namespace
 }  // namespace at
@@ -426,6 +599,35 @@ void reset_transfer_stats() {
   for (auto& counter : g_traffic) counter = 0;
 }
 void synchronize() { count_sync(); }
+
+#ifdef EMULATED_MLU_LEGACY_TORCH
+// torch before 2.4 asks the device module for its autocast state (torch/amp/autocast_mode.py).
+bool autocast_enabled() { return at::autocast::is_privateuseone_enabled(); }
+void set_autocast_enabled(bool enabled) { at::autocast::set_privateuseone_enabled(enabled); }
+at::ScalarType autocast_dtype() { return at::autocast::get_autocast_privateuseone_dtype(); }
+void set_autocast_dtype(at::ScalarType dtype) { at::autocast::set_autocast_privateuseone_dtype(dtype); }
+#endif
+
+void manual_seed(int64_t d, int64_t seed) {
+  check_index(d);
+  std::lock_guard<std::mutex> lock(g_rng_mutex);
+  mlu_generator(d).set_current_seed(static_cast<uint64_t>(seed));
+}
+int64_t initial_seed(int64_t d) {
+  check_index(d);
+  std::lock_guard<std::mutex> lock(g_rng_mutex);
+  return static_cast<int64_t>(mlu_generator(d).current_seed());
+}
+at::Tensor get_rng_state(int64_t d) {
+  check_index(d);
+  std::lock_guard<std::mutex> lock(g_rng_mutex);
+  return mlu_generator(d).get_state();
+}
+void set_rng_state(int64_t d, const at::Tensor& state) {
+  check_index(d);
+  std::lock_guard<std::mutex> lock(g_rng_mutex);
+  mlu_generator(d).set_state(state);
+}
 // Staging that only the emulation does (the cncl group) runs between these.
 void begin_internal() { ++t_internal_depth; }
 void end_internal() { --t_internal_depth; }
@@ -450,6 +652,16 @@ TORCH_LIBRARY(emulated_mlu, m) {
   m.def("transfer_stats", transfer_stats);
   m.def("reset_transfer_stats", reset_transfer_stats);
   m.def("synchronize", synchronize);
+  m.def("manual_seed", manual_seed);
+#ifdef EMULATED_MLU_LEGACY_TORCH
+  m.def("autocast_enabled", autocast_enabled);
+  m.def("set_autocast_enabled", set_autocast_enabled);
+  m.def("autocast_dtype", autocast_dtype);
+  m.def("set_autocast_dtype", set_autocast_dtype);
+#endif
+  m.def("initial_seed", initial_seed);
+  m.def("get_rng_state", get_rng_state);
+  m.def("set_rng_state", set_rng_state);
   m.def("begin_internal", begin_internal);
   m.def("end_internal", end_internal);
 }

@@ -64,8 +64,6 @@ DeviceLike = torch.device | str | int | None
 _DEVICE_NAME = "MLU370-X8 (emulated)"
 _TOTAL_MEMORY_BYTES = 24 * 1024**3  # one MLU370-X8 chip
 _CAPABILITY = (3, 0)  # MLU370; bf16 needs 5.x
-# torch.cuda's default seed, so an unseeded emulated device is reproducible.
-_DEFAULT_SEED = 67280421310721
 
 
 def _ops() -> Any:
@@ -241,8 +239,47 @@ def is_bf16_supported(including_emulation: bool = True) -> bool:
 
 
 def get_amp_supported_dtype() -> list[torch.dtype]:
-    """Return the dtypes ``torch.autocast("mlu")`` accepts (fp16 on MLU370)."""
-    return [torch.float16]
+    """Return the dtypes ``torch.autocast("mlu")`` accepts: fp16 and bf16, whatever the chip.
+
+    NOTE: torch_mlu/mlu/autocast_utils.py returns both on every line, MLU370 included;
+    only :func:`is_bf16_supported` tells an MLU370 (capability 3.x) apart.
+    """
+    return [torch.float16, torch.bfloat16]
+
+
+# NOTE: torch_mlu/mlu/autocast_utils.py: the autocast state torch's autocast asks a custom
+# device module for; torch 2.4 keeps it itself (by device name), torch 2.1 does not.
+_TORCH_KEEPS_AUTOCAST_STATE = hasattr(torch, "get_autocast_dtype")
+
+
+def is_autocast_enabled() -> bool:
+    """Return whether autocast is on for mlu in this thread."""
+    if _TORCH_KEEPS_AUTOCAST_STATE:
+        return torch.is_autocast_enabled("mlu")
+    return bool(_ops().autocast_enabled())
+
+
+def set_autocast_enabled(enabled: bool) -> None:
+    """Switch autocast for mlu on or off in this thread."""
+    if _TORCH_KEEPS_AUTOCAST_STATE:
+        torch.set_autocast_enabled("mlu", enabled)
+    else:
+        _ops().set_autocast_enabled(enabled)
+
+
+def get_autocast_dtype() -> torch.dtype:
+    """Return the dtype autocast casts to on mlu."""
+    if _TORCH_KEEPS_AUTOCAST_STATE:
+        return torch.get_autocast_dtype("mlu")
+    return _ops().autocast_dtype()
+
+
+def set_autocast_dtype(dtype: torch.dtype) -> None:
+    """Set the dtype autocast casts to on mlu."""
+    if _TORCH_KEEPS_AUTOCAST_STATE:
+        torch.set_autocast_dtype("mlu", dtype)
+    else:
+        _ops().set_autocast_dtype(dtype)
 
 
 # ---------------------------------------------------------------- memory
@@ -291,22 +328,13 @@ def empty_cache() -> None:
 
 
 # -------------------------------------------------------------------- RNG
-# Random ops on mlu tensors run in the CPU fallback and draw from the CPU
-# default generator. These per-device generators only give torch.mlu's RNG API
-# (and the checkpoint code that saves and restores it) CUDA-like semantics.
-
-_generators: dict[int, torch.Generator] = {}
-
-
-def _generator(index: int) -> torch.Generator:
-    if index not in _generators:
-        _generators[index] = torch.Generator().manual_seed(_DEFAULT_SEED)
-    return _generators[index]
+# NOTE: as torch_mlu/mlu/random.py, one generator per MLU, apart from the CPU's: the C++
+# fallback lends its state to every random op on that device (csrc/emulated_mlu.cpp, RNG).
 
 
 def get_rng_state(device: DeviceLike = "mlu") -> torch.Tensor:
     """Return the RNG state of one MLU as a ByteTensor."""
-    return _generator(_index(device)).get_state()
+    return _ops().get_rng_state(_index(device))
 
 
 def get_rng_state_all() -> list[torch.Tensor]:
@@ -316,7 +344,7 @@ def get_rng_state_all() -> list[torch.Tensor]:
 
 def set_rng_state(new_state: torch.Tensor, device: DeviceLike = "mlu") -> None:
     """Restore the RNG state of one MLU from :func:`get_rng_state` output."""
-    _generator(_index(device)).set_state(new_state.detach().to("cpu", torch.uint8))
+    _ops().set_rng_state(_index(device), new_state.detach().to("cpu", torch.uint8).contiguous())
 
 
 def set_rng_state_all(new_states: list[torch.Tensor]) -> None:
@@ -327,7 +355,7 @@ def set_rng_state_all(new_states: list[torch.Tensor]) -> None:
 
 def manual_seed(seed: int) -> None:
     """Seed the current MLU's generator."""
-    _generator(current_device()).manual_seed(int(seed))
+    _ops().manual_seed(current_device(), int(seed) & 0x7FFF_FFFF_FFFF_FFFF)
 
 
 def manual_seed_all(seed: int) -> None:
@@ -336,23 +364,22 @@ def manual_seed_all(seed: int) -> None:
     ``torch.manual_seed`` calls this, so it must not call back into it.
     """
     for index in range(device_count()):
-        _generator(index).manual_seed(int(seed))
+        _ops().manual_seed(index, int(seed) & 0x7FFF_FFFF_FFFF_FFFF)
 
 
 def seed() -> None:
     """Seed the current MLU's generator with a random number."""
-    _generator(current_device()).seed()
+    _ops().manual_seed(current_device(), torch.Generator().seed() & 0x7FFF_FFFF_FFFF_FFFF)
 
 
 def seed_all() -> None:
     """Seed every MLU's generator with one random number."""
-    value = torch.Generator().seed()
-    manual_seed_all(value)
+    manual_seed_all(torch.Generator().seed() & 0x7FFF_FFFF_FFFF_FFFF)
 
 
 def initial_seed() -> int:
     """Return the seed the current MLU's generator was last seeded with."""
-    return _generator(current_device()).initial_seed()
+    return int(_ops().initial_seed(current_device()))
 
 
 # ------------------------------------------------------- streams and events
