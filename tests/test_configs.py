@@ -181,7 +181,7 @@ def test_dle_recipe_is_nvidias():
     cfg = load_config(CONFIGS / "resnet50_dle.yaml")
     o, s, t = cfg.optim, cfg.schedule, cfg.train
     assert (o.name, o.lr, o.momentum, o.weight_decay, o.no_decay_norm_bias) == ("sgd", 2.048, 0.875, 1 / 32768, True)
-    assert o.lr == pytest.approx(0.256 * 8 * cfg.data.batch_size_per_device / 256)
+    assert o.lr == pytest.approx(0.256 * cfg.data.global_batch_size / 256) and cfg.data.global_batch_size == 2048
     assert (s.name, s.warmup_epochs, t.epochs, t.label_smoothing, t.precision) == ("cosine", 8, 90, 0.1, "fp16")
     assert cfg.mixup.mixup_alpha == 0 and not cfg.ema.enabled and t.loss == "ce"
 
@@ -192,7 +192,7 @@ def test_rsb_a3_recipe_is_the_papers():
     assert (d.img_size, d.test_img_size, d.crop_pct, d.interpolation, d.auto_augment) == (160, 224, 0.95, "bicubic", "rand-m6-mstd0.5-inc1")
     assert (d.re_prob, d.repeated_aug) == (0.0, 0)
     assert (o.name, o.lr, o.weight_decay, o.no_decay_norm_bias) == ("lamb", 8e-3, 0.02, True)
-    assert 8 * d.batch_size_per_device == 2048
+    assert d.global_batch_size == 2048 == 8 * d.batch_size_per_device
     assert (cfg.schedule.name, cfg.schedule.warmup_epochs, t.epochs) == ("cosine", 5, 100)
     assert (t.loss, t.bce_target_threshold, t.label_smoothing, t.grad_clip_norm) == ("bce", 0.2, 0.0, 0.0)
     assert (cfg.mixup.mixup_alpha, cfg.mixup.cutmix_alpha) == (0.1, 1.0) and not cfg.ema.enabled
@@ -216,6 +216,7 @@ def test_modern_recipe_trains_two_steps_on_tiny_data(path, tmp_path):
         "model.name=test_resnet",
         "data.img_size=32",
         "data.batch_size_per_device=4",
+        "data.global_batch_size=0",  # the recipe's 2048 would be 512 micro-batches of 4 here
         "data.workers=0",
         "train.precision=fp32",
         "train.max_steps_per_epoch=2",

@@ -19,6 +19,11 @@ from trainer.checkpoint import TrainState
 from trainer.errors import ConfigError
 
 
+def processes_text(count: int) -> str:
+    """ "1 process", "2 processes"."""
+    return f"{count} process" + ("" if count == 1 else "es")
+
+
 @dataclass(frozen=True)
 class BatchPlan:
     """How one optimizer step's images are split: `per_device` x `processes` x `accumulation`."""
@@ -40,8 +45,7 @@ class BatchPlan:
 
     def describe(self) -> str:
         """ "8/device x 2 processes x 2 accumulation = global 32 (data.global_batch_size)"."""
-        plural = "" if self.processes == 1 else "es"
-        text = f"{self.per_device}/device x {self.processes} process{plural} x {self.accumulation} accumulation = global {self.global_batch}"
+        text = f"{self.per_device}/device x {processes_text(self.processes)} x {self.accumulation} accumulation = global {self.global_batch}"
         return text + (" (data.global_batch_size)" if self.fixed else "")
 
 
@@ -91,10 +95,9 @@ class ResumeChange:
 
     def summary(self) -> str:
         """ "checkpoint: 2 processes, global batch 16; this run: 1 process, global batch 16" (for the start summary)."""
-        then, now = self.processes_then, self.plan.processes
         return (
-            f"checkpoint: {then} process{'es' if then != 1 else ''}, global batch {self.global_batch_then}; "
-            f"this run: {now} process{'es' if now != 1 else ''}, global batch {self.plan.global_batch}"
+            f"checkpoint: {processes_text(self.processes_then)}, global batch {self.global_batch_then}; "
+            f"this run: {processes_text(self.plan.processes)}, global batch {self.plan.global_batch}"
         )
 
 
@@ -127,17 +130,17 @@ def continue_epoch(state: TrainState, plan: BatchPlan, *, epoch_samples: int, st
         steps_then = math.ceil(then / state.global_batch) if then else 0
         lines.append(
             f"resumed with global batch {plan.global_batch} ({plan.describe()}) where the checkpoint had {state.global_batch} "
-            f"on {state.processes} processes: {steps_per_epoch} steps per epoch instead of {steps_then}, lr as given (optim.lr, not rescaled); "
+            f"on {processes_text(state.processes)}: {steps_per_epoch} steps per epoch instead of {steps_then}, lr as given (optim.lr, not rescaled); "
             f"the schedule goes on from epoch {position:.2f} (its step {schedule_step} of {steps_per_epoch * epochs}) and still ends at epoch {epochs}; {where}"
         )
     elif change.processes_changed:
         lines.append(
-            f"resumed on {plan.processes} process{'es' if plan.processes != 1 else ''} where the checkpoint had {state.processes}: "
+            f"resumed on {processes_text(plan.processes)} where the checkpoint had {state.processes}: "
             f"the global batch stays {plan.global_batch} ({plan.describe()}), {steps_per_epoch} steps per epoch and the lr schedule unchanged; {where}"
         )
     if streamed and change.processes_changed and done:
         lines.append(
-            f"data.streaming: the stream's shards are dealt anew over {plan.processes} processes, so the rest of epoch {state.epoch + 1} skips "
+            f"data.streaming: the stream's shards are dealt anew over {processes_text(plan.processes)}, so the rest of epoch {state.epoch + 1} skips "
             f"about {done} samples in all, not the same ones: some images of this epoch may be seen twice or not at all (exact again from the next epoch)"
         )
     state.batches_done = done // plan.round_size  # this run's micro-batches per process

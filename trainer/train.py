@@ -118,15 +118,12 @@ class Trainer:
     def _steps_per_epoch(self) -> int:
         """Optimizer steps of the global batch per epoch (after `train.max_steps_per_epoch`)."""
         t, plan = self.cfg.train, self.plan
-        if not self.data.streamed:
-            samples = self.data.train_sampler.epoch_samples
-        else:
-            samples = self.data.train_size // plan.round_size * plan.round_size
-            if not samples and not t.max_steps_per_epoch:
-                raise TrainingStopped("data.streaming: the split size is unknown; set train.max_steps_per_epoch")
-        steps = math.ceil(samples / plan.global_batch) if samples else t.max_steps_per_epoch
-        if steps == 0:
+        samples = self._epoch_samples()
+        if self.data.streamed and not samples and not t.max_steps_per_epoch:
+            raise TrainingStopped("data.streaming: the split size is unknown; set train.max_steps_per_epoch")
+        if not samples and not self.data.streamed:
             raise TrainingStopped(f"{self.cfg.data.root}: {self.data.train_size} training images give no full batch of {plan.describe()}")
+        steps = math.ceil(samples / plan.global_batch) if samples else t.max_steps_per_epoch
         return min(steps, t.max_steps_per_epoch) if t.max_steps_per_epoch else steps
 
     def _epoch_samples(self) -> int:
