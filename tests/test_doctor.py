@@ -83,4 +83,3 @@ def test_doctor_names_the_process_that_cannot_see_data_root(tmp_path, device):
     assert fails and all(line == fails[0] for line in fails), proc.stdout
     assert fails[0].startswith("trainer doctor: FAIL: process 1 (") and "data.root: " in fails[0] and "does not exist" in fails[0], fails[0]
     assert "trainer/doctor.py" not in proc.stdout + proc.stderr  # no traceback from the trainer's processes
-

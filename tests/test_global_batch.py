@@ -68,7 +68,9 @@ def test_a_stream_on_another_count_says_what_it_cannot_guarantee():
     plan = plan_batch(global_batch_size=16, per_device=8, processes=1, grad_accum_steps=1)
     go_on = continue_epoch(state, plan, epoch_samples=64, steps_per_epoch=4, epochs=2, streamed=True)
     assert state.batches_done == 4  # this process skips 4 of its batches: 32 samples in all
-    assert any(line.startswith("data.streaming: the stream's shards are dealt anew over 1 process") and "seen twice or not at all" in line for line in go_on.lines)
+    assert any(
+        line.startswith("data.streaming: the stream's shards are dealt anew over 1 process") and "seen twice or not at all" in line for line in go_on.lines
+    )
 
 
 def test_a_checkpoint_from_before_samples_were_recorded_assumes_the_same_count():

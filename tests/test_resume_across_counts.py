@@ -26,7 +26,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
 from safetensors.torch import load_file
 
@@ -43,7 +42,11 @@ def write_config(tmp_path: Path) -> Path:
     cfg = {
         "model": {"name": "test_convnext"},  # LayerNorm: no batch statistics (see above)
         "data": {"root": str(data), "img_size": 32, "batch_size_per_device": 2, "global_batch_size": 12, "workers": 0},
-        "optim": {"name": "sgd", "lr": 0.05, "momentum": 0.9},  # NOTE: not Adam, whose sign-like steps turn rounding noise in near-zero gradients into lr-sized differences
+        "optim": {
+            "name": "sgd",
+            "lr": 0.05,
+            "momentum": 0.9,
+        },  # NOTE: not Adam, whose sign-like steps turn rounding noise in near-zero gradients into lr-sized differences
         "schedule": {"name": "cosine", "warmup_epochs": 1, "warmup_lr_ratio": 0.1},  # a new lr at every step
         "train": {
             "epochs": 2,

@@ -135,7 +135,9 @@ class Trainer:
     def _continue(self, state: TrainState) -> Continuation:
         """Take `state` over for this run's batch plan; log what changed and move the schedule where needed."""
         t = self.cfg.train
-        plan = continue_epoch(state, self.plan, epoch_samples=self._epoch_samples(), steps_per_epoch=self.steps_per_epoch, epochs=t.epochs, streamed=self.data.streamed)
+        plan = continue_epoch(
+            state, self.plan, epoch_samples=self._epoch_samples(), steps_per_epoch=self.steps_per_epoch, epochs=t.epochs, streamed=self.data.streamed
+        )
         if plan.schedule_step is not None:
             move_schedule(self.scheduler, plan.schedule_step)
         for line in plan.lines:
@@ -335,7 +337,9 @@ class Trainer:
 
     def _log_start(self) -> None:
         if self.accelerator.is_main_process:
-            summary = start_summary(self.cfg, self.backend, self.data, self.accelerator.scaler is not None, self.steps_per_epoch, self.state, plan=self.plan, change=self.change)
+            summary = start_summary(
+                self.cfg, self.backend, self.data, self.accelerator.scaler is not None, self.steps_per_epoch, self.state, plan=self.plan, change=self.change
+            )
             log.info("\n" + summary)
 
     def _log_end(self, history: list[dict[str, Any]], total_s: float, weights: Path) -> None:
