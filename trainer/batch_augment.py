@@ -44,7 +44,14 @@ def seeded_rngs(seed: int) -> Iterator[None]:
 class BatchAugment:
     """`(images, labels) -> (images, targets)`: erase, then mix; targets are (N, classes) when mixing."""
 
-    def __init__(self, mixup: MixupConfig, data: DataConfig, num_classes: int, label_smoothing: float, seed: int) -> None:
+    def __init__(
+        self,
+        mixup: MixupConfig,
+        data: DataConfig,
+        num_classes: int,
+        label_smoothing: float,
+        seed: int,
+    ) -> None:
         self.num_classes, self.label_smoothing = num_classes, label_smoothing
         self.seed = seed * 1_000_003
         self.mix = None
@@ -88,7 +95,13 @@ class BatchAugment:
         return torch.cat([mixed, images[even:]]), torch.cat([targets, alone])
 
 
-def create_batch_augment(mixup: MixupConfig, data: DataConfig, num_classes: int, label_smoothing: float, seed: int) -> BatchAugment | None:
+def create_batch_augment(
+    mixup: MixupConfig,
+    data: DataConfig,
+    num_classes: int,
+    label_smoothing: float,
+    seed: int,
+) -> BatchAugment | None:
     """A BatchAugment when mixup, cutmix or random erasing is on; None otherwise."""
     if mixup.mixup_alpha <= 0 and mixup.cutmix_alpha <= 0 and data.re_prob <= 0:
         return None

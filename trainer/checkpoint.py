@@ -40,7 +40,7 @@ class TrainState:
 
     epoch: int = 0  # epoch in progress
     batches_done: int = 0  # micro-batches of this epoch this process trained on (this run's process count)
-    samples_done: int = 0  # samples of the epoch's global order trained on, all processes (what a resume continues from)
+    samples_done: int = 0  # samples of the epoch's global order trained on, all processes (a resume goes on there)
     global_step: int = 0  # optimizer steps so far
     processes: int = 0  # the process count that wrote the checkpoint (0: a checkpoint from before it was recorded)
     global_batch: int = 0  # images per optimizer step of that run
@@ -48,7 +48,7 @@ class TrainState:
     best_val_top1: float = -1.0
     best_checkpoint: str = ""
     scheduler: dict = field(default_factory=dict)
-    epoch_totals: dict = field(default_factory=dict)  # the epoch's train sums up to samples_done, all processes (EpochTally)
+    epoch_totals: dict = field(default_factory=dict)  # the epoch's train sums to samples_done, all processes (EpochTally)
 
 
 def _fsync_dir(path: Path) -> None:

@@ -71,11 +71,14 @@ class DataConfig:
     label_column: str = _field("label", "hf: column holding the integer class label")
     streaming: bool = _field(False, "hf, wds: stream rows (tar shards) in order instead of reading by index, sharded across processes")
     hf_cache_dir: str = _field("", "hf: datasets cache directory; empty uses HF_DATASETS_CACHE / the default")
-    batch_size_per_device: int = _field(128, "images per device per micro-batch (global batch = this x processes x accumulation)")
+    batch_size_per_device: int = _field(
+        128,
+        "images per device per micro-batch (global batch = this x processes x accumulation)",
+    )
     global_batch_size: int = _field(
         0,
-        "images per optimizer step, kept on any process count: the accumulation is derived (global / (batch_size_per_device x processes)); "
-        "0: batch_size_per_device x processes x train.grad_accum_steps",
+        "images per optimizer step, kept on any process count: the accumulation is derived "
+        "(global / (batch_size_per_device x processes)); 0: batch_size_per_device x processes x train.grad_accum_steps",
     )
     val_batch_size_per_device: int = _field(0, "validation batch per device; 0 uses batch_size_per_device")
     workers: int = _field(4, "loader worker processes per device")
@@ -148,7 +151,10 @@ class TrainConfig:
     seed: int = _field(0, "seed for weights, data order and augmentation")
     precision: str = _field("auto", "auto: bf16 where supported, else fp16 on accelerators, else fp32", ("auto", "fp32", "fp16", "bf16"))
     channels_last: bool = _field(True, "NHWC memory format for conv nets (faster with AMP)")
-    grad_accum_steps: int = _field(1, "micro-batches per optimizer step (derived instead when data.global_batch_size is set)")
+    grad_accum_steps: int = _field(
+        1,
+        "micro-batches per optimizer step (derived instead when data.global_batch_size is set)",
+    )
     label_smoothing: float = _field(0.0, "label smoothing for the cross-entropy loss")
     compile: bool = _field(False, "wrap the model in torch.compile")
     resume: str = _field("", "empty starts fresh; auto continues from the newest checkpoint; or a checkpoint path")

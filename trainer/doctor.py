@@ -142,7 +142,7 @@ def run_checks(cfg: Config, bandwidth_mb: int) -> tuple[list[dict[str, Any]], li
 
 
 def batch_check(cfg: Config, processes: int) -> tuple[str, str]:
-    """("batch: <per device x processes x accumulation = global>", "") on `processes` processes, or ("", the failure)."""
+    """("batch: <per device x processes x accumulation = global>", "") for `processes`, or ("", the failure)."""
     try:
         plan = plan_batch(
             global_batch_size=cfg.data.global_batch_size,
@@ -190,7 +190,8 @@ def doctor_command(cfg: Config, args: Any) -> int:
     failures += [batch_failure] if batch_failure else []
     lines = []
     if main:
-        lines += [format_table(rows), *([batch] if batch else []), f"trainer doctor: {len(rows)} process(es) checked, {len(failures)} problem(s)"]
+        lines += [format_table(rows), *([batch] if batch else [])]
+        lines.append(f"trainer doctor: {len(rows)} process(es) checked, {len(failures)} problem(s)")
         lines += [f"  also: {failure}" for failure in failures[1:]]
     if failures:
         lines.append(f"trainer doctor: FAIL: {failures[0]}")

@@ -45,11 +45,19 @@ class BatchPlan:
 
     def describe(self) -> str:
         """ "8/device x 2 processes x 2 accumulation = global 32 (data.global_batch_size)"."""
-        text = f"{self.per_device}/device x {processes_text(self.processes)} x {self.accumulation} accumulation = global {self.global_batch}"
+        split = f"{self.per_device}/device x {processes_text(self.processes)} x {self.accumulation} accumulation"
+        text = f"{split} = global {self.global_batch}"
         return text + (" (data.global_batch_size)" if self.fixed else "")
 
 
-def plan_batch(*, global_batch_size: int, per_device: int, processes: int, grad_accum_steps: int, source: str = "") -> BatchPlan:
+def plan_batch(
+    *,
+    global_batch_size: int,
+    per_device: int,
+    processes: int,
+    grad_accum_steps: int,
+    source: str = "",
+) -> BatchPlan:
     """The batch plan of a run with `processes` processes.
 
     Raises:
@@ -110,7 +118,15 @@ class Continuation:
     lines: list[str]
 
 
-def continue_epoch(state: TrainState, plan: BatchPlan, *, epoch_samples: int, steps_per_epoch: int, epochs: int, streamed: bool) -> Continuation:
+def continue_epoch(
+    state: TrainState,
+    plan: BatchPlan,
+    *,
+    epoch_samples: int,
+    steps_per_epoch: int,
+    epochs: int,
+    streamed: bool,
+) -> Continuation:
     """Fit a loaded `state` to this run's batch plan (in place), and say what changed.
 
     The epoch goes on at `state.samples_done` of its global order whatever the process
@@ -118,11 +134,11 @@ def continue_epoch(state: TrainState, plan: BatchPlan, *, epoch_samples: int, st
     with another, the schedule is moved to the same point of the run, in epochs, on this
     run's steps per epoch, so it still ends at the configured epoch.
     """
-    if state.batches_done and not state.samples_done:  # a checkpoint from before samples were recorded: same count assumed
+    if state.batches_done and not state.samples_done:  # a checkpoint older than samples_done: the same count assumed
         state.samples_done = state.batches_done * plan.round_size
     change = ResumeChange(state.processes, state.global_batch, plan)
     done, lines, schedule_step = state.samples_done, [], None
-    where = f"epoch {state.epoch + 1} goes on at sample {done} of {epoch_samples}" if epoch_samples else f"epoch {state.epoch + 1} goes on after {done} samples"
+    where = f"epoch {state.epoch + 1} goes on " + (f"at sample {done} of {epoch_samples}" if epoch_samples else f"after {done} samples")
     if change.batch_changed:
         then = state.epoch_samples or epoch_samples
         position = state.epoch + (done / then if then else 0.0)

@@ -24,7 +24,7 @@ def start_summary(
     plan: BatchPlan,
     change: ResumeChange | None = None,
 ) -> str:
-    """What people check before walking away from a long run; `change` names a resume's other process count or global batch."""
+    """What people check before walking away from a long run; `change`: a resume's other process count or batch."""
     b, d, t = backend, data, cfg.train
     return _table(
         [

@@ -102,7 +102,7 @@ class Trainer:
         self.checkpoints = CheckpointManager(acc, self.run_dir / "checkpoints", t.keep_last_checkpoints)
         self.run = RunDirectory(cfg, acc)
         self.state = TrainState()
-        self.change = ResumeChange(0, 0, self.plan)  # the checkpoint's process count and global batch against this run's
+        self.change = ResumeChange(0, 0, self.plan)  # the checkpoint's process count and global batch beside this run's
         self.boundary = OptimizerStep(acc, self.model, self.optimizer, self.scheduler, self.state)
         self.clip = GradClip(acc, self.model, t.grad_clip_norm) if t.grad_clip_norm else None
         self.ema = create_ema(cfg.ema, acc.unwrap_model(self.model))
@@ -136,7 +136,12 @@ class Trainer:
         """Take `state` over for this run's batch plan; log what changed and move the schedule where needed."""
         t = self.cfg.train
         plan = continue_epoch(
-            state, self.plan, epoch_samples=self._epoch_samples(), steps_per_epoch=self.steps_per_epoch, epochs=t.epochs, streamed=self.data.streamed
+            state,
+            self.plan,
+            epoch_samples=self._epoch_samples(),
+            steps_per_epoch=self.steps_per_epoch,
+            epochs=t.epochs,
+            streamed=self.data.streamed,
         )
         if plan.schedule_step is not None:
             move_schedule(self.scheduler, plan.schedule_step)
@@ -216,7 +221,7 @@ class Trainer:
         start_s = window_s = time.perf_counter()
         for batch in batches:
             tally.skipped += self.run.record_skipped(batch["skipped"]) if batch["skipped"] else 0
-            # this process's batch of the round: Accelerate deals batch j of the epoch's order to process j % processes
+            # this process's batch of the round: Accelerate deals batch j of the order to process j % processes
             batch_index = state.samples_done // plan.per_device + self.accelerator.process_index
             state.batches_done, state.samples_done = state.batches_done + 1, state.samples_done + plan.round_size
             if is_empty(batch) and self.accelerator.num_processes == 1:  # all skipped; several processes step on together
@@ -260,7 +265,8 @@ class Trainer:
             loader = self.accelerator.skip_first_batches(loader, self.state.batches_done)
         loader.set_epoch(epoch)
         pad = self.data.streamed and self.accelerator.num_processes > 1
-        return Lockstep(loader, pad, epoch, self.state.batches_done, self.steps_per_epoch * self.plan.accumulation, self.accelerator.process_index)
+        epoch_batches = self.steps_per_epoch * self.plan.accumulation
+        return Lockstep(loader, pad, epoch, self.state.batches_done, epoch_batches, self.accelerator.process_index)
 
     def _read_window(self, elapsed_s: float) -> dict[str, float]:
         """Read the loss at log intervals only: this is the loop's one host sync."""
@@ -277,7 +283,8 @@ class Trainer:
         """Checkpoint unless the latest loss or the weights are non-finite: never overwrite good state with NaNs."""
         if self.guard.safe_to_save(self.model, self.state.global_step):
             state = self.state
-            state.processes, state.global_batch, state.epoch_samples = self.plan.processes, self.plan.global_batch, self._epoch_samples()
+            state.processes, state.global_batch = self.plan.processes, self.plan.global_batch
+            state.epoch_samples = self._epoch_samples()
             self.checkpoints.save(self.state, self.scheduler, extra_weights={EMA_WEIGHTS: self.ema.module} if self.ema else None)
 
     def evaluate(self, num_classes_for_confusion: int = 0) -> dict[str, Any]:
@@ -318,7 +325,8 @@ class Trainer:
 
     def _end_epoch(self, record: dict[str, Any]) -> None:
         """Mark the epoch done, note the best checkpoint, write the record, then checkpoint."""
-        self.state.epoch, self.state.batches_done, self.state.samples_done, self.state.epoch_totals = record["epoch"] + 1, 0, 0, {}
+        self.state.epoch, self.state.epoch_totals = record["epoch"] + 1, {}
+        self.state.batches_done = self.state.samples_done = 0
         if record.get("val_top1", -1) > self.state.best_val_top1:
             self.state.best_val_top1, self.state.best_checkpoint = record["val_top1"], checkpoint_name(self.state.global_step)
         # NOTE: record first, checkpoint second: a kill between them re-runs the epoch
@@ -337,8 +345,16 @@ class Trainer:
 
     def _log_start(self) -> None:
         if self.accelerator.is_main_process:
+            scaler = self.accelerator.scaler is not None
             summary = start_summary(
-                self.cfg, self.backend, self.data, self.accelerator.scaler is not None, self.steps_per_epoch, self.state, plan=self.plan, change=self.change
+                self.cfg,
+                self.backend,
+                self.data,
+                scaler,
+                self.steps_per_epoch,
+                self.state,
+                plan=self.plan,
+                change=self.change,
             )
             log.info("\n" + summary)
 

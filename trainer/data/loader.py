@@ -166,7 +166,13 @@ def create_datasets(cfg: DataConfig, model_name: str, seed: int, rank: int, worl
     # NOTE: the epoch's unit is the global batch when it is fixed, so that the epoch has
     # the same samples on every process count (trainer.data.sampler)
     epoch_unit = cfg.global_batch_size or cfg.batch_size_per_device * world_size
-    sampler = EpochOrderSampler(len(train_reader), seed=seed, epoch_unit=epoch_unit, batch_size=cfg.batch_size_per_device, repeats=cfg.repeated_aug)
+    sampler = EpochOrderSampler(
+        len(train_reader),
+        seed=seed,
+        epoch_unit=epoch_unit,
+        batch_size=cfg.batch_size_per_device,
+        repeats=cfg.repeated_aug,
+    )
     return Datasets(ImageDataset(train_reader, decoder(train_tf, size, classes)), val_ds, classes, sampler, input_cfg, len(train_reader), len(val_reader))
 
 
