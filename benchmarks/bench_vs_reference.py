@@ -92,9 +92,9 @@ def trainer_config(args: argparse.Namespace, setting: str, workers: int, img_siz
 
     common = [
         f"data.root={args.data}",
-        f"data.img_size={img_size}",
-        f"data.batch_size_per_device={args.batch_size}",
-        f"data.workers={workers}",
+        f"input.img_size={img_size}",
+        f"loader.batch_size_per_device={args.batch_size}",
+        f"loader.workers={workers}",
         "model.num_classes=1000",
         f"backend.device={args.device}",
         f"output.dir={out}",
@@ -103,8 +103,14 @@ def trainer_config(args: argparse.Namespace, setting: str, workers: int, img_siz
         "output.plots=false",
     ]
     switches = {
-        "recipe": ["data.normalize_on_device=false", "data.draft_decode=false", "train.channels_last=false", "train.precision=fp32"],
-        "fast": ["data.normalize_on_device=true", "data.draft_decode=true", "train.channels_last=true", "train.precision=auto", "optim.implementation=foreach"],
+        "recipe": ["loader.normalize_on_device=false", "loader.draft_decode=false", "train.channels_last=false", "train.precision=fp32"],
+        "fast": [
+            "loader.normalize_on_device=true",
+            "loader.draft_decode=true",
+            "train.channels_last=true",
+            "train.precision=auto",
+            "optim.implementation=foreach",
+        ],
     }[setting]
     return load_config(REPO / "configs" / "resnet50_imagenet.yaml", common + switches)
 
@@ -258,8 +264,8 @@ def pipeline_per_core(args: argparse.Namespace) -> dict[str, float]:
         ("trainer fast path, PIL decoder", "fast", None),
     ):
         cfg = trainer_config(args, setting, 0, args.img_size, tempfile.mkdtemp())
-        data = create_datasets(cfg.data, cfg.model.name, 0, 0, 1)
-        loader = create_loader(data.train, cfg.data, args.batch_size, {"pin_memory": False}, data.train_sampler, drop_last=True)
+        data = create_datasets(**cfg.data_sections(), model_name=cfg.model.name, seed=0, rank=0, world_size=1)
+        loader = create_loader(data.train, cfg.loader, batch_size=args.batch_size, pin_kwargs={"pin_memory": False}, sampler=data.train_sampler, drop_last=True)
         arms[label] = (forever(loader, data.train_sampler), simplejpeg)
     if decode._simplejpeg is None:
         del arms["trainer fast path, PIL decoder"]  # the same as the fast path here

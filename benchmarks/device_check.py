@@ -133,8 +133,8 @@ def phase_config(setting: str, s: dict[str, Any], data: Path, out: Path, workers
 
     common = [
         f"data.root={data}",
-        f"data.img_size={s['img_size']}",
-        f"data.workers={workers}",
+        f"input.img_size={s['img_size']}",
+        f"loader.workers={workers}",
         f"model.name={s['model']}",
         "model.num_classes=1000",
         f"backend.device={s['device']}",
@@ -145,14 +145,14 @@ def phase_config(setting: str, s: dict[str, Any], data: Path, out: Path, workers
     ]
     if setting == "recipe":  # configs/resnet50_imagenet.yaml as written, but for data and workers
         precision = "fp32"
-        switches = [f"data.batch_size_per_device={s['recipe_batch']}"]
+        switches = [f"loader.batch_size_per_device={s['recipe_batch']}"]
     else:
         precision = s["precision"]
         switches = [
-            f"data.batch_size_per_device={s['batch']}",
+            f"loader.batch_size_per_device={s['batch']}",
             "train.channels_last=true",
-            "data.normalize_on_device=true",
-            "data.draft_decode=true",
+            "loader.normalize_on_device=true",
+            "loader.draft_decode=true",
             f"train.compile={str(compile_model).lower()}",
         ]
     return load_config(REPO / "configs" / "resnet50_imagenet.yaml", common + switches + [f"train.precision={precision}"])
@@ -182,7 +182,9 @@ def run_phase(args: argparse.Namespace) -> int:
             time_steps(lambda: trainer.train_step(batch, sums), backend, 1, 0)  # compiles
             compile_s = time.perf_counter() - first
             figures = {
-                "model_step": summarize(time_steps(lambda: trainer.train_step(batch, sums), backend, s["steps"], s["warmup"]), cfg.data.batch_size_per_device),
+                "model_step": summarize(
+                    time_steps(lambda: trainer.train_step(batch, sums), backend, s["steps"], s["warmup"]), cfg.loader.batch_size_per_device
+                ),
                 "compile_s": compile_s,
             }
         else:
@@ -192,7 +194,7 @@ def run_phase(args: argparse.Namespace) -> int:
             processes=backend.num_processes,
             workers_per_process=workers,
             precision={"no": "fp32"}.get(backend.mixed_precision, backend.mixed_precision),
-            batch_size_per_device=cfg.data.batch_size_per_device,
+            batch_size_per_device=cfg.loader.batch_size_per_device,
             device=str(backend.device),
             phase_s=time.perf_counter() - started,
         )

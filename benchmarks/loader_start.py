@@ -31,9 +31,13 @@ def measure(method: str, workers: int, samples: int, persistent: bool) -> dict:
 
     if method == "fork":  # what the loaders did before: the default start method on Linux
         loader_module.worker_context = lambda: multiprocessing.get_context("fork")
-    cfg = load_config(REPO / "configs" / "demo.yaml", [f"data.workers={workers}", f"data.max_train_samples={samples}", f"data.persistent_workers={persistent}"])
-    data = create_datasets(cfg.data, cfg.model.name, 0, 0, 1)
-    loader = create_loader(data.train, cfg.data, cfg.data.batch_size_per_device, {"pin_memory": False}, data.train_sampler, drop_last=True)
+    cfg = load_config(
+        REPO / "configs" / "demo.yaml", [f"loader.workers={workers}", f"data.max_train_samples={samples}", f"loader.persistent_workers={persistent}"]
+    )
+    data = create_datasets(**cfg.data_sections(), model_name=cfg.model.name, seed=0, rank=0, world_size=1)
+    loader = create_loader(
+        data.train, cfg.loader, batch_size=cfg.loader.batch_size_per_device, pin_kwargs={"pin_memory": False}, sampler=data.train_sampler, drop_last=True
+    )
     times = {}
     start = time.perf_counter()
     it = iter(loader)

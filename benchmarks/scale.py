@@ -159,7 +159,9 @@ def launch_to_first_step(root: Path, cache: Path, workdir: Path) -> dict:
         json.dumps(
             {
                 "model": {"name": "resnet18"},
-                "data": {"root": str(root), "workers": 4, "batch_size_per_device": 16, "img_size": 128, "index_cache": str(cache)},
+                "data": {"root": str(root), "index_cache": str(cache)},
+                "loader": {"workers": 4, "batch_size_per_device": 16},
+                "input": {"img_size": 128},
                 "train": {"epochs": 1, "precision": "fp32", "log_every_steps": 1, "max_steps_per_epoch": 2},
                 "output": {"dir": str(workdir / "runs"), "progress": "log", "plots": False},
             }
@@ -196,18 +198,22 @@ WORKER_MEMORY = """
 import json, sys, time
 from pathlib import Path
 import psutil
-from trainer.config import DataConfig
+from trainer.config import Config, DataConfig, InputConfig, LoaderConfig
 from trainer.data.loader import create_datasets, create_loader
-cfg = DataConfig(source=sys.argv[2], root=sys.argv[1], workers=int(sys.argv[3]), batch_size_per_device=64, img_size=160, index_cache=sys.argv[4], persistent_workers=True)
-data = create_datasets(cfg, "resnet50", 0, 0, 1)
-loader = create_loader(data.train, cfg, 64, {}, data.train_sampler, drop_last=True)
+cfg = Config(
+    data=DataConfig(source=sys.argv[2], root=sys.argv[1], index_cache=sys.argv[4]),
+    loader=LoaderConfig(workers=int(sys.argv[3]), batch_size_per_device=64, persistent_workers=True),
+    input=InputConfig(img_size=160),
+)
+data = create_datasets(**cfg.data_sections(), model_name="resnet50", seed=0, rank=0, world_size=1)
+loader = create_loader(data.train, cfg.loader, batch_size=64, pin_kwargs={}, sampler=data.train_sampler, drop_last=True)
 def uss():
     return [psutil.Process(w.pid).memory_full_info().uss for w in loader._iterator._workers]
 n, start, first = 0, None, None
 it = iter(loader)
 for batch in it:
     n += len(batch["labels"])
-    if first is None and n >= 64 * cfg.workers * 2:
+    if first is None and n >= 64 * cfg.loader.workers * 2:
         first, start, n0 = uss(), time.perf_counter(), n
     if n >= int(sys.argv[5]) + n0 if first else False:
         break

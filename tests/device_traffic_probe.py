@@ -67,7 +67,7 @@ def main() -> None:
         results[name] = {
             "intervals": intervals,
             "image_bytes": 3 * height * width,
-            "batch": cfg.data.batch_size_per_device,
+            "batch": cfg.loader.batch_size_per_device,
             "scaler": trainer.accelerator.scaler is not None,
             "fused": bool(trainer.optimizer.optimizer.defaults.get("fused")),
         }

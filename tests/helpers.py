@@ -190,3 +190,26 @@ def kill_marked(marker: str) -> None:
                 os.kill(int(proc.name), signal.SIGKILL)
         except OSError:  # gone already, or not ours to read
             continue
+
+
+def create_datasets_for(cfg, num_classes: int = 0, train: bool = True):
+    """`create_datasets` for one process (rank 0 of 1) from a loaded `Config`, seed 0."""
+    from trainer.data.loader import create_datasets
+
+    return create_datasets(**cfg.data_sections(), model_name=cfg.model.name, seed=0, rank=0, world_size=1, num_classes=num_classes, train=train)
+
+
+def create_pipeline_for(cfg, datasets, accelerator, pin_memory: bool, channels_last: bool, train: bool = True):
+    """`create_pipeline` from a loaded `Config`'s loader, input and aug sections."""
+    from trainer.data.pipeline import create_pipeline
+
+    return create_pipeline(
+        datasets,
+        loader=cfg.loader,
+        input=cfg.input,
+        aug=cfg.aug,
+        accelerator=accelerator,
+        pin_kwargs={"pin_memory": pin_memory} if pin_memory else {},
+        channels_last=channels_last,
+        train=train,
+    )

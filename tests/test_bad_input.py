@@ -25,11 +25,12 @@ import torch
 import yaml
 from PIL import ExifTags, Image
 
+import helpers
 from trainer.check_data import check_data_command
 from trainer.config import load_config
 from trainer.data.dataset import Skipped
 from trainer.data.decode import DecodeError, inspect_image
-from trainer.data.loader import create_datasets, create_loader
+from trainer.data.loader import create_loader
 
 REPO = Path(__file__).resolve().parent.parent
 BATCH = 4
@@ -143,15 +144,9 @@ def write_parquet(root: Path, spoiled: dict[int, dict], train_size: int = HF_TRA
 def write_config(tmp: Path, root: Path, source: str = "folder") -> Path:
     config = {
         "model": {"name": "test_resnet"},
-        "data": {
-            "source": source,
-            "root": str(root),
-            "val_split": "val" if source == "folder" else "validation",
-            "img_size": 32,
-            "batch_size_per_device": BATCH,
-            "workers": 0,
-            "hf_cache_dir": str(tmp / "hf_cache"),
-        },
+        "data": {"source": source, "root": str(root), "val_split": "val" if source == "folder" else "validation", "hf_cache_dir": str(tmp / "hf_cache")},
+        "loader": {"batch_size_per_device": BATCH, "workers": 0},
+        "input": {"img_size": 32},
         "train": {"epochs": 1, "precision": "fp32", "channels_last": False, "seed": 0},
         "output": {"dir": str(tmp / "runs"), "run_name": "run", "progress": "log", "plots": False},
     }
@@ -195,9 +190,9 @@ def hf_run(tmp_path_factory: pytest.TempPathFactory) -> SkipRun:
 
 def raise_in_loader(tmp: Path, root: Path, source: str, workers: int) -> str:
     """Iterate the training loader with on_error=raise; the message of the error it raises."""
-    cfg = load_config(write_config(tmp, root, source), ["data.on_error=raise", f"data.workers={workers}", "data.persistent_workers=false"])
-    datasets = create_datasets(cfg.data, cfg.model.name, 0, 0, 1)
-    loader = create_loader(datasets.train, cfg.data, BATCH, {}, datasets.train_sampler)
+    cfg = load_config(write_config(tmp, root, source), ["data.on_error=raise", f"loader.workers={workers}", "loader.persistent_workers=false"])
+    datasets = helpers.create_datasets_for(cfg)
+    loader = create_loader(datasets.train, cfg.loader, batch_size=BATCH, pin_kwargs={}, sampler=datasets.train_sampler)
     with pytest.raises(DecodeError) as caught:
         for _ in loader:
             pass
@@ -237,7 +232,7 @@ def test_on_error_raise_stops_the_cli_with_one_line(source: str, workers: int, t
         root, expected = write_folder(tmp_path / "data", {"b/zero.JPEG": b""}, 2 * BATCH), "b/zero.JPEG: empty file"
     else:
         root, expected = write_parquet(tmp_path / "data", {6: {"image": None}}), "train[6]: row has no image"
-    result = run_cli("train", write_config(tmp_path, root, source), "data.on_error=raise", f"data.workers={workers}")
+    result = run_cli("train", write_config(tmp_path, root, source), "data.on_error=raise", f"loader.workers={workers}")
     assert result.returncode == 2
     assert "Traceback" not in result.stderr, result.stderr[-3000:]
     errors = [line for line in result.stderr.splitlines() if line.startswith("trainer: error:")]
@@ -255,7 +250,7 @@ def test_image_needing_conversion_is_decoded_not_skipped(kind: str, folder_run: 
     # Through the training pipeline: a 3x32x32 uint8 crop like any other image.
     root = write_folder(tmp_path / "data", {name: data}, 3)
     cfg = load_config(write_config(tmp_path, root))
-    train = create_datasets(cfg.data, cfg.model.name, 0, 0, 1).train
+    train = helpers.create_datasets_for(cfg).train
     index = next(i for i in range(len(train)) if train.reader.read(i).name.endswith(name))
     item = train[(0, index)]
     assert not isinstance(item, Skipped), item
@@ -266,7 +261,7 @@ def test_real_image_over_the_pixel_limit_is_skipped(tmp_path: Path, monkeypatch:
     # No config knob lowers the limit, so PIL's own is lowered: a real 40x40 JPEG becomes a bomb.
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 40 * 40 // 4)
     cfg = load_config(write_config(tmp_path, write_folder(tmp_path / "data", {}, 2)))
-    item = create_datasets(cfg.data, cfg.model.name, 0, 0, 1).train[(0, 0)]
+    item = helpers.create_datasets_for(cfg).train[(0, 0)]
     assert isinstance(item, Skipped) and item.reason.startswith("decompression bomb"), item
 
 
@@ -275,7 +270,7 @@ def test_hf_missing_label_without_class_names_is_skipped(tmp_path: Path) -> None
     # tolerate a null; the row is then skipped like any label out of range.
     root = write_parquet(tmp_path / "data", {2: {"label": None}}, train_size=4, class_names=False)
     cfg = load_config(write_config(tmp_path, root, "hf"))
-    datasets = create_datasets(cfg.data, cfg.model.name, 0, 0, 1)
+    datasets = helpers.create_datasets_for(cfg)
     assert datasets.classes == ["0", "1"]
     item = datasets.train[(0, 2)]
     assert isinstance(item, Skipped) and item.reason == "label -1 out of range [0, 2)", item
@@ -284,7 +279,7 @@ def test_hf_missing_label_without_class_names_is_skipped(tmp_path: Path) -> None
 def test_label_beyond_model_num_classes_is_skipped(tmp_path: Path) -> None:
     root = write_parquet(tmp_path / "data", {3: {"label": 5}}, train_size=4, class_names=False)
     cfg = load_config(write_config(tmp_path, root, "hf"), ["model.num_classes=2"])
-    train = create_datasets(cfg.data, cfg.model.name, 0, 0, 1, cfg.model.num_classes).train
+    train = helpers.create_datasets_for(cfg, cfg.model.num_classes).train
     item = train[(0, 3)]
     assert isinstance(item, Skipped) and "out of range" in item.reason, item
 
@@ -332,7 +327,7 @@ def test_check_data_hf_rows(tmp_path: Path, capsys: pytest.CaptureFixture) -> No
     spoiled = {index: change for index, change, _ in HF_SKIPPED.values()} | {10: {"label": None}}
     config = write_config(tmp_path, write_parquet(tmp_path / "data", spoiled), "hf")
     for workers in (0, 2):  # in this process, then in worker processes (pickled readers, from the fork server)
-        assert check_data_command(load_config(config, [f"data.workers={workers}"]), Namespace(limit=0, examples=5)) == 1
+        assert check_data_command(load_config(config, [f"loader.workers={workers}"]), Namespace(limit=0, examples=5)) == 1
         out = capsys.readouterr().out
         assert "unreadable files: 2\n" in out and "train[3]: row has no image" in out and "train[6]: not an image" in out
         assert "label problems: 2\n" in out and "train[9]: label 5" in out and "label missing (-1): 1\n    train[10]" in out
@@ -341,7 +336,7 @@ def test_check_data_hf_rows(tmp_path: Path, capsys: pytest.CaptureFixture) -> No
 
 def test_check_data_limit_with_worker_processes(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     root = write_folder(tmp_path / "data", {"b/zero.JPEG": b""}, 8)
-    cfg = load_config(write_config(tmp_path, root), ["data.workers=2"])
+    cfg = load_config(write_config(tmp_path, root), ["loader.workers=2"])
     assert check_data_command(cfg, Namespace(limit=3, examples=5)) == 0  # zero.JPEG sorts last in b/
     assert "train 3 of 8, val 2 of 2 images" in capsys.readouterr().out
     assert check_data_command(cfg, Namespace(limit=0, examples=5)) == 1

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from trainer.batch_augment import create_batch_augment, seeded_rngs
-from trainer.config import DataConfig, MixupConfig
+from trainer.config import AugConfig, MixupConfig
 
 CLASSES = 4
 
@@ -19,8 +19,14 @@ def batch(n: int) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.randn(n, 3, 16, 16, generator=g), torch.arange(n) % CLASSES
 
 
-def augment(mixup=None, data=None, smoothing=0.1, seed=0):
-    return create_batch_augment(mixup or MixupConfig(), data or DataConfig(), CLASSES, smoothing, seed)
+def augment(mixup=None, aug=None, smoothing=0.1, seed=0):
+    return create_batch_augment(
+        mixup=mixup or MixupConfig(),
+        aug=aug or AugConfig(),
+        num_classes=CLASSES,
+        label_smoothing=smoothing,
+        seed=seed,
+    )
 
 
 def test_nothing_on_is_no_augment():
@@ -28,7 +34,7 @@ def test_nothing_on_is_no_augment():
 
 
 def test_same_place_same_draws_whatever_came_before():
-    aug = augment(MixupConfig(mixup_alpha=0.2, cutmix_alpha=1.0), DataConfig(re_prob=1.0))
+    aug = augment(MixupConfig(mixup_alpha=0.2, cutmix_alpha=1.0), AugConfig(re_prob=1.0))
     x, y = batch(8)
     a = aug(x.clone(), y, epoch=1, batch_index=5)
     random.random(), np.random.rand(), torch.rand(3)  # other consumers move the global generators
@@ -36,7 +42,7 @@ def test_same_place_same_draws_whatever_came_before():
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
     c = aug(x.clone(), y, epoch=1, batch_index=6)  # the next micro-batch: another process's, or the next accumulated one
     assert not torch.equal(a[0], c[0])
-    d = augment(MixupConfig(mixup_alpha=0.2, cutmix_alpha=1.0), DataConfig(re_prob=1.0), seed=1)(x.clone(), y, epoch=1, batch_index=5)
+    d = augment(MixupConfig(mixup_alpha=0.2, cutmix_alpha=1.0), AugConfig(re_prob=1.0), seed=1)(x.clone(), y, epoch=1, batch_index=5)
     assert not torch.equal(a[0], d[0])
 
 
@@ -69,7 +75,7 @@ def test_an_odd_batch_mixes_all_but_its_last_image(n, mode):
 
 
 def test_random_erasing_alone_keeps_index_targets():
-    aug = augment(data=DataConfig(re_prob=1.0, re_mode="const", re_count=2))
+    aug = augment(aug=AugConfig(re_prob=1.0, re_mode="const", re_count=2))
     assert not aug.soft_targets
     x, y = batch(4)
     images, targets = aug(x.clone(), y, 0, 0)

@@ -32,7 +32,9 @@ def jpeg_folder(root: Path) -> Path:
 def bench(tmp_path: Path, workers: int, *extra: str) -> subprocess.CompletedProcess:
     config = {
         "model": {"name": "test_resnet"},
-        "data": {"root": str(jpeg_folder(tmp_path / "data")), "img_size": 32, "batch_size_per_device": 4, "workers": workers},
+        "data": {"root": str(jpeg_folder(tmp_path / "data"))},
+        "loader": {"batch_size_per_device": 4, "workers": workers},
+        "input": {"img_size": 32},
         "train": {"precision": "fp32"},
         "output": {"dir": str(tmp_path / "runs"), "run_name": "bench"},
     }
@@ -63,11 +65,11 @@ def test_bench_reports_three_measurements_and_the_bound(tmp_path: Path, workers:
 
 @pytest.mark.slow
 def test_bench_measures_at_the_scheduled_size_of_an_epoch(tmp_path: Path) -> None:
-    proc = bench(tmp_path, 0, "data.train_size_schedule=[[0,24],[2,40]]", "--epoch", "2")
+    proc = bench(tmp_path, 0, "input.train_size_schedule=[[0,24],[2,40]]", "--epoch", "2")
     assert proc.returncode == 0, proc.stderr[-3000:]
     figures = json.loads((tmp_path / "runs" / "bench" / "bench.json").read_text())
     assert (figures["setup"]["img_size"], figures["setup"]["epoch"]) == (40, 2)
-    assert "test_resnet 40px (epoch 2 of data.train_size_schedule)" in proc.stdout, proc.stdout
+    assert "test_resnet 40px (epoch 2 of input.train_size_schedule)" in proc.stdout, proc.stdout
 
 
 @pytest.mark.parametrize("flag, value", [("--steps", "0"), ("--warmup", "-1"), ("--epoch", "-1")])

@@ -25,7 +25,9 @@ def tiny_config(tmp_path: Path, data: dict, **sections: dict) -> Path:
     """A seconds-long recipe: timm's test_resnet at 32 px, batch 4, fp32, no workers."""
     cfg = {
         "model": {"name": "test_resnet"},
-        "data": {"img_size": 32, "batch_size_per_device": 4, "workers": 0, **data},
+        "data": data,
+        "loader": {"batch_size_per_device": 4, "workers": 0},
+        "input": {"img_size": 32},
         "optim": {"lr": 0.05},
         "schedule": {"name": "cosine", "warmup_epochs": 0.5},
         "train": {"epochs": 2, "precision": "fp32", "log_every_steps": 2},
@@ -136,8 +138,8 @@ def test_two_processes_stream_uneven_shards_in_step(tmp_path):
     splits["train"].select(range(12)).to_parquet(str(root / "data" / "train-00000-of-00002.parquet"))
     splits["train"].select(range(12, 16)).to_parquet(str(root / "data" / "train-00001-of-00002.parquet"))
     splits["validation"].to_parquet(str(root / "data" / "validation-00000-of-00001.parquet"))
-    data = {"source": "hf", "root": str(root), "streaming": True, "batch_size_per_device": 2}
-    config = tiny_config(tmp_path, data, train={"epochs": 1, "max_steps_per_epoch": 40})
+    data = {"source": "hf", "root": str(root), "streaming": True}
+    config = tiny_config(tmp_path, data, loader={"batch_size_per_device": 2}, train={"epochs": 1, "max_steps_per_epoch": 40})
     proc = run_cli("train", "--config", str(config), launcher=two_process_launcher(), timeout=240)
     (record,) = read_metrics(tmp_path / "runs" / "tiny")
     assert record["step"] == 7 and record["train_samples"] == 16 and record["val_samples"] == 9
@@ -154,7 +156,7 @@ def test_resume_mid_epoch_matches_uninterrupted_run_bit_for_bit(tmp_path):
     for step in (3, 6):
         name = f"resumed_{step}"
         # NOTE: two loader workers on resume, none before: augmentation is keyed by sample, not by worker.
-        run_cli("train", "--config", str(config), f"output.run_name={name}", f"train.resume={full / 'checkpoints' / f'step_{step:08d}'}", "data.workers=2")
+        run_cli("train", "--config", str(config), f"output.run_name={name}", f"train.resume={full / 'checkpoints' / f'step_{step:08d}'}", "loader.workers=2")
         assert_same_weights(full / "model.safetensors", tmp_path / "runs" / name / "model.safetensors")
         assert read_metrics(tmp_path / "runs" / name)[-1]["val_top1"] == read_metrics(full)[-1]["val_top1"]
 
@@ -162,7 +164,7 @@ def test_resume_mid_epoch_matches_uninterrupted_run_bit_for_bit(tmp_path):
 def test_two_processes_validate_every_image_exactly_once(tmp_path):
     # 3 classes x 3 val images = 9: not divisible by 2 processes, so padding would show.
     root = helpers.make_image_folder(tmp_path / "imagenet", train_per_class=8)
-    config = tiny_config(tmp_path, {"root": str(root), "val_batch_size_per_device": 2})
+    config = tiny_config(tmp_path, {"root": str(root)}, loader={"val_batch_size_per_device": 2})
     run_cli("train", "--config", str(config), launcher=two_process_launcher())
     run_dir = tmp_path / "runs" / "tiny"
     last = read_metrics(run_dir)[-1]
@@ -189,7 +191,7 @@ def test_a_batch_skipped_whole_on_one_process_keeps_the_processes_in_step(tmp_pa
     (root / "train" / classes[0] / "empty.JPEG").write_bytes(b"")
     (root / "val" / classes[1] / "empty.JPEG").write_bytes(b"")
     config = tiny_config(
-        tmp_path, {"root": str(root), "batch_size_per_device": 1, "img_size": 64}, train={"epochs": 1}
+        tmp_path, {"root": str(root)}, loader={"batch_size_per_device": 1}, input={"img_size": 64}, train={"epochs": 1}
     )  # 64 px: BatchNorm needs 2x2 at the end
     # NOTE: processes out of step wait in mismatched collectives until gloo's 30-minute timeout.
     run_cli("train", "--config", str(config), launcher=two_process_launcher(), timeout=240)
@@ -221,7 +223,7 @@ def test_help_lists_options_and_config_sections():
 @pytest.mark.parametrize(
     ("override", "expected"),
     [
-        ("data.batch_size_per_device=0", "command line|data.batch_size_per_device: must be > 0"),
+        ("loader.batch_size_per_device=0", "command line|loader.batch_size_per_device: must be > 0"),
         ("train.epochs=many", "command line: train.epochs: expected int"),
         ("optim.nosuch=1", "command line: unknown key 'optim.nosuch'"),
         ("optim.lr=1e300", "command line: optim.lr: must be > 0 and at most 3.403e+38 (float32), got 1e+300"),

@@ -11,7 +11,7 @@ from trainer.config import (
     SECTIONS,
     Config,
     ConfigError,
-    DataConfig,
+    LoaderConfig,
     describe_sections,
     load_config,
     parse_overrides,
@@ -33,8 +33,8 @@ def write_yaml(tmp_path: Path, text: str, name: str = "run.yaml") -> Path:
 def test_defaults_are_the_reference_recipe():
     cfg = load_config(None, ROOT)
     assert cfg.model.name == "resnet50" and cfg.model.num_classes == 0
-    assert cfg.data.source == "folder" and cfg.data.batch_size_per_device == 128
-    assert cfg.data.scale == [0.08, 1.0] and cfg.data.hflip == 0.5 and cfg.data.on_error == "skip"
+    assert cfg.data.source == "folder" and cfg.loader.batch_size_per_device == 128
+    assert cfg.aug.scale == [0.08, 1.0] and cfg.aug.hflip == 0.5 and cfg.data.on_error == "skip"
     assert (cfg.optim.name, cfg.optim.lr, cfg.optim.momentum, cfg.optim.weight_decay, cfg.optim.nesterov) == ("sgd", 0.1, 0.9, 1e-4, False)
     assert (cfg.schedule.name, cfg.schedule.step_epochs, cfg.schedule.gamma) == ("step", 30, 0.1)
     assert cfg.train.epochs == 90 and cfg.train.keep_last_checkpoints == 2
@@ -43,8 +43,8 @@ def test_defaults_are_the_reference_recipe():
 
 def test_defaults_do_not_share_lists_between_configs():
     a, b = Config(), Config()
-    a.data.scale.append(5.0)
-    assert b.data.scale == [0.08, 1.0]
+    a.aug.scale.append(5.0)
+    assert b.aug.scale == [0.08, 1.0]
 
 
 def test_missing_root_is_an_error_naming_the_key():
@@ -53,12 +53,12 @@ def test_missing_root_is_an_error_naming_the_key():
 
 
 def test_yaml_overrides_defaults_and_command_line_overrides_yaml(tmp_path):
-    path = write_yaml(tmp_path, "data:\n  root: /a\n  batch_size_per_device: 64\noptim:\n  lr: 0.2\n")
+    path = write_yaml(tmp_path, "data:\n  root: /a\nloader:\n  batch_size_per_device: 64\noptim:\n  lr: 0.2\n")
     cfg = load_config(path)
-    assert (cfg.data.root, cfg.data.batch_size_per_device, cfg.optim.lr) == ("/a", 64, 0.2)
-    assert cfg.data.workers == DataConfig().workers  # untouched key keeps its default
-    cfg = load_config(path, ["data.batch_size_per_device=32", "train.epochs=3"])
-    assert (cfg.data.root, cfg.data.batch_size_per_device, cfg.optim.lr, cfg.train.epochs) == ("/a", 32, 0.2, 3)
+    assert (cfg.data.root, cfg.loader.batch_size_per_device, cfg.optim.lr) == ("/a", 64, 0.2)
+    assert cfg.loader.workers == LoaderConfig().workers  # untouched key keeps its default
+    cfg = load_config(path, ["loader.batch_size_per_device=32", "train.epochs=3"])
+    assert (cfg.data.root, cfg.loader.batch_size_per_device, cfg.optim.lr, cfg.train.epochs) == ("/a", 32, 0.2, 3)
     assert cfg.source == str(path)
 
 
@@ -83,7 +83,7 @@ def test_parse_overrides_reads_yaml_scalars():
             "optim.weight_decay=1e-4",
             "optim.nesterov=true",
             "train.compile=False",
-            "data.mean=[0.5, 0.4, 0.3]",
+            "input.mean=[0.5, 0.4, 0.3]",
             "model.pretrained_file=null",
             "output.run_name=",
             "model.name = resnet18",
@@ -95,7 +95,7 @@ def test_parse_overrides_reads_yaml_scalars():
         "optim.weight_decay": 1e-4,
         "optim.nesterov": True,
         "train.compile": False,
-        "data.mean": [0.5, 0.4, 0.3],
+        "input.mean": [0.5, 0.4, 0.3],
         "model.pretrained_file": None,
         "output.run_name": "",
         "model.name": "resnet18",
@@ -118,17 +118,17 @@ def test_overrides_set_typed_values():
         + [
             "optim.lr=0.05",
             "optim.nesterov=true",
-            "data.mean=[0.5,0.4,0.3]",
-            "data.std=0.2,0.3,0.4",
-            "data.crop_pct=1",
+            "input.mean=[0.5,0.4,0.3]",
+            "input.std=0.2,0.3,0.4",
+            "input.crop_pct=1",
             "train.epochs=7",
             "output.run_name=2024",
             "schedule.warmup_epochs=2",
         ],
     )
     assert cfg.optim.lr == 0.05 and cfg.optim.nesterov is True
-    assert cfg.data.mean == [0.5, 0.4, 0.3] and cfg.data.std == [0.2, 0.3, 0.4]
-    assert cfg.data.crop_pct == 1.0 and isinstance(cfg.data.crop_pct, float)  # int widened to float
+    assert cfg.input.mean == [0.5, 0.4, 0.3] and cfg.input.std == [0.2, 0.3, 0.4]
+    assert cfg.input.crop_pct == 1.0 and isinstance(cfg.input.crop_pct, float)  # int widened to float
     assert cfg.train.epochs == 7 and cfg.output.run_name == "2024"
     assert cfg.schedule.warmup_epochs == 2.0 and isinstance(cfg.schedule.warmup_epochs, float)
 
@@ -138,8 +138,8 @@ def test_exponent_floats_without_a_dot_are_floats_in_yaml_and_on_the_command_lin
     path = write_yaml(tmp_path, "data:\n  root: /a\noptim:\n  weight_decay: 1e-4\n  lr: 5E-2\n")
     cfg = load_config(path)
     assert cfg.optim.weight_decay == 1e-4 and cfg.optim.lr == 0.05
-    cfg = load_config(path, ["optim.lr=2e-3", "data.mean=[5e-1,4e-1,3e-1]"])
-    assert cfg.optim.lr == 0.002 and cfg.data.mean == [0.5, 0.4, 0.3]
+    cfg = load_config(path, ["optim.lr=2e-3", "input.mean=[5e-1,4e-1,3e-1]"])
+    assert cfg.optim.lr == 0.002 and cfg.input.mean == [0.5, 0.4, 0.3]
     assert load_config(path, ["output.run_name=1e5x"]).output.run_name == "1e5x"  # not a number: still a str
 
 
@@ -153,13 +153,13 @@ def test_later_override_of_same_key_wins():
 @pytest.mark.parametrize(
     "override, key",
     [
-        ("data.batch_size_per_device=abc", "data.batch_size_per_device"),
-        ("data.batch_size_per_device=true", "data.batch_size_per_device"),  # a bool is not an int
+        ("loader.batch_size_per_device=abc", "loader.batch_size_per_device"),
+        ("loader.batch_size_per_device=true", "loader.batch_size_per_device"),  # a bool is not an int
         ("train.epochs=1.5", "train.epochs"),
         ("optim.nesterov=1", "optim.nesterov"),
         ("optim.lr=fast", "optim.lr"),
         ("optim.lr=true", "optim.lr"),
-        ("data.mean=0.5", "data.mean"),
+        ("input.mean=0.5", "input.mean"),
         ("model.pretrained_file=null", "model.pretrained_file"),
         ("model.name=[a, b]", "model.name"),
     ],
@@ -174,10 +174,10 @@ def test_wrong_type_on_command_line(override, key):
 @pytest.mark.parametrize(
     "text, key",
     [
-        ("data:\n  batch_size_per_device: abc\n", "data.batch_size_per_device"),
-        ("data:\n  batch_size_per_device: true\n", "data.batch_size_per_device"),
+        ("loader:\n  batch_size_per_device: abc\n", "loader.batch_size_per_device"),
+        ("loader:\n  batch_size_per_device: true\n", "loader.batch_size_per_device"),
         ("optim:\n  nesterov: yes please\n", "optim.nesterov"),
-        ("data:\n  scale: 0.5\n", "data.scale"),
+        ("aug:\n  scale: 0.5\n", "aug.scale"),
     ],
 )
 def test_wrong_type_in_yaml_names_file_and_key(tmp_path, text, key):
@@ -208,8 +208,8 @@ def test_unknown_section_and_key_in_yaml(tmp_path):
     with pytest.raises(ConfigError, match="unknown section 'modle'") as err:
         load_config(path)
     assert str(err.value).startswith(f"{path}: ")
-    path = write_yaml(tmp_path, "data:\n  root: /a\n  batch_size: 3\n")
-    with pytest.raises(ConfigError, match=r"unknown key 'data\.batch_size'") as err:
+    path = write_yaml(tmp_path, "data:\n  root: /a\nloader:\n  batch_size: 3\n")
+    with pytest.raises(ConfigError, match=r"unknown key 'loader\.batch_size'") as err:
         load_config(path)
     assert str(err.value).startswith(f"{path}: ")
     assert "batch_size_per_device" in str(err.value)  # lists the known keys
@@ -239,26 +239,26 @@ def test_missing_file_names_it(tmp_path):
 @pytest.mark.parametrize(
     "override, key",
     [
-        ("data.batch_size_per_device=0", "data.batch_size_per_device"),
-        ("data.workers=-1", "data.workers"),
+        ("loader.batch_size_per_device=0", "loader.batch_size_per_device"),
+        ("loader.workers=-1", "loader.workers"),
         ("optim.lr=-0.1", "optim.lr"),
         ("optim.lr=0", "optim.lr"),
         ("optim.momentum=1.0", "optim.momentum"),
-        ("data.crop_pct=1.5", "data.crop_pct"),
-        ("data.hflip=2", "data.hflip"),
-        ("data.mean=[0.5,0.5]", "data.mean"),
-        ("data.std=[0.2,0,0.2]", "data.std"),
-        ("data.scale=[0.9,0.1]", "data.scale"),
+        ("input.crop_pct=1.5", "input.crop_pct"),
+        ("aug.hflip=2", "aug.hflip"),
+        ("input.mean=[0.5,0.5]", "input.mean"),
+        ("input.std=[0.2,0,0.2]", "input.std"),
+        ("aug.scale=[0.9,0.1]", "aug.scale"),
         ("schedule.warmup_epochs=90", "schedule.warmup_epochs"),  # == train.epochs (90)
         ("schedule.gamma=0", "schedule.gamma"),
         ("train.epochs=0", "train.epochs"),
         ("train.keep_last_checkpoints=0", "train.keep_last_checkpoints"),
         ("train.label_smoothing=1", "train.label_smoothing"),
         ("data.root=", "data.root"),
-        ("data.re_prob=1.5", "data.re_prob"),
-        ("data.re_count=0", "data.re_count"),
-        ("data.repeated_aug=-1", "data.repeated_aug"),
-        ("data.test_img_size=-1", "data.test_img_size"),
+        ("aug.re_prob=1.5", "aug.re_prob"),
+        ("aug.re_count=0", "aug.re_count"),
+        ("aug.repeated_aug=-1", "aug.repeated_aug"),
+        ("input.test_img_size=-1", "input.test_img_size"),
         ("train.bce_target_threshold=1", "train.bce_target_threshold"),
         ("train.grad_clip_norm=-1", "train.grad_clip_norm"),
         ("mixup.mixup_alpha=-0.1", "mixup.mixup_alpha"),
@@ -309,13 +309,13 @@ def test_warmup_must_end_before_training_does(tmp_path):
     [
         ("data.source=s3", "data.source"),
         ("schedule.name=linear", "schedule.name"),
-        ("data.interpolation=lanczos", "data.interpolation"),
+        ("input.interpolation=lanczos", "input.interpolation"),
         ("train.precision=fp8", "train.precision"),
         ("data.on_error=ignore", "data.on_error"),
         ("backend.device=tpu", "backend.device"),
         ("train.loss=focal", "train.loss"),
         ("mixup.mode=row", "mixup.mode"),
-        ("data.re_mode=blur", "data.re_mode"),
+        ("aug.re_mode=blur", "aug.re_mode"),
     ],
 )
 def test_values_outside_choices_are_rejected(override, key):
@@ -325,8 +325,8 @@ def test_values_outside_choices_are_rejected(override, key):
 
 
 def test_choices_accept_their_values():
-    cfg = load_config(None, ROOT + ["data.source=hf", "schedule.name=cosine", "data.interpolation=bicubic", "data.create_if_missing="])
-    assert (cfg.data.source, cfg.schedule.name, cfg.data.interpolation, cfg.data.create_if_missing) == ("hf", "cosine", "bicubic", "")
+    cfg = load_config(None, ROOT + ["data.source=hf", "schedule.name=cosine", "input.interpolation=bicubic", "data.create_if_missing="])
+    assert (cfg.data.source, cfg.schedule.name, cfg.input.interpolation, cfg.data.create_if_missing) == ("hf", "cosine", "bicubic", "")
 
 
 # --- save, load, describe ----------------------------------------------------------------
@@ -338,11 +338,11 @@ def test_save_then_load_gives_an_equal_config(tmp_path):
         [
             "data.root=~/data/imagenet",
             "model.name=test_resnet",
-            "data.mean=[0.5,0.4,0.3]",
-            "data.ratio=[0.5,2.0]",
+            "input.mean=[0.5,0.4,0.3]",
+            "aug.ratio=[0.5,2.0]",
             "optim.lr=0.0123456789",
             "optim.nesterov=true",
-            "data.interpolation=bicubic",
+            "input.interpolation=bicubic",
             "output.log_with=[tensorboard]",
             "schedule.name=cosine",
             "schedule.warmup_epochs=1.5",
@@ -353,7 +353,7 @@ def test_save_then_load_gives_an_equal_config(tmp_path):
     save_config(cfg, path)
     again = load_config(path)
     assert again == cfg
-    assert again.data.ratio == [0.5, 2.0] and again.optim.lr == 0.0123456789 and again.output.log_with == ["tensorboard"]
+    assert again.aug.ratio == [0.5, 2.0] and again.optim.lr == 0.0123456789 and again.output.log_with == ["tensorboard"]
     assert again.source == str(path)
     # The default ratio is an irrational-looking float; it must survive the YAML round trip too.
     defaults = load_config(None, ROOT)
@@ -373,6 +373,21 @@ def test_describe_sections_lists_every_field_with_help_and_choices():
             assert f.metadata["help"]
             for choice in f.metadata["choices"]:
                 assert (choice or '""') in line
-    assert "  data.interpolation = ''" in text and '[""|bilinear|bicubic|nearest]' in text
-    assert "  data.scale = [0.08, 1.0]" in text
+    assert "  input.interpolation = ''" in text and '[""|bilinear|bicubic|nearest]' in text
+    assert "  aug.scale = [0.08, 1.0]" in text
     assert len([text_line for text_line in lines if text_line.startswith("  ")]) == sum(len(dataclasses.fields(t)) for t in SECTIONS.values())
+
+
+@pytest.mark.parametrize(("old", "new"), [("data.hflip", "aug.hflip"), ("data.workers", "loader.workers"), ("data.img_size", "input.img_size")])
+def test_a_key_from_before_the_section_split_names_its_new_place(tmp_path, old, new):
+    section, name = old.split(".")
+    path = write_yaml(tmp_path, f"{section}:\n  {name}: 1\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert str(err.value) == f"{path}: '{old}' has moved: write it as '{new}'"
+    with pytest.raises(ConfigError, match=rf"^command line: '{old}' has moved: write it as '{new}'$"):
+        load_config(None, [f"{old}=1"])
+
+
+def test_no_section_has_more_than_twenty_keys():
+    assert {name: len(dataclasses.fields(t)) for name, t in SECTIONS.items() if len(dataclasses.fields(t)) > 20} == {}

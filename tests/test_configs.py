@@ -49,13 +49,13 @@ def recipe() -> Config:
 def test_recipe_model_batch_epochs_and_workers(recipe):
     assert recipe.model.name == "resnet50" and recipe.model.pretrained_file == ""
     assert recipe.data.source == "folder"
-    assert recipe.data.batch_size_per_device == 128
-    assert recipe.data.val_batch_size_per_device in (0, 128)
-    assert recipe.data.workers == 40
+    assert recipe.loader.batch_size_per_device == 128
+    assert recipe.loader.val_batch_size_per_device in (0, 128)
+    assert recipe.loader.workers == 40
     assert recipe.train.epochs == 90
     assert recipe.train.grad_accum_steps == 1 and recipe.train.label_smoothing == 0.0
     assert recipe.train.precision == "fp32"
-    assert recipe.data.color_jitter == 0.0 and recipe.data.auto_augment == ""
+    assert recipe.aug.color_jitter == 0.0 and recipe.aug.auto_augment == ""
 
 
 def test_recipe_optimizer_is_plain_sgd(recipe):
@@ -83,7 +83,16 @@ def test_recipe_schedule_is_x01_every_30_epochs(recipe):
 
 @pytest.fixture(scope="module")
 def input_cfg(recipe) -> dict:
-    return resolve_input_config(recipe.data, recipe.model.name)
+    return resolve_input_config(recipe.input, recipe.model.name)
+
+
+def recipe_transforms(recipe, input_cfg) -> tuple:
+    return create_transforms(
+        aug=recipe.aug,
+        input_cfg=input_cfg,
+        test_img_size=recipe.input.test_img_size,
+        normalize_on_device=recipe.loader.normalize_on_device,
+    )
 
 
 def test_recipe_input_config(input_cfg):
@@ -94,7 +103,7 @@ def test_recipe_input_config(input_cfg):
 
 
 def test_recipe_train_transform_is_random_resized_crop_224_and_flip(recipe, input_cfg):
-    train, _ = create_transforms(recipe.data, input_cfg)
+    train, _ = recipe_transforms(recipe, input_cfg)
     steps = list(train.transforms)
     crop = steps[0]
     assert type(crop).__name__ == "RandomResizedCropAndInterpolation"
@@ -110,7 +119,7 @@ def test_recipe_train_transform_is_random_resized_crop_224_and_flip(recipe, inpu
 
 
 def test_recipe_val_transform_is_resize_256_then_center_crop_224(recipe, input_cfg):
-    _, val = create_transforms(recipe.data, input_cfg)
+    _, val = recipe_transforms(recipe, input_cfg)
     steps = list(val.transforms)
     resize, crop = steps[0], steps[1]
     assert isinstance(resize, Resize) and resize.size in (256, [256])  # shorter side to 256
@@ -120,21 +129,21 @@ def test_recipe_val_transform_is_resize_256_then_center_crop_224(recipe, input_c
 
 def test_recipe_normalization_is_imagenet_mean_std(recipe, input_cfg):
     # The trainer normalizes on the device by default: the host transform ends in uint8.
-    train, val = create_transforms(recipe.data, input_cfg)
+    train, val = recipe_transforms(recipe, input_cfg)
     assert not any(isinstance(t, Normalize) for t in list(train.transforms) + list(val.transforms))
     from PIL import Image
 
     out = val(Image.new("RGB", (300, 400), (10, 200, 30)))
     assert out.dtype == torch.uint8 and out.shape == (3, 224, 224)
     # With host normalization the same transforms carry ImageNet mean/std.
-    recipe.data.normalize_on_device = False
+    recipe.loader.normalize_on_device = False
     try:
-        for transform in create_transforms(recipe.data, input_cfg):
+        for transform in recipe_transforms(recipe, input_cfg):
             (normalize,) = [t for t in transform.transforms if isinstance(t, Normalize)]
             assert tuple(torch.as_tensor(normalize.mean).tolist()) == pytest.approx(IMAGENET_MEAN)
             assert tuple(torch.as_tensor(normalize.std).tolist()) == pytest.approx(IMAGENET_STD)
     finally:
-        recipe.data.normalize_on_device = True
+        recipe.loader.normalize_on_device = True
 
 
 # --- Accelerate launch configs (Accelerate's format, not ours) ----------------------------
@@ -181,18 +190,18 @@ def test_dle_recipe_is_nvidias():
     cfg = load_config(CONFIGS / "resnet50_dle.yaml")
     o, s, t = cfg.optim, cfg.schedule, cfg.train
     assert (o.name, o.lr, o.momentum, o.weight_decay, o.no_decay_norm_bias) == ("sgd", 2.048, 0.875, 1 / 32768, True)
-    assert o.lr == pytest.approx(0.256 * cfg.data.global_batch_size / 256) and cfg.data.global_batch_size == 2048
+    assert o.lr == pytest.approx(0.256 * cfg.loader.global_batch_size / 256) and cfg.loader.global_batch_size == 2048
     assert (s.name, s.warmup_epochs, t.epochs, t.label_smoothing, t.precision) == ("cosine", 8, 90, 0.1, "fp16")
     assert cfg.mixup.mixup_alpha == 0 and not cfg.ema.enabled and t.loss == "ce"
 
 
 def test_rsb_a3_recipe_is_the_papers():
     cfg = load_config(CONFIGS / "resnet50_rsb_a3.yaml")
-    d, o, t = cfg.data, cfg.optim, cfg.train
-    assert (d.img_size, d.test_img_size, d.crop_pct, d.interpolation, d.auto_augment) == (160, 224, 0.95, "bicubic", "rand-m6-mstd0.5-inc1")
-    assert (d.re_prob, d.repeated_aug) == (0.0, 0)
+    i, a, o, t = cfg.input, cfg.aug, cfg.optim, cfg.train
+    assert (i.img_size, i.test_img_size, i.crop_pct, i.interpolation) == (160, 224, 0.95, "bicubic")
+    assert (a.auto_augment, a.re_prob, a.repeated_aug) == ("rand-m6-mstd0.5-inc1", 0.0, 0)
     assert (o.name, o.lr, o.weight_decay, o.no_decay_norm_bias) == ("lamb", 8e-3, 0.02, True)
-    assert d.global_batch_size == 2048 == 8 * d.batch_size_per_device
+    assert cfg.loader.global_batch_size == 2048 == 8 * cfg.loader.batch_size_per_device
     assert (cfg.schedule.name, cfg.schedule.warmup_epochs, t.epochs) == ("cosine", 5, 100)
     assert (t.loss, t.bce_target_threshold, t.label_smoothing, t.grad_clip_norm) == ("bce", 0.2, 0.0, 0.0)
     assert (cfg.mixup.mixup_alpha, cfg.mixup.cutmix_alpha) == (0.1, 1.0) and not cfg.ema.enabled
@@ -214,17 +223,17 @@ def test_modern_recipe_trains_two_steps_on_tiny_data(path, tmp_path):
     overrides = [
         f"data.root={root}",
         "model.name=test_resnet",
-        "data.img_size=32",
-        "data.batch_size_per_device=4",
-        "data.global_batch_size=0",  # the recipe's 2048 would be 512 micro-batches of 4 here
-        "data.workers=0",
+        "input.img_size=32",
+        "loader.batch_size_per_device=4",
+        "loader.global_batch_size=0",  # the recipe's 2048 would be 512 micro-batches of 4 here
+        "loader.workers=0",
         "train.precision=fp32",
         "train.max_steps_per_epoch=2",
         f"output.dir={tmp_path / 'runs'}",
         "output.plots=false",
     ]
-    if load_config(path).data.test_img_size:
-        overrides.append("data.test_img_size=40")
+    if load_config(path).input.test_img_size:
+        overrides.append("input.test_img_size=40")
     trainer = Trainer(load_config(path, overrides))
     try:
         trainer.run.prepare()

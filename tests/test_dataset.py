@@ -12,7 +12,7 @@ from timm.data import create_transform
 from torch.utils.data import DataLoader
 
 import helpers
-from trainer.config import DataConfig
+from trainer.config import AugConfig, InputConfig
 from trainer.data.dataset import (
     EpochSampler,
     ImageDataset,
@@ -316,11 +316,16 @@ def test_streaming_dataset_decodes_the_same_images(hf_parquet_dir, monkeypatch):
 # --- transforms for the modern recipes: test size, TrivialAugment, policy errors -------------------
 
 
-def test_test_img_size_sets_the_val_crop_apart_from_the_train_crop():
+def transforms(aug: AugConfig, inp: InputConfig) -> tuple:
     from trainer.data.loader import create_transforms, resolve_input_config
 
-    cfg = DataConfig(root="/x", img_size=160, test_img_size=224, crop_pct=0.95)
-    train, val = create_transforms(cfg, resolve_input_config(cfg, "resnet50"))
+    input_cfg = resolve_input_config(inp, "resnet50")
+    return create_transforms(aug=aug, input_cfg=input_cfg, test_img_size=inp.test_img_size, normalize_on_device=True)
+
+
+def test_test_img_size_sets_the_val_crop_apart_from_the_train_crop():
+    inp = InputConfig(img_size=160, test_img_size=224, crop_pct=0.95)
+    train, val = transforms(AugConfig(), inp)
     assert tuple(train.transforms[0].size) == (160, 160)
     crops = [t for t in val.transforms if type(t).__name__ == "CenterCrop"]
     assert tuple(crops[0].size) == (224, 224) and val.transforms[0].size in (int(224 / 0.95), [int(224 / 0.95)])
@@ -330,21 +335,16 @@ def test_test_img_size_sets_the_val_crop_apart_from_the_train_crop():
 def test_trivial_augment_follows_the_flip(policy):
     from torchvision.transforms import RandomHorizontalFlip, TrivialAugmentWide
 
-    from trainer.data.loader import create_transforms, resolve_input_config
-
-    cfg = DataConfig(root="/x", img_size=32, auto_augment=policy)
-    train, _ = create_transforms(cfg, resolve_input_config(cfg, "resnet50"))
+    train, _ = transforms(AugConfig(auto_augment=policy), InputConfig(img_size=32))
     kinds = [type(t) for t in train.transforms]
     assert kinds.index(TrivialAugmentWide) == kinds.index(RandomHorizontalFlip) + 1
 
 
 def test_an_unknown_augment_policy_is_a_config_error():
     from trainer.config import ConfigError
-    from trainer.data.loader import create_transforms, resolve_input_config
 
-    cfg = DataConfig(root="/x", img_size=32, auto_augment="bogus")
-    with pytest.raises(ConfigError, match=r"^data.auto_augment: 'bogus' is not a timm policy"):
-        create_transforms(cfg, resolve_input_config(cfg, "resnet50"))
+    with pytest.raises(ConfigError, match=r"^aug.auto_augment: 'bogus' is not a timm policy"):
+        transforms(AugConfig(auto_augment="bogus"), InputConfig(img_size=32))
 
 
 def test_repeated_copies_are_augmented_differently(tmp_path: Path):

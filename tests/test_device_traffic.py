@@ -86,7 +86,9 @@ def traffic(tmp_path_factory) -> dict:
     data = helpers.make_image_folder(root / "data", train_per_class=12)  # 36 images: 9 batches
     cfg = {
         "model": {"name": "test_resnet"},
-        "data": {"root": str(data), "img_size": IMG_SIZE, "batch_size_per_device": BATCH, "workers": 0, "normalize_on_device": True},
+        "data": {"root": str(data)},
+        "loader": {"batch_size_per_device": BATCH, "workers": 0, "normalize_on_device": True},
+        "input": {"img_size": IMG_SIZE},
         "train": {"epochs": 1, "log_every_steps": 2, "max_steps_per_epoch": 4},
         "output": {"dir": str(root / "runs"), "plots": False},
     }
@@ -143,7 +145,9 @@ def test_trainer_bench_reports_the_traffic_per_step(tmp_path):
     data = helpers.make_image_folder(tmp_path / "data", train_per_class=8)
     cfg = {
         "model": {"name": "test_resnet"},
-        "data": {"root": str(data), "img_size": IMG_SIZE, "batch_size_per_device": BATCH, "workers": 0},
+        "data": {"root": str(data)},
+        "loader": {"batch_size_per_device": BATCH, "workers": 0},
+        "input": {"img_size": IMG_SIZE},
         "train": {"precision": "fp16"},
         "output": {"dir": str(tmp_path / "runs"), "run_name": "bench"},
     }
@@ -161,7 +165,9 @@ def test_two_processes_wait_only_at_log_points(tmp_path):
     data = helpers.make_image_folder(tmp_path / "data", train_per_class=20)  # 60 images: 15 batches of 2 per process
     cfg = {
         "model": {"name": "test_resnet"},
-        "data": {"root": str(data), "img_size": IMG_SIZE, "batch_size_per_device": 2, "workers": 0},
+        "data": {"root": str(data)},
+        "loader": {"batch_size_per_device": 2, "workers": 0},
+        "input": {"img_size": IMG_SIZE},
         "train": {"epochs": 1, "log_every_steps": 6, "max_steps_per_epoch": 12, "precision": "fp16"},
         "output": {"dir": str(tmp_path / "runs"), "plots": False},
     }

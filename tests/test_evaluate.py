@@ -45,8 +45,8 @@ def test_eval_command_loads_weights_and_says_where_it_wrote(tmp_path, image_fold
         [
             f"data.root={image_folder}",
             "model.name=test_resnet",
-            "data.img_size=16",
-            "data.workers=0",
+            "input.img_size=16",
+            "loader.workers=0",
             "train.precision=fp32",
             f"output.dir={tmp_path / 'runs'}",
         ],
@@ -67,7 +67,7 @@ def test_eval_of_weights_that_do_not_fit_is_one_line(tmp_path, image_folder, kin
         export_weights(timm.create_model("test_resnet", num_classes=5), weights)
     else:
         weights.write_bytes(b"not a weights file")
-    cfg = load_config(None, [f"data.root={image_folder}", "model.name=test_resnet", "data.workers=0", "train.precision=fp32"])
+    cfg = load_config(None, [f"data.root={image_folder}", "model.name=test_resnet", "loader.workers=0", "train.precision=fp32"])
     with pytest.raises(ConfigError, match=r"cannot be loaded into test_resnet with 3 classes") as err:
         eval_command(cfg, str(weights), str(tmp_path / "out"), confusion=False)
     assert "\n" not in str(err.value) and str(weights) in str(err.value)

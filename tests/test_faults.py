@@ -49,7 +49,9 @@ def write_data(root: Path) -> Path:
 def write_config(tmp: Path, data: Path, run_name: str) -> Path:
     config = {
         "model": {"name": "test_resnet"},
-        "data": {"source": "folder", "root": str(data), "img_size": 32, "batch_size_per_device": 4, "workers": 0},
+        "data": {"source": "folder", "root": str(data)},
+        "loader": {"batch_size_per_device": 4, "workers": 0},
+        "input": {"img_size": 32},
         "optim": {"lr": 0.05},
         "train": {
             "epochs": 2,

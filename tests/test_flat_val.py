@@ -106,6 +106,6 @@ def test_check_data_reads_a_flat_val(tmp_path, capsys):
 
     root, _ = make_flat(tmp_path / "imagenet")
     config = tmp_path / "c.yaml"
-    config.write_text(f"data: {{root: {root}, workers: 0}}\n")
+    config.write_text(f"data: {{root: {root}}}\nloader: {{workers: 0}}\n")
     assert main(["check-data", "--config", str(config)]) == 0
     assert "val 6 of 6 images" in capsys.readouterr().out

@@ -25,7 +25,7 @@ def test_the_accumulation_is_derived_from_the_processes(processes, accumulation)
 def test_a_count_that_does_not_divide_is_refused_in_one_line():
     with pytest.raises(ConfigError) as err:
         plan_batch(global_batch_size=1024, per_device=128, processes=3, grad_accum_steps=1, source="r.yaml")
-    assert str(err.value).startswith("r.yaml: data.global_batch_size=1024 is not a multiple of data.batch_size_per_device=128 x 3 processes")
+    assert str(err.value).startswith("r.yaml: loader.global_batch_size=1024 is not a multiple of loader.batch_size_per_device=128 x 3 processes")
     assert "\n" not in str(err.value)
 
 
@@ -35,8 +35,8 @@ def test_grad_accum_steps_beside_a_global_batch_is_refused():
 
 
 def test_doctor_shows_the_derived_accumulation_or_the_failure():
-    cfg = load_config(None, ["data.root=x", "data.batch_size_per_device=128", "data.global_batch_size=1024"])
-    assert batch_check(cfg, 4) == ("batch: 128/device x 4 processes x 2 accumulation = global 1024 (data.global_batch_size)", "")
+    cfg = load_config(None, ["data.root=x", "loader.batch_size_per_device=128", "loader.global_batch_size=1024"])
+    assert batch_check(cfg, 4) == ("batch: 128/device x 4 processes x 2 accumulation = global 1024 (loader.global_batch_size)", "")
     line, failure = batch_check(cfg, 3)
     assert not line and "128 x 3 processes = 384; launch 1, 2, 4, 8 processes" in failure
 
@@ -48,7 +48,7 @@ def test_same_global_batch_on_fewer_processes_keeps_the_schedule_and_says_so():
     assert go_on.schedule_step is None and state.batches_done == 12 and state.samples_done == 24
     assert go_on.lines == [
         "resumed on 1 process where the checkpoint had 2: the global batch stays 12 (2/device x 1 process x 6 accumulation = global 12 "
-        "(data.global_batch_size)), 4 steps per epoch and the lr schedule unchanged; epoch 2 goes on at sample 24 of 48"
+        "(loader.global_batch_size)), 4 steps per epoch and the lr schedule unchanged; epoch 2 goes on at sample 24 of 48"
     ]
     assert go_on.change.summary() == "checkpoint: 2 processes, global batch 12; this run: 1 process, global batch 12"
 

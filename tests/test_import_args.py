@@ -34,14 +34,14 @@ def test_the_migration_guide_command(tmp_path):
     out = run(GUIDE, devices_per_machine=8)
     cfg = loads(out, tmp_path)
     assert cfg.model.name == "resnet50" and cfg.data.root == "/data/imagenet"
-    assert cfg.data.batch_size_per_device == 16  # main.py divides -b by the devices of the machine
-    assert cfg.data.workers == 5  # and -j, rounded up
+    assert cfg.loader.batch_size_per_device == 16  # main.py divides -b by the devices of the machine
+    assert cfg.loader.workers == 5  # and -j, rounded up
     assert cfg.optim.lr == 0.1 and cfg.train.epochs == 90 and cfg.optim.name == "sgd"
     assert out.command == ("accelerate launch --config_file configs/accelerate/mlu_8card.yaml --main_process_port 65501 -m trainer train --config recipe.yaml")
     assert out.unmapped == []
     # The rest is the guide's recipe file: transforms, schedule, fp32.
     base = load_config(REPO / "configs" / "resnet50_imagenet.yaml")
-    assert cfg.schedule == base.schedule and cfg.train.precision == "fp32" and cfg.data.img_size == 224
+    assert cfg.schedule == base.schedule and cfg.train.precision == "fp32" and cfg.input.img_size == 224
 
 
 def test_defaults_are_main_pys(tmp_path):
@@ -49,8 +49,8 @@ def test_defaults_are_main_pys(tmp_path):
     assert parser_flags == set(MAIN_PY_DEFAULTS)
     out = run(["python", "main.py"], device="cpu")
     cfg = loads(out, tmp_path)
-    assert cfg.model.name == "resnet18" and cfg.data.root == "imagenet" and cfg.data.batch_size_per_device == 256
-    assert cfg.data.workers == 4 and cfg.optim.momentum == 0.9 and cfg.optim.weight_decay == 1e-4 and cfg.train.log_every_steps == 10
+    assert cfg.model.name == "resnet18" and cfg.data.root == "imagenet" and cfg.loader.batch_size_per_device == 256
+    assert cfg.loader.workers == 4 and cfg.optim.momentum == 0.9 and cfg.optim.weight_decay == 1e-4 and cfg.train.log_every_steps == 10
     assert out.command == "accelerate launch --config_file configs/accelerate/cpu_1proc.yaml -m trainer train --config recipe.yaml"
 
 
@@ -60,11 +60,11 @@ def test_defaults_are_main_pys(tmp_path):
         (["/x"], "data", "root", "/x"),
         (["-a", "resnet101"], "model", "name", "resnet101"),
         (["--arch", "resnet34"], "model", "name", "resnet34"),
-        (["-j", "7"], "data", "workers", 7),
-        (["--workers", "3"], "data", "workers", 3),
+        (["-j", "7"], "loader", "workers", 7),
+        (["--workers", "3"], "loader", "workers", 3),
         (["--epochs", "5"], "train", "epochs", 5),
-        (["-b", "64"], "data", "batch_size_per_device", 64),
-        (["--batch-size", "32"], "data", "batch_size_per_device", 32),
+        (["-b", "64"], "loader", "batch_size_per_device", 64),
+        (["--batch-size", "32"], "loader", "batch_size_per_device", 32),
         (["--lr", "0.4"], "optim", "lr", 0.4),
         (["--learning-rate", "0.2"], "optim", "lr", 0.2),
         (["--momentum", "0.8"], "optim", "momentum", 0.8),
@@ -130,13 +130,13 @@ def test_device_follows_the_backend(flags, device, config):
 def test_gpu_pins_one_visible_device():
     out = run(["main.py", "--gpu", "3", "--dist-backend", "nccl", "-b", "100"])
     assert out.command.startswith("CUDA_VISIBLE_DEVICES=3 accelerate launch --config_file configs/accelerate/cuda_1gpu.yaml")
-    assert out.recipe["data"]["batch_size_per_device"] == 100
+    assert out.recipe["loader"]["batch_size_per_device"] == 100
 
 
 def test_multiprocessing_distributed_counts_without_a_shipped_file():
     out = run(["main.py", "--multiprocessing-distributed", "--dist-backend", "cncl", "-b", "256", "--dist-url", "tcp://h:1234"], devices_per_machine=4)
     assert "--config_file configs/accelerate/mlu_8card.yaml --num_processes 4" in out.command
-    assert "--main_process_port 1234" in out.command and out.recipe["data"]["batch_size_per_device"] == 64
+    assert "--main_process_port 1234" in out.command and out.recipe["loader"]["batch_size_per_device"] == 64
     assert any("assumed" in n for n in run(["main.py", "--multiprocessing-distributed"]).notes)
 
 
@@ -169,7 +169,7 @@ def test_several_machines():
 
 def test_batch_not_divisible_is_noted():
     out = run(["main.py", "--multiprocessing-distributed", "-b", "100", "--dist-backend", "cncl"], devices_per_machine=8)
-    assert out.recipe["data"]["batch_size_per_device"] == 12 and any("rounds" in n for n in out.notes)
+    assert out.recipe["loader"]["batch_size_per_device"] == 12 and any("rounds" in n for n in out.notes)
 
 
 def test_bad_values_are_one_line_errors():
@@ -181,7 +181,7 @@ def test_cli_prints_yaml_and_names_what_it_cannot_map(tmp_path):
     cmd = [sys.executable, "-m", "trainer", "import-args", "--devices", "8", "--", *GUIDE, "--pretrained"]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=120)
     assert proc.returncode == 0, proc.stderr
-    assert yaml.safe_load(proc.stdout)["data"]["batch_size_per_device"] == 16
+    assert yaml.safe_load(proc.stdout)["loader"]["batch_size_per_device"] == 16
     assert "# launch with:\n#   accelerate launch --config_file configs/accelerate/mlu_8card.yaml" in proc.stdout
     assert "trainer: not mapped: --pretrained" in proc.stderr
     out = tmp_path / "r.yaml"

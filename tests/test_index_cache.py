@@ -127,7 +127,7 @@ def test_check_data_uses_the_same_index(tmp_path):
 
     root = helpers.make_image_folder(tmp_path / "data", classes=2, train_per_class=2, val_per_class=1)
     config = tmp_path / "c.yaml"
-    config.write_text(f"data: {{root: {root}, workers: 0}}\n")
+    config.write_text(f"data: {{root: {root}}}\nloader: {{workers: 0}}\n")
     assert main(["check-data", "--config", str(config)]) == 0
     assert (root / ".trainer-index-train.bin").is_file() and (root / ".trainer-index-val.bin").is_file()
     assert folder_index.FORMAT == index_cache.read_header(root / ".trainer-index-train.bin")["key"]["format"]

@@ -63,7 +63,9 @@ def tiny(tmp_path_factory) -> Path:
     data = helpers.make_image_folder(root / "data", train_per_class=8)
     cfg = {
         "model": {"name": "test_resnet"},
-        "data": {"root": str(data), "img_size": 32, "batch_size_per_device": 4, "workers": 0},
+        "data": {"root": str(data)},
+        "loader": {"batch_size_per_device": 4, "workers": 0},
+        "input": {"img_size": 32},
         # NOTE: precision pinned (fp16 is what an MLU370 trains in): `auto` must never decide
         # an outcome, since on a CPU with native bf16 it picks bf16 for the CPU runs.
         "train": {"epochs": 1, "log_every_steps": 2, "precision": "fp16"},

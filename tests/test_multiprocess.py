@@ -30,7 +30,9 @@ def tiny(tmp_path: Path, **train: object) -> Path:
     data = helpers.make_image_folder(tmp_path / "data", train_per_class=8)
     cfg = {
         "model": {"name": "test_resnet"},
-        "data": {"root": str(data), "img_size": 32, "batch_size_per_device": 4, "workers": 0},
+        "data": {"root": str(data)},
+        "loader": {"batch_size_per_device": 4, "workers": 0},
+        "input": {"img_size": 32},
         "train": {"epochs": 4, "precision": "fp32", "channels_last": False, "log_every_steps": 1, **train},
         "output": {"dir": str(tmp_path / "runs"), "plots": False, "progress": "log"},
     }
@@ -162,11 +164,11 @@ def test_the_recipe_features_on_two_processes_survive_a_kill_mid_epoch_bit_for_b
     size change, both restarted, and the run ends as the uninterrupted one, EMA and metrics included."""
     config = tiny(tmp_path, epochs=3, resume="auto", checkpoint_every_steps=1, keep_last_checkpoints=100, loss="bce", grad_clip_norm=0.5)
     recipe = (
-        "data.batch_size_per_device=2",  # 24 images x 3 copies, 12 per process per epoch: 6 steps
-        "data.repeated_aug=3",
-        "data.train_size_schedule=[[0,24],[1,32]]",
-        "data.auto_augment=rand-m6-mstd0.5-inc1",
-        "data.re_prob=0.5",
+        "loader.batch_size_per_device=2",  # 24 images x 3 copies, 12 per process per epoch: 6 steps
+        "aug.repeated_aug=3",
+        "input.train_size_schedule=[[0,24],[1,32]]",
+        "aug.auto_augment=rand-m6-mstd0.5-inc1",
+        "aug.re_prob=0.5",
         "mixup.mixup_alpha=0.1",
         "mixup.cutmix_alpha=1.0",
         "ema.enabled=true",

@@ -5,17 +5,23 @@ from __future__ import annotations
 import pytest
 import torch
 
+import helpers
 from trainer.backend import create_accelerator
-from trainer.config import DataConfig
-from trainer.data.loader import create_datasets
-from trainer.data.pipeline import Normalizer, create_pipeline
+from trainer.config import Config, DataConfig, InputConfig, LoaderConfig, ModelConfig
+from trainer.data.pipeline import Normalizer
 
 
-def pipeline(image_folder, train: bool = True, **data):
-    cfg = DataConfig(root=str(image_folder), img_size=16, batch_size_per_device=4, workers=0, **data)
+def pipeline(image_folder, train: bool = True, **loader):
+    cfg = Config(
+        model=ModelConfig(name="test_resnet"),
+        data=DataConfig(root=str(image_folder)),
+        loader=LoaderConfig(batch_size_per_device=4, workers=0, **loader),
+        input=InputConfig(img_size=16),
+    )
     acc, backend = create_accelerator("cpu", "fp32")
-    datasets = create_datasets(cfg, "test_resnet", seed=0, rank=0, world_size=1, train=train)
-    return datasets, create_pipeline(datasets, cfg, acc, backend.pin_memory_kwargs(cfg.pin_memory), channels_last=True, train=train)
+    datasets = helpers.create_datasets_for(cfg, train=train)
+    pin = bool(backend.pin_memory_kwargs(cfg.loader.pin_memory).get("pin_memory"))
+    return datasets, helpers.create_pipeline_for(cfg, datasets, acc, pin_memory=pin, channels_last=True, train=train)
 
 
 def test_uint8_batches_reach_the_device_and_are_normalized_there(image_folder):

@@ -10,10 +10,9 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+import helpers
 from trainer.backend import create_accelerator
-from trainer.config import ConfigError, DataConfig, load_config
-from trainer.data.loader import create_datasets
-from trainer.data.pipeline import create_pipeline
+from trainer.config import Config, ConfigError, DataConfig, InputConfig, LoaderConfig, ModelConfig, load_config
 from trainer.data.resize import describe_schedule, schedule_problem, train_size_at
 from trainer.train import Trainer
 
@@ -25,16 +24,16 @@ def test_each_epoch_takes_the_last_entry_at_or_before_it():
     assert describe_schedule(schedule) == "160 px, 192 px from epoch 13, 224 px from epoch 21"
 
 
-def write_config(path: Path, data: dict) -> Path:
-    path.write_text(yaml.safe_dump({"data": {"root": "/nowhere", **data}}))
+def write_config(path: Path, input: dict) -> Path:
+    path.write_text(yaml.safe_dump({"data": {"root": "/nowhere"}, "input": input}))
     return path
 
 
 def test_the_schedule_reads_from_yaml_and_from_the_command_line(tmp_path):
     cfg = load_config(write_config(tmp_path / "a.yaml", {"train_size_schedule": [[0, 160], [12, 192]]}))
-    assert cfg.data.train_size_schedule == [[0, 160], [12, 192]]
-    cfg = load_config(write_config(tmp_path / "b.yaml", {}), ["data.train_size_schedule=[[0,128],[3,160]]"])
-    assert cfg.data.train_size_schedule == [[0, 128], [3, 160]]
+    assert cfg.input.train_size_schedule == [[0, 160], [12, 192]]
+    cfg = load_config(write_config(tmp_path / "b.yaml", {}), ["input.train_size_schedule=[[0,128],[3,160]]"])
+    assert cfg.input.train_size_schedule == [[0, 128], [3, 160]]
 
 
 @pytest.mark.parametrize(
@@ -53,15 +52,20 @@ def test_an_unusable_schedule_is_a_one_line_error_naming_key_and_value(tmp_path,
     with pytest.raises(ConfigError) as err:
         load_config(write_config(tmp_path / "bad.yaml", {"train_size_schedule": value}))
     message = str(err.value)
-    assert "\n" not in message and "bad.yaml: data.train_size_schedule" in message and why in message and repr(value) in message
+    assert "\n" not in message and "bad.yaml: input.train_size_schedule" in message and why in message and repr(value) in message
 
 
 def test_a_size_change_restarts_persistent_workers_at_the_new_size(image_folder):
     # NOTE: one persistent worker from the fork server: it holds the dataset pickled at 16 px.
-    cfg = DataConfig(root=str(image_folder), img_size=24, batch_size_per_device=4, workers=1, persistent_workers=True, train_size_schedule=[[0, 16], [1, 20]])
-    acc, backend = create_accelerator("cpu", "fp32")
-    datasets = create_datasets(cfg, "test_resnet", seed=0, rank=0, world_size=1)
-    p = create_pipeline(datasets, cfg, acc, backend.pin_memory_kwargs(False), channels_last=False)
+    cfg = Config(
+        model=ModelConfig(name="test_resnet"),
+        data=DataConfig(root=str(image_folder)),
+        loader=LoaderConfig(batch_size_per_device=4, workers=1, persistent_workers=True),
+        input=InputConfig(img_size=24, train_size_schedule=[[0, 16], [1, 20]]),
+    )
+    acc, _ = create_accelerator("cpu", "fp32")
+    datasets = helpers.create_datasets_for(cfg)
+    p = helpers.create_pipeline_for(cfg, datasets, acc, pin_memory=False, channels_last=False)
     sizes, loader = {}, p.train
     for epoch in range(3):
         if epoch == 1:
@@ -79,7 +83,8 @@ def test_a_size_change_restarts_persistent_workers_at_the_new_size(image_folder)
 TINY = {
     "model": {"name": "test_resnet"},
     # 18 images, batch 3: 6 micro-batches, 3 steps of 2 an epoch
-    "data": {"img_size": 32, "test_img_size": 32, "batch_size_per_device": 3, "workers": 0, "train_size_schedule": [[0, 24], [1, 32]]},
+    "loader": {"batch_size_per_device": 3, "workers": 0},
+    "input": {"img_size": 32, "test_img_size": 32, "train_size_schedule": [[0, 24], [1, 32]]},
     "optim": {"lr": 0.05},
     "schedule": {"name": "cosine"},
     "train": {"epochs": 2, "precision": "fp32", "grad_accum_steps": 2, "log_every_steps": 1, "checkpoint_every_steps": 1, "keep_last_checkpoints": 100},
@@ -88,7 +93,7 @@ TINY = {
 
 @pytest.fixture
 def config(tmp_path: Path, image_folder: Path) -> Path:
-    cfg = {**TINY, "data": {**TINY["data"], "root": str(image_folder)}, "output": {"dir": str(tmp_path / "runs"), "plots": False}}
+    cfg = {**TINY, "data": {"root": str(image_folder)}, "output": {"dir": str(tmp_path / "runs"), "plots": False}}
     path = tmp_path / "tiny.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path

@@ -1,6 +1,6 @@
 """A run moved between process counts mid-epoch keeps its global batch: the same samples, lr and (nearly) weights.
 
-The uninterrupted run trains on 2 CPU processes with `data.global_batch_size=12` (2 per
+The uninterrupted run trains on 2 CPU processes with `loader.global_batch_size=12` (2 per
 device x 2 processes x 3 accumulation) and a checkpoint every step. Each resumed run
 starts from a copy of a run directory as a kill right after one mid-epoch checkpoint
 leaves it (the later checkpoints and the weights gone, the later records still there for
@@ -41,7 +41,9 @@ def write_config(tmp_path: Path) -> Path:
     data = helpers.make_image_folder(tmp_path / "data", train_per_class=16)  # 48 images: 4 steps of 12 an epoch
     cfg = {
         "model": {"name": "test_convnext"},  # LayerNorm: no batch statistics (see above)
-        "data": {"root": str(data), "img_size": 32, "batch_size_per_device": 2, "global_batch_size": 12, "workers": 0},
+        "data": {"root": str(data)},
+        "loader": {"batch_size_per_device": 2, "global_batch_size": 12, "workers": 0},
+        "input": {"img_size": 32},
         "optim": {
             "name": "sgd",
             "lr": 0.05,

@@ -105,7 +105,9 @@ def test_rerun_into_a_run_stops_resume_continues_overwrite_replaces(tmp_path):
         yaml.safe_dump(
             {
                 "model": {"name": "test_resnet"},
-                "data": {"root": str(data), "img_size": 32, "batch_size_per_device": 6, "workers": 0},
+                "data": {"root": str(data)},
+                "loader": {"batch_size_per_device": 6, "workers": 0},
+                "input": {"img_size": 32},
                 "train": {"epochs": 2, "precision": "fp32", "channels_last": False},
                 "output": {"dir": str(tmp_path / "runs"), "run_name": "run", "progress": "log", "plots": False},
             }

@@ -26,7 +26,9 @@ def tiny(tmp_path: Path, epochs: int = 2) -> Path:
     data = helpers.make_image_folder(tmp_path / "data", train_per_class=8)
     cfg = {
         "model": {"name": "test_resnet"},
-        "data": {"root": str(data), "img_size": 32, "batch_size_per_device": 4, "workers": 0},
+        "data": {"root": str(data)},
+        "loader": {"batch_size_per_device": 4, "workers": 0},
+        "input": {"img_size": 32},
         "train": {"epochs": epochs, "precision": "fp32", "channels_last": False, "log_every_steps": 1},
         "output": {"dir": str(tmp_path / "runs"), "plots": False, "progress": "log"},
     }

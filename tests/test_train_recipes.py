@@ -23,15 +23,9 @@ REPO = Path(__file__).resolve().parent.parent
 
 ALL_ON = {
     # batch 3: odd, so mixup takes its odd-batch path
-    "data": {
-        "img_size": 32,
-        "test_img_size": 40,
-        "batch_size_per_device": 3,
-        "workers": 0,
-        "re_prob": 0.5,
-        "repeated_aug": 3,
-        "auto_augment": "rand-m6-mstd0.5-inc1",
-    },
+    "loader": {"batch_size_per_device": 3, "workers": 0},
+    "input": {"img_size": 32, "test_img_size": 40},
+    "aug": {"re_prob": 0.5, "repeated_aug": 3, "auto_augment": "rand-m6-mstd0.5-inc1"},
     "optim": {"name": "lamb", "lr": 0.01, "weight_decay": 0.02, "no_decay_norm_bias": True},
     "schedule": {"name": "cosine", "warmup_epochs": 0.5},
     "train": {
@@ -89,7 +83,7 @@ def test_resume_mid_epoch_with_every_feature_on_is_bit_exact(tmp_path, data):
     for step in (2, 6):
         name = f"resumed_{step}"
         # NOTE: two loader workers on the second resume, none before: nothing is keyed by worker.
-        workers = "data.workers=2" if step == 6 else "data.workers=0"
+        workers = "loader.workers=2" if step == 6 else "loader.workers=0"
         record = fit(config, f"output.run_name={name}", f"train.resume={full / 'checkpoints' / f'step_{step:08d}'}", workers)
         for weights in ("model.safetensors", "model_ema.safetensors"):
             assert same_tensors(full / weights, tmp_path / "runs" / name / weights), (step, weights)
@@ -124,7 +118,7 @@ def test_clipping_bounds_the_update_at_the_accumulation_boundary(tmp_path, data)
 
 
 def test_eval_takes_the_raw_or_the_ema_weights(tmp_path, data):
-    config = write_config(tmp_path, data, train={"epochs": 1}, data={"repeated_aug": 0})
+    config = write_config(tmp_path, data, train={"epochs": 1}, aug={"repeated_aug": 0})
     record = fit(config)
     run = tmp_path / "runs" / "tiny"
     results = {}

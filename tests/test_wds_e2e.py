@@ -36,5 +36,5 @@ def test_resume_mid_epoch_from_shards_matches_uninterrupted_run_bit_for_bit(tmp_
     full = tmp_path / "runs" / "tiny"
     for step in (3, 6):  # inside epoch 1 and inside epoch 2
         name = f"resumed_{step}"
-        run_cli("train", "--config", str(config), f"output.run_name={name}", f"train.resume={full / 'checkpoints' / f'step_{step:08d}'}", "data.workers=2")
+        run_cli("train", "--config", str(config), f"output.run_name={name}", f"train.resume={full / 'checkpoints' / f'step_{step:08d}'}", "loader.workers=2")
         assert_same_weights(full / "model.safetensors", tmp_path / "runs" / name / "model.safetensors")

@@ -6,7 +6,7 @@ import platform
 
 import pytest
 
-from trainer.config import DataConfig
+from trainer.config import LoaderConfig
 from trainer.data.loader import create_loader
 from trainer.data.worker_memory import bound_worker_heap
 
@@ -17,6 +17,6 @@ def test_bound_worker_heap_sets_every_option():
 
 
 def test_loaders_with_workers_use_it():
-    loader = create_loader(list(range(4)), DataConfig(workers=1), 2, {})
+    loader = create_loader(list(range(4)), LoaderConfig(workers=1), batch_size=2, pin_kwargs={})
     assert loader.worker_init_fn is bound_worker_heap
-    assert create_loader(list(range(4)), DataConfig(workers=0), 2, {}).worker_init_fn is None
+    assert create_loader(list(range(4)), LoaderConfig(workers=0), batch_size=2, pin_kwargs={}).worker_init_fn is None

@@ -143,7 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
     _config_args(p)
     p.add_argument("--steps", type=int, default=20, help="timed steps per measurement, after warm-up")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first")
-    p.add_argument("--epoch", type=int, default=0, help="measure at this epoch's train size under data.train_size_schedule (epochs from 0)")
+    p.add_argument("--epoch", type=int, default=0, help="measure at this epoch's train size under input.train_size_schedule (epochs from 0)")
     p.add_argument("--json", default=None, help="also write the figures to this JSON file (default: RUN_DIR/bench.json)")
     p.set_defaults(func=cmd_bench)
 

@@ -22,7 +22,7 @@ from timm.data import Mixup
 from timm.data.mixup import mixup_target
 from timm.data.random_erasing import RandomErasing
 
-from trainer.config import DataConfig, MixupConfig
+from trainer.config import AugConfig, MixupConfig
 from trainer.data.dataset import sample_seed
 
 
@@ -44,14 +44,7 @@ def seeded_rngs(seed: int) -> Iterator[None]:
 class BatchAugment:
     """`(images, labels) -> (images, targets)`: erase, then mix; targets are (N, classes) when mixing."""
 
-    def __init__(
-        self,
-        mixup: MixupConfig,
-        data: DataConfig,
-        num_classes: int,
-        label_smoothing: float,
-        seed: int,
-    ) -> None:
+    def __init__(self, *, mixup: MixupConfig, aug: AugConfig, num_classes: int, label_smoothing: float, seed: int) -> None:
         self.num_classes, self.label_smoothing = num_classes, label_smoothing
         self.seed = seed * 1_000_003
         self.mix = None
@@ -66,8 +59,8 @@ class BatchAugment:
                 num_classes=num_classes,
             )
         self.erase = None
-        if data.re_prob > 0:
-            self.erase = RandomErasing(probability=data.re_prob, mode=data.re_mode, max_count=data.re_count, device="meta")
+        if aug.re_prob > 0:
+            self.erase = RandomErasing(probability=aug.re_prob, mode=aug.re_mode, max_count=aug.re_count, device="meta")
 
     @property
     def soft_targets(self) -> bool:
@@ -96,13 +89,14 @@ class BatchAugment:
 
 
 def create_batch_augment(
+    *,
     mixup: MixupConfig,
-    data: DataConfig,
+    aug: AugConfig,
     num_classes: int,
     label_smoothing: float,
     seed: int,
 ) -> BatchAugment | None:
     """A BatchAugment when mixup, cutmix or random erasing is on; None otherwise."""
-    if mixup.mixup_alpha <= 0 and mixup.cutmix_alpha <= 0 and data.re_prob <= 0:
+    if mixup.mixup_alpha <= 0 and mixup.cutmix_alpha <= 0 and aug.re_prob <= 0:
         return None
-    return BatchAugment(mixup, data, num_classes, label_smoothing, seed)
+    return BatchAugment(mixup=mixup, aug=aug, num_classes=num_classes, label_smoothing=label_smoothing, seed=seed)

@@ -4,11 +4,11 @@ Three measurements on the configured device, data and switches, all through the 
 `Trainer(cfg)` builds (Accelerator, prepared model, optimizer and train loader):
 
 1. model step: `Trainer.train_step` (forward, backward, the optimizer-step boundary) on a synthetic batch already on the device, shaped
-   and typed as the loader's (uint8 with `data.normalize_on_device`), so forward,
+   and typed as the loader's (uint8 with `loader.normalize_on_device`), so forward,
    backward and the optimizer step run with the config's precision, channels_last and
    compile, and nothing waits for data;
 2. input pipeline: the real train loader alone (read, decode, augment, collate, place
-   on the device), so its img/s is what `data.workers` processes deliver;
+   on the device), so its img/s is what `loader.workers` processes deliver;
 3. end to end: `train_step` over the real loader, as `Trainer.train_epoch` runs it.
 
 Where the device plugin counts host<->device traffic (`Backend.transfer_stats`: the
@@ -61,18 +61,18 @@ def batch_stream(trainer: Trainer) -> Iterator[dict[str, Any]]:
 
 
 def train_size(trainer: Trainer, epoch: int) -> int:
-    """The train crop of `epoch` (`data.train_size_schedule`), the loader resized to it."""
+    """The train crop of `epoch` (`input.train_size_schedule`), the loader resized to it."""
     trainer.train_loader = trainer.pipeline.resize(epoch, trainer.train_loader)
-    return train_size_at(trainer.cfg.data.train_size_schedule, epoch, trainer.data.data_config["input_size"][-1])
+    return train_size_at(trainer.cfg.input.train_size_schedule, epoch, trainer.data.data_config["input_size"][-1])
 
 
 def synthetic_batch(trainer: Trainer, size: int) -> dict[str, Any]:
     """A batch as the loader delivers it at `size` px, made on the device: uint8 when normalizing there."""
-    data = trainer.cfg.data
-    batch, device = data.batch_size_per_device, trainer.accelerator.device
+    loader = trainer.cfg.loader
+    batch, device = loader.batch_size_per_device, trainer.accelerator.device
     height = width = size
     num_classes = trainer.data.num_classes(trainer.cfg.model.num_classes)
-    if data.normalize_on_device:
+    if loader.normalize_on_device:
         images = torch.randint(0, 256, (batch, 3, height, width), dtype=torch.uint8, device=device)
     else:
         images = torch.randn(batch, 3, height, width, device=device)
@@ -107,12 +107,12 @@ def summarize(times: list[float], batch: int, window: int = 1) -> dict[str, floa
 def verdict(model: float, pipeline: float, end_to_end: float, trainer: Trainer, cores: int) -> tuple[str, str]:
     """Which side bounds training, and the change that helps: (bound, one-line advice)."""
     cfg, backend = trainer.cfg, trainer.backend
-    workers = cfg.data.workers
+    workers = cfg.loader.workers
     if pipeline < model:
         need = math.ceil(max(workers, 1) * model / pipeline)
-        text = f"input-bound: the pipeline gives {pipeline:.1f} img/s with {_workers(workers)}, the model takes {model:.1f} img/s: use data.workers={need}"
+        text = f"input-bound: the pipeline gives {pipeline:.1f} img/s with {_workers(workers)}, the model takes {model:.1f} img/s: use loader.workers={need}"
         if need > cores:
-            text += f" (more than the {cores} cores here: keep data.normalize_on_device and data.draft_decode on, `pip install simplejpeg`, or add cores)"
+            text += f" (more than the {cores} cores here: keep loader.normalize_on_device and loader.draft_decode on, `pip install simplejpeg`, or add cores)"
         bound = "input"
     else:
         hints = []
@@ -157,7 +157,7 @@ def bench_command(cfg: Config, args: argparse.Namespace) -> int:
 def measure(trainer: Trainer, steps: int, warmup: int, epoch: int = 0) -> dict[str, Any]:
     """The three measurements at `epoch`'s train size, and the verdict, as the JSON `trainer bench` writes."""
     cfg, backend = trainer.cfg, trainer.backend
-    batch, workers = cfg.data.batch_size_per_device, cfg.data.workers
+    batch, workers = cfg.loader.batch_size_per_device, cfg.loader.workers
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     sums = RunningSums(trainer.accelerator.device, SUMS)
 
@@ -177,7 +177,7 @@ def measure(trainer: Trainer, steps: int, warmup: int, epoch: int = 0) -> dict[s
 
     # NOTE: the workers kept loading while the last steps ran: drain what they prefetched
     # in the warm-up (cheap here, no model step), or the first timed batches come for free.
-    drain = cfg.data.prefetch_factor * workers
+    drain = cfg.loader.prefetch_factor * workers
     pipeline = summarize(time_steps(lambda: next(stream), backend, steps, warmup + drain), batch, window=workers)
     pipeline["img_per_s_per_worker"] = pipeline["img_per_s"] / max(workers, 1)
     pipeline["img_per_s_per_core"] = pipeline["img_per_s"] / min(max(workers, 1), cores)
@@ -196,11 +196,11 @@ def measure(trainer: Trainer, steps: int, warmup: int, epoch: int = 0) -> dict[s
             "batch_size_per_device": batch,
             "img_size": size,
             "epoch": epoch,
-            "scheduled": bool(cfg.data.train_size_schedule),
+            "scheduled": bool(cfg.input.train_size_schedule),
             "workers": workers,
             "cores": cores,
-            "normalize_on_device": cfg.data.normalize_on_device,
-            "draft_decode": cfg.data.draft_decode,
+            "normalize_on_device": cfg.loader.normalize_on_device,
+            "draft_decode": cfg.loader.draft_decode,
             "steps": steps,
             "warmup": warmup,
         },
@@ -230,7 +230,7 @@ def format_table(figures: dict[str, Any]) -> str:
         ("input pipeline", pipe, f"{_workers(s['workers'])}: {pipe['img_per_s_per_worker']:.1f} img/s per worker, {pipe['img_per_s_per_core']:.1f} per core"),
         ("end to end", figures["end_to_end"], "train_step over the real loader"),
     ]
-    scheduled = f" (epoch {s['epoch']} of data.train_size_schedule)" if s.get("scheduled") else ""
+    scheduled = f" (epoch {s['epoch']} of input.train_size_schedule)" if s.get("scheduled") else ""
     lines = [
         f"{s['model']} {s['img_size']}px{scheduled}, batch {s['batch_size_per_device']}/device, median of {s['steps']} steps after {s['warmup']} warm-up",
         f"{'measurement':<16}{'img/s':>10}{'ms/step':>10}  notes",

@@ -120,7 +120,7 @@ def check_data_command(cfg: Config, args: Namespace) -> int:
     source = get_source(d.source)
     by_folder = source.labels_from_folders  # labels in range by construction, classes told by folder name
     val_split = source.val_split(d)
-    workers = min(d.workers, os.cpu_count() or 1)
+    workers = min(cfg.loader.workers, os.cpu_count() or 1)
     train, empty_train = _open_split(source, d, d.train_split, None)
     val, empty_val = _open_split(source, d, val_split, train.classes)
     num_classes = effective_num_classes(cfg.model.num_classes, train.classes)

@@ -11,7 +11,7 @@ process, and prints one table (process 0) and the first failure:
 4. `output.dir` is writable and the same directory for all (a node-local path);
 5. the pitfalls `trainer env` warns about;
 6. the batch plan: per device x processes x accumulation, derived for this launch when
-   `data.global_batch_size` is set (or the count that does not divide it).
+   `loader.global_batch_size` is set (or the count that does not divide it).
 
 NOTE: every check catches its own errors and only records them, and the processes meet
 only at fixed points, so a failing process never leaves the others waiting.
@@ -145,8 +145,8 @@ def batch_check(cfg: Config, processes: int) -> tuple[str, str]:
     """("batch: <per device x processes x accumulation = global>", "") for `processes`, or ("", the failure)."""
     try:
         plan = plan_batch(
-            global_batch_size=cfg.data.global_batch_size,
-            per_device=cfg.data.batch_size_per_device,
+            global_batch_size=cfg.loader.global_batch_size,
+            per_device=cfg.loader.batch_size_per_device,
             processes=processes,
             grad_accum_steps=cfg.train.grad_accum_steps,
             source=cfg.source,

@@ -113,7 +113,6 @@ def eval_command(cfg: Any, checkpoint: str, output: str | None, confusion: bool,
     from trainer.model import create_model
     from trainer.progress import setup_logging
     from trainer.run_dir import RunDirectory
-    from trainer.train import check_val_size
 
     acc, backend = create_accelerator(
         cfg.backend.device, cfg.train.precision, cfg.backend.host_memory, dataloader_config=DataLoaderConfiguration(non_blocking=True)
@@ -121,14 +120,31 @@ def eval_command(cfg: Any, checkpoint: str, output: str | None, confusion: bool,
     setup_logging(acc.is_main_process, debug)
     set_seed(cfg.train.seed)
     with acc.main_process_first():
-        data = create_datasets(cfg.data, cfg.model.name, cfg.train.seed, acc.process_index, acc.num_processes, cfg.model.num_classes, train=False)
-    check_val_size(data.val_size, acc.num_processes, cfg)
+        data = create_datasets(
+            **cfg.data_sections(),
+            model_name=cfg.model.name,
+            seed=cfg.train.seed,
+            rank=acc.process_index,
+            world_size=acc.num_processes,
+            num_classes=cfg.model.num_classes,
+            train=False,
+        )
+    data.check_val_size(acc.num_processes, config_file=cfg.source, root=cfg.data.root)
     num_classes = data.num_classes(cfg.model.num_classes)
     model = create_model(cfg.model, num_classes)
     weights = load_weights(model, checkpoint, f"{cfg.model.name} with {num_classes} classes", ema=ema)
     if cfg.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    pipeline = create_pipeline(data, cfg.data, acc, backend.pin_memory_kwargs(cfg.data.pin_memory), cfg.train.channels_last, train=False)
+    pipeline = create_pipeline(
+        data,
+        loader=cfg.loader,
+        input=cfg.input,
+        aug=cfg.aug,
+        accelerator=acc,
+        pin_kwargs=backend.pin_memory_kwargs(cfg.loader.pin_memory),
+        channels_last=cfg.train.channels_last,
+        train=False,
+    )
     model = acc.prepare(model)
     run = RunDirectory(cfg, acc)
     classes = data.classes

@@ -1,6 +1,6 @@
 """The global batch: per-device batch x processes x accumulation, and what a resume on another count keeps.
 
-With `data.global_batch_size` set, the accumulation is derived from the processes a run
+With `loader.global_batch_size` set, the accumulation is derived from the processes a run
 has (1024 = 128 x 8 cards, or 128 x 4 cards x 2 accumulation), so a job that moves
 between cluster sizes keeps its optimizer steps, its steps per epoch and its lr schedule.
 Set to 0, the global batch is whatever the launch gives (per device x processes x
@@ -31,7 +31,7 @@ class BatchPlan:
     per_device: int
     processes: int
     accumulation: int
-    fixed: bool = False  # set by data.global_batch_size (else the launch decides)
+    fixed: bool = False  # set by loader.global_batch_size (else the launch decides)
 
     @property
     def global_batch(self) -> int:
@@ -44,10 +44,10 @@ class BatchPlan:
         return self.per_device * self.processes
 
     def describe(self) -> str:
-        """ "8/device x 2 processes x 2 accumulation = global 32 (data.global_batch_size)"."""
+        """ "8/device x 2 processes x 2 accumulation = global 32 (loader.global_batch_size)"."""
         split = f"{self.per_device}/device x {processes_text(self.processes)} x {self.accumulation} accumulation"
         text = f"{split} = global {self.global_batch}"
-        return text + (" (data.global_batch_size)" if self.fixed else "")
+        return text + (" (loader.global_batch_size)" if self.fixed else "")
 
 
 def plan_batch(
@@ -69,14 +69,14 @@ def plan_batch(
     where = f"{source}: " if source else ""
     if grad_accum_steps != 1:
         raise ConfigError(
-            f"{where}data.global_batch_size={global_batch_size} derives the accumulation from the process count; "
+            f"{where}loader.global_batch_size={global_batch_size} derives the accumulation from the process count; "
             f"leave train.grad_accum_steps at 1 (got {grad_accum_steps})"
         )
     unit = per_device * processes
     if global_batch_size % unit:
         counts = [n for n in range(1, global_batch_size // per_device + 1) if global_batch_size % (per_device * n) == 0]
         raise ConfigError(
-            f"{where}data.global_batch_size={global_batch_size} is not a multiple of data.batch_size_per_device={per_device} x {processes} processes = {unit}; "
+            f"{where}loader.global_batch_size={global_batch_size} is not a multiple of loader.batch_size_per_device={per_device} x {processes} processes = {unit}; "
             f"launch {', '.join(map(str, counts[:12]))}{' ...' if len(counts) > 12 else ''} processes, or change either key"
         )
     return BatchPlan(per_device, processes, global_batch_size // unit, fixed=True)

@@ -163,7 +163,7 @@ def import_main_py_args(argv: list[str], device: str = "auto", devices_per_machi
     unmapped = [f"{token}: not a flag of imagenet/main.py" for token in unknown]
     notes: list[str] = []
     recipe = yaml.safe_load(BASE_RECIPE.read_text())
-    data, optim, train = recipe["data"], recipe["optim"], recipe["train"]
+    data, loader, optim, train = recipe["data"], recipe["loader"], recipe["optim"], recipe["train"]
 
     # -- device and processes ------------------------------------------------------
     if device == "auto":
@@ -206,11 +206,11 @@ def import_main_py_args(argv: list[str], device: str = "auto", devices_per_machi
         notes.append(
             f"-b {a['batch_size']} is not divisible by {processes} processes: main.py rounds each process's share down to {a['batch_size'] // processes}"
         )
-    data["batch_size_per_device"] = max(a["batch_size"] // processes, 1)
+    loader["batch_size_per_device"] = max(a["batch_size"] // processes, 1)
     if processes > 1:
-        notes.append(f"-b {a['batch_size']} is main.py's batch per machine: {data['batch_size_per_device']} per device over {processes} devices")
-    data.pop("val_batch_size_per_device", None)
-    data["workers"] = math.ceil(a["workers"] / processes) if processes > 1 else a["workers"]
+        notes.append(f"-b {a['batch_size']} is main.py's batch per machine: {loader['batch_size_per_device']} per device over {processes} devices")
+    loader.pop("val_batch_size_per_device", None)
+    loader["workers"] = math.ceil(a["workers"] / processes) if processes > 1 else a["workers"]
     import timm
 
     if timm.is_model(a["arch"]):

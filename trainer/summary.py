@@ -34,7 +34,7 @@ def start_summary(
             ("precision", b.precision + (" + loss scaler" if loss_scaler else "")),
             ("data", f"{cfg.data.source} {cfg.data.root}: {d.train_size} train / {d.val_size} val images"),
             ("input", f"{d.data_config['input_size'][-1]}px, {d.data_config['interpolation']}, crop_pct {d.data_config['crop_pct']}"),
-            *([("train size", describe_schedule(cfg.data.train_size_schedule) + " (data.train_size_schedule)")] if cfg.data.train_size_schedule else []),
+            *([("train size", describe_schedule(cfg.input.train_size_schedule) + " (input.train_size_schedule)")] if cfg.input.train_size_schedule else []),
             ("batch", f"{plan.describe()}, {steps_per_epoch} steps/epoch"),
             ("schedule", f"{t.epochs} epochs, {cfg.optim.name} lr {cfg.optim.lr}, {cfg.schedule.name}"),
             ("start", f"epoch {state.epoch + 1}, step {state.global_step}" + (" (resumed)" if state.global_step else "")),

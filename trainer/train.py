@@ -19,7 +19,7 @@ from accelerate.utils import DataLoaderConfiguration, set_seed
 from trainer.backend import create_accelerator
 from trainer.batch_augment import create_batch_augment
 from trainer.checkpoint import CheckpointError, CheckpointManager, TrainState, checkpoint_name
-from trainer.config import Config, ConfigError, config_to_dict
+from trainer.config import Config, config_to_dict
 from trainer.data.loader import create_datasets
 from trainer.data.pipeline import create_pipeline
 from trainer.ema import EMA_WEIGHTS, EmaStepHook, create_ema
@@ -63,8 +63,8 @@ class Trainer:
         )
         acc = self.accelerator
         self.plan = plan_batch(
-            global_batch_size=cfg.data.global_batch_size,
-            per_device=cfg.data.batch_size_per_device,
+            global_batch_size=cfg.loader.global_batch_size,
+            per_device=cfg.loader.batch_size_per_device,
             processes=acc.num_processes,
             grad_accum_steps=t.grad_accum_steps,
             source=cfg.source,
@@ -74,8 +74,15 @@ class Trainer:
         acc.gradient_accumulation_steps = self.plan.accumulation
         set_seed(t.seed)
         with acc.main_process_first():
-            self.data = create_datasets(cfg.data, cfg.model.name, t.seed, acc.process_index, acc.num_processes, cfg.model.num_classes)
-        check_val_size(self.data.val_size, acc.num_processes, cfg)
+            self.data = create_datasets(
+                **cfg.data_sections(),
+                model_name=cfg.model.name,
+                seed=t.seed,
+                rank=acc.process_index,
+                world_size=acc.num_processes,
+                num_classes=cfg.model.num_classes,
+            )
+        self.data.check_val_size(acc.num_processes, config_file=cfg.source, root=cfg.data.root)
         num_classes = self.data.num_classes(cfg.model.num_classes)
         model = create_model(cfg.model, num_classes)
         if t.channels_last:
@@ -84,9 +91,17 @@ class Trainer:
         # device; any other makes GradScaler call .item() on its inf check every step.
         fused = acc.scaler is not None and self.backend.supports_fused_optimizer()
         optimizer = create_optimizer(model, cfg.optim, prefer_fused=fused)
-        pin = self.backend.pin_memory_kwargs(cfg.data.pin_memory)
         # a stuck loader worker is named too, not waited for
-        self.pipeline = create_pipeline(self.data, cfg.data, acc, pin, t.channels_last, wait_s=cfg.backend.collective_timeout_s)
+        self.pipeline = create_pipeline(
+            self.data,
+            loader=cfg.loader,
+            input=cfg.input,
+            aug=cfg.aug,
+            accelerator=acc,
+            pin_kwargs=self.backend.pin_memory_kwargs(cfg.loader.pin_memory),
+            channels_last=t.channels_last,
+            wait_s=cfg.backend.collective_timeout_s,
+        )
         self.train_loader, self.val_loader, self.normalize = self.pipeline.train, self.pipeline.val, self.pipeline.normalize
         if t.compile:
             model = torch.compile(model)
@@ -96,7 +111,13 @@ class Trainer:
         self.scheduler = create_lr_scheduler(self.optimizer, cfg.schedule, self.steps_per_epoch, t.epochs)
         # Recipe components, each None when its keys leave it off: random erasing and
         # mixup/cutmix on the device batch, and the loss for the targets they give.
-        self.batch_augment = create_batch_augment(cfg.mixup, cfg.data, num_classes, t.label_smoothing, t.seed)
+        self.batch_augment = create_batch_augment(
+            mixup=cfg.mixup,
+            aug=cfg.aug,
+            num_classes=num_classes,
+            label_smoothing=t.label_smoothing,
+            seed=t.seed,
+        )
         soft_targets = self.batch_augment is not None and self.batch_augment.soft_targets
         self.criterion = create_loss(t.loss, t.label_smoothing, t.bce_target_threshold, soft_targets)
         self.checkpoints = CheckpointManager(acc, self.run_dir / "checkpoints", t.keep_last_checkpoints)
@@ -364,9 +385,3 @@ class Trainer:
 
     def close(self) -> None:
         self.accelerator.end_training()
-
-
-def check_val_size(val_size: int, num_processes: int, cfg: Config) -> None:
-    """Every process needs at least one val image: fewer would leave one without a batch."""
-    if val_size and val_size < num_processes:
-        raise ConfigError(f"{cfg.source}: {num_processes} processes but only {val_size} validation images in {cfg.data.root}; launch fewer processes")

@@ -8,7 +8,10 @@ from pathlib import Path
 import numpy as np
 
 from trainer.data import index_cache
-from trainer.data.readers import FOLDER_LAYOUT, IMG_EXTENSIONS, DataError
+from trainer.errors import DataError
+
+IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+FOLDER_LAYOUT = "ROOT/train/<class>/*.JPEG and ROOT/val/<class>/*.JPEG (the ImageNet layout)"
 
 FORMAT = 1  # bump when the arrays change meaning
 

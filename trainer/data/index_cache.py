@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from trainer.data.readers import DataError
+from trainer.errors import DataError
 
 log = logging.getLogger("trainer")
 

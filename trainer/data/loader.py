@@ -12,7 +12,7 @@ import torch
 from timm.data import create_transform, resolve_data_config
 from torch.utils.data import DataLoader
 
-from trainer.config import ConfigError, DataConfig
+from trainer.config import AugConfig, ConfigError, DataConfig, InputConfig, LoaderConfig
 from trainer.data.dataset import EpochSampler, ImageDataset, StreamingImageDataset, _SampleDecoder, collate
 from trainer.data.digits import write_digits
 from trainer.data.readers import SpreadSubset
@@ -44,9 +44,14 @@ class Datasets:
         """`effective_num_classes` of this data."""
         return effective_num_classes(configured, self.classes)
 
+    def check_val_size(self, num_processes: int, *, config_file: str, root: str) -> None:
+        """Every process needs at least one val image: fewer would leave one without a batch."""
+        if self.val_size and self.val_size < num_processes:
+            raise ConfigError(f"{config_file}: {num_processes} processes but only {self.val_size} validation images in {root}; launch fewer processes")
 
-def resolve_input_config(cfg: DataConfig, model_name: str) -> dict:
-    """timm's data config for the model, with the config's explicit values on top."""
+
+def resolve_input_config(cfg: InputConfig, model_name: str) -> dict:
+    """timm's data config for the model, with the `input` section's explicit values on top."""
     import timm.models
 
     pretrained_cfg = timm.models.get_pretrained_cfg(model_name)
@@ -67,27 +72,27 @@ def resolve_input_config(cfg: DataConfig, model_name: str) -> dict:
 TRIVIAL_AUGMENT = ("trivial", "ta_wide")  # torchvision's TrivialAugmentWide; timm has none
 
 
-def create_train_transform(cfg: DataConfig, input_cfg: dict, size: int) -> Any:
+def create_train_transform(aug: AugConfig, input_cfg: dict, size: int, normalize_on_device: bool) -> Any:
     """The train transform from timm at `size` px (a scheduled size, or the input size); uint8 output when normalizing on the device.
 
     Random erasing is not here: it runs on the normalized device batch (`trainer.batch_augment`),
     where timm's prefetcher runs it.
     """
-    trivial = cfg.auto_augment in TRIVIAL_AUGMENT
+    trivial = aug.auto_augment in TRIVIAL_AUGMENT
     try:
         train = create_transform(
             input_size=(3, size, size),
             is_training=True,
-            scale=tuple(cfg.scale),
-            ratio=tuple(cfg.ratio),
-            hflip=cfg.hflip,
-            color_jitter=cfg.color_jitter or None,
-            auto_augment=None if trivial else cfg.auto_augment or None,
-            **_common_transform_args(cfg, input_cfg),
+            scale=tuple(aug.scale),
+            ratio=tuple(aug.ratio),
+            hflip=aug.hflip,
+            color_jitter=aug.color_jitter or None,
+            auto_augment=None if trivial else aug.auto_augment or None,
+            **_common_transform_args(input_cfg, normalize_on_device),
         )
     except (AssertionError, ValueError, KeyError, IndexError) as err:
         raise ConfigError(
-            f"data.auto_augment: {cfg.auto_augment!r} is not a timm policy (rand-m9-mstd0.5-inc1, augmix-m5-w4-d2, v0, original) nor trivial ({err})"
+            f"aug.auto_augment: {aug.auto_augment!r} is not a timm policy (rand-m9-mstd0.5-inc1, augmix-m5-w4-d2, v0, original) nor trivial ({err})"
         ) from None
     if trivial:
         from torchvision import transforms as T
@@ -99,56 +104,91 @@ def create_train_transform(cfg: DataConfig, input_cfg: dict, size: int) -> Any:
     return train
 
 
-def _common_transform_args(cfg: DataConfig, input_cfg: dict) -> dict:
-    return dict(interpolation=input_cfg["interpolation"], mean=input_cfg["mean"], std=input_cfg["std"], use_prefetcher=cfg.normalize_on_device)
+def _common_transform_args(input_cfg: dict, normalize_on_device: bool) -> dict:
+    return dict(
+        interpolation=input_cfg["interpolation"],
+        mean=input_cfg["mean"],
+        std=input_cfg["std"],
+        use_prefetcher=normalize_on_device,
+    )
 
 
-def create_transforms(cfg: DataConfig, input_cfg: dict, train_size: int = 0) -> tuple[Any, Any]:
+def create_val_transform(input_cfg: dict, test_img_size: int, normalize_on_device: bool) -> Any:
+    """The val transform from timm: resize to size / crop_pct, center crop `test_img_size` (0: the input size)."""
+    test_size = (3, test_img_size, test_img_size) if test_img_size else input_cfg["input_size"]
+    return create_transform(
+        input_size=test_size,
+        is_training=False,
+        crop_pct=input_cfg["crop_pct"],
+        crop_mode=input_cfg.get("crop_mode", "center"),
+        **_common_transform_args(input_cfg, normalize_on_device),
+    )
+
+
+def create_transforms(*, aug: AugConfig, input_cfg: dict, test_img_size: int, normalize_on_device: bool, train_size: int = 0) -> tuple[Any, Any]:
     """Train and val transforms from timm; `train_size` (0: the input size) sets the train crop.
 
-    `data.test_img_size` sets the val crop apart from the train one.
+    `input.test_img_size` sets the val crop apart from the train one.
     """
-    train = create_train_transform(cfg, input_cfg, train_size or input_cfg["input_size"][-1])
-    test_size = (3, cfg.test_img_size, cfg.test_img_size) if cfg.test_img_size else input_cfg["input_size"]
-    common = _common_transform_args(cfg, input_cfg)
-    val = create_transform(input_size=test_size, is_training=False, crop_pct=input_cfg["crop_pct"], crop_mode=input_cfg.get("crop_mode", "center"), **common)
-    return train, val
+    train = create_train_transform(aug, input_cfg, train_size or input_cfg["input_size"][-1], normalize_on_device)
+    return train, create_val_transform(input_cfg, test_img_size, normalize_on_device)
 
 
-def resize_train(data: Datasets, cfg: DataConfig, size: int) -> None:
+def resize_train(data: Datasets, *, aug: AugConfig, loader: LoaderConfig, size: int) -> None:
     """Rebuild the train split's transform (and JPEG draft size) at `size` px; val is untouched.
 
     The dataset object stays: the sampler, reader and Accelerate's sharding refer to it.
     Workers that already hold a pickled copy do not see this (`trainer.data.resize`).
     """
     old = data.train.decoder
-    transform = create_train_transform(cfg, data.data_config, size)
-    data.train.decoder = _SampleDecoder(transform, old.num_classes, size if cfg.draft_decode else None, old.on_error, old.seed)
+    transform = create_train_transform(aug, data.data_config, size, loader.normalize_on_device)
+    draft_size = size if loader.draft_decode else None
+    data.train.decoder = _SampleDecoder(transform, old.num_classes, draft_size, old.on_error, old.seed)
 
 
-def create_datasets(cfg: DataConfig, model_name: str, seed: int, rank: int, world_size: int, num_classes: int = 0, train: bool = True) -> Datasets:
+def create_datasets(
+    *,
+    data: DataConfig,
+    loader: LoaderConfig,
+    input: InputConfig,
+    aug: AugConfig,
+    model_name: str,
+    seed: int,
+    rank: int,
+    world_size: int,
+    num_classes: int = 0,
+    train: bool = True,
+) -> Datasets:
     """Both splits of the configured source (or, with `train=False`, val alone), decoded and transformed by one pipeline.
 
     Raises:
         DataError: for a missing root or split, or val classes absent from train; the
             message names the path and the expected layout.
     """
-    start_worker_server(cfg.workers)
+    cfg = data
+    start_worker_server(loader.workers)
     if cfg.create_if_missing and not Path(cfg.root).expanduser().exists():
         BUILTIN_DATASETS[cfg.create_if_missing](Path(cfg.root).expanduser())
     source = get_source(cfg.source)
-    input_cfg = resolve_input_config(cfg, model_name)
-    test_size = cfg.test_img_size or input_cfg["input_size"][-1]
-    size = train_size_at(cfg.train_size_schedule, 0, input_cfg["input_size"][-1])  # a resumed run resizes on its first epoch
-    train_tf, val_tf = create_transforms(cfg, input_cfg, size)
+    input_cfg = resolve_input_config(input, model_name)
+    test_size = input.test_img_size or input_cfg["input_size"][-1]
+    size = train_size_at(input.train_size_schedule, 0, input_cfg["input_size"][-1])  # a resumed run resizes on its first epoch
+    train_tf, val_tf = create_transforms(
+        aug=aug,
+        input_cfg=input_cfg,
+        test_img_size=input.test_img_size,
+        normalize_on_device=loader.normalize_on_device,
+        train_size=size,
+    )
     val_split = source.val_split(cfg)
 
     def decoder(transform: Any, draft_size: int, classes: list[str]) -> _SampleDecoder:
-        return _SampleDecoder(transform, effective_num_classes(num_classes, classes), draft_size if cfg.draft_decode else None, cfg.on_error, seed)
+        num_outputs = effective_num_classes(num_classes, classes)
+        return _SampleDecoder(transform, num_outputs, draft_size if loader.draft_decode else None, cfg.on_error, seed)
 
     if cfg.streaming:
-        if cfg.repeated_aug > 1:
-            raise ConfigError(f"data.repeated_aug: {cfg.repeated_aug} needs an indexed source; a stream cannot repeat its images (set data.streaming=false)")
+        if aug.repeated_aug > 1:
+            raise ConfigError(f"aug.repeated_aug: {aug.repeated_aug} needs an indexed source; a stream cannot repeat its images (set data.streaming=false)")
         train_reader = create_stream_reader(cfg, cfg.train_split, rank, world_size, seed, shuffle=True, num_classes=num_classes)
         classes = train_reader.classes
         val_reader = create_stream_reader(cfg, val_split, rank, world_size, seed, shuffle=False, classes=classes)
@@ -165,13 +205,13 @@ def create_datasets(cfg: DataConfig, model_name: str, seed: int, rank: int, worl
         return Datasets(None, val_ds, classes, None, input_cfg, 0, len(val_reader))
     # NOTE: the epoch's unit is the global batch when it is fixed, so that the epoch has
     # the same samples on every process count (trainer.data.sampler)
-    epoch_unit = cfg.global_batch_size or cfg.batch_size_per_device * world_size
+    epoch_unit = loader.global_batch_size or loader.batch_size_per_device * world_size
     sampler = EpochOrderSampler(
         len(train_reader),
         seed=seed,
         epoch_unit=epoch_unit,
-        batch_size=cfg.batch_size_per_device,
-        repeats=cfg.repeated_aug,
+        batch_size=loader.batch_size_per_device,
+        repeats=aug.repeated_aug,
     )
     return Datasets(ImageDataset(train_reader, decoder(train_tf, size, classes)), val_ds, classes, sampler, input_cfg, len(train_reader), len(val_reader))
 
@@ -209,7 +249,14 @@ def start_worker_server(workers: int) -> None:
 
 
 def create_loader(
-    dataset: Any, cfg: DataConfig, batch_size: int, pin_kwargs: dict, sampler: Any = None, drop_last: bool = False, timeout_s: float = 0
+    dataset: Any,
+    cfg: LoaderConfig,
+    *,
+    batch_size: int,
+    pin_kwargs: dict,
+    sampler: Any = None,
+    drop_last: bool = False,
+    timeout_s: float = 0,
 ) -> DataLoader:
     """A DataLoader with the configured workers, prefetch and pinning; workers via `worker_context`.
 

@@ -1,12 +1,12 @@
 """The input pipeline assembled: both loaders, placed on the device, and the on-device normalizer.
 
 The batch contract between the transforms, the dataset and the device (named here once):
-with `data.normalize_on_device`, timm's transforms end in `MaybePILToTensor`, so workers
+with `loader.normalize_on_device`, timm's transforms end in `MaybePILToTensor`, so workers
 ship uint8 (N, 3, H, W) batches, 4x fewer bytes than float, and `Normalizer` turns them
 into normalized float on the device; without it the transforms normalize on the host and
 batches arrive as float, which `Normalizer` passes through (only the memory format is set).
 
-With `data.train_size_schedule`, `resize` hands the train loop each epoch's loader: the same
+With `input.train_size_schedule`, `resize` hands the train loop each epoch's loader: the same
 one, or (when the scheduled size changes) a new one over the train set rebuilt at that size.
 
 Every batch reaches the device one way, `place`: Accelerate's `prepare_data_loader`,
@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from accelerate.data_loader import prepare_data_loader
 
-from trainer.config import DataConfig
+from trainer.config import AugConfig, InputConfig, LoaderConfig
 from trainer.data.loader import Datasets, create_loader, resize_train
 from trainer.data.resize import TrainResize, train_size_at
 
@@ -66,7 +66,16 @@ def place(loader: Any, accelerator: Any, shard: bool, even_batches: bool = True)
 
 
 def create_pipeline(
-    data: Datasets, cfg: DataConfig, accelerator: Any, pin_kwargs: dict, channels_last: bool, train: bool = True, wait_s: float = 0
+    data: Datasets,
+    *,
+    loader: LoaderConfig,
+    input: InputConfig,
+    aug: AugConfig,
+    accelerator: Any,
+    pin_kwargs: dict,
+    channels_last: bool,
+    train: bool = True,
+    wait_s: float = 0,
 ) -> InputPipeline:
     """Both loaders (or the val loader alone) on the device, and the normalizer for their batches.
 
@@ -81,15 +90,25 @@ def create_pipeline(
     if train:
 
         def create_train_loader() -> Any:
-            loader = create_loader(data.train, cfg, cfg.batch_size_per_device, pin_kwargs, data.train_sampler, drop_last=True, timeout_s=wait_s)
-            return place(loader, accelerator, shard)
+            batches = create_loader(
+                data.train,
+                loader,
+                batch_size=loader.batch_size_per_device,
+                pin_kwargs=pin_kwargs,
+                sampler=data.train_sampler,
+                drop_last=True,
+                timeout_s=wait_s,
+            )
+            return place(batches, accelerator, shard)
 
         def rebuild(size: int) -> Any:
-            resize_train(data, cfg, size)
+            resize_train(data, aug=aug, loader=loader, size=size)
             return create_train_loader()  # new workers, forked by the fork server, get the dataset at the new size
 
         train_loader = create_train_loader()
-        resize = TrainResize(cfg.train_size_schedule, train_size_at(cfg.train_size_schedule, 0, data.data_config["input_size"][-1]), rebuild)
-    val_loader = create_loader(data.val, cfg, cfg.val_batch_size_per_device or cfg.batch_size_per_device, pin_kwargs, timeout_s=wait_s)
+        schedule = input.train_size_schedule
+        resize = TrainResize(schedule, train_size_at(schedule, 0, data.data_config["input_size"][-1]), rebuild)
+    val_batch = loader.val_batch_size_per_device or loader.batch_size_per_device
+    val_loader = create_loader(data.val, loader, batch_size=val_batch, pin_kwargs=pin_kwargs, timeout_s=wait_s)
     normalize = Normalizer(data.data_config["mean"], data.data_config["std"], accelerator.device, channels_last)
     return InputPipeline(train_loader, place(val_loader, accelerator, shard, even_batches=False), normalize, resize)

@@ -16,10 +16,10 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
+from trainer.data.folder_index import FOLDER_LAYOUT, IMG_EXTENSIONS, folder_index
 from trainer.errors import DataError
 
-IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
-FOLDER_LAYOUT = "ROOT/train/<class>/*.JPEG and ROOT/val/<class>/*.JPEG (the ImageNet layout)"
+__all__ = ["FOLDER_LAYOUT", "IMG_EXTENSIONS"]  # the folder layout's names, where readers are imported from
 HF_LAYOUT = "a hub id in the local HF cache, a save_to_disk dir, or a dir of data/<split>-*.parquet shards"
 
 
@@ -85,8 +85,6 @@ class FolderReader(PathListReader):
         """Index `split_dir` (once per job, see `folder_index`); an empty class folder is an
         error unless `allow_empty_classes` (check-data lists them all), in which case it is
         recorded in `empty_classes`."""
-        from trainer.data.folder_index import folder_index
-
         index = folder_index(split_dir, index_cache, rank, index_wait_s)
         found, counts = index.meta["classes"], index.arrays["counts"]
         self.classes = classes if classes is not None else found

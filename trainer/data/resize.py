@@ -2,9 +2,9 @@
 loader rebuilt when it changes (FFCV's ResNet50 recipes train at 160 px growing to 192 and
 test at 224).
 
-`data.train_size_schedule` is a list of [epoch, px] pairs, epochs counted from 0 as in
+`input.train_size_schedule` is a list of [epoch, px] pairs, epochs counted from 0 as in
 metrics.jsonl: each size holds from its epoch until the next entry's. The val crop is not
-scheduled (`data.test_img_size`, else `data.img_size`).
+scheduled (`input.test_img_size`, else `input.img_size`).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ EXAMPLE = "[[0, 160], [12, 192]]"
 
 
 def schedule_problem(schedule: list) -> str:
-    """Why `schedule` cannot be used as `data.train_size_schedule`, or "" when it can."""
+    """Why `schedule` cannot be used as `input.train_size_schedule`, or "" when it can."""
     pairs = all(isinstance(p, list) and len(p) == 2 and all(isinstance(v, int) and not isinstance(v, bool) for v in p) for p in schedule)
     if not pairs:
         return f"must be a list of [epoch, px] integer pairs such as {EXAMPLE}"
@@ -74,7 +74,7 @@ class TrainResize:
         size = train_size_at(self.schedule, epoch, self.size)
         if size == self.size:
             return loader
-        log.info("epoch %d: train images now %d px (were %d; data.train_size_schedule)", epoch + 1, size, self.size)
+        log.info("epoch %d: train images now %d px (were %d; input.train_size_schedule)", epoch + 1, size, self.size)
         stop_workers(loader)
         self.size = size
         return self.rebuild(size)

@@ -13,11 +13,11 @@ batch j of what is left to process j % processes, whole rounds only. So:
   epoch is trained on exactly once.
 
 The epoch is a whole number of `epoch_unit` samples (the global batch when
-`data.global_batch_size` is set, else one round of per-device batches): the rest of
+`loader.global_batch_size` is set, else one round of per-device batches): the rest of
 the order is dropped, as a loader's `drop_last` drops a partial batch, and the epoch's
 length is the same on every process count.
 
-With repeated augmentation (`data.repeated_aug`, timm's `RepeatAugSampler`, DeiT) each
+With repeated augmentation (`aug.repeated_aug`, timm's `RepeatAugSampler`, DeiT) each
 image appears `repeats` times in a row, the copies numbered (the dataset seeds each copy's
 augmentation apart), and each epoch keeps timm's length: the images rounded down to a
 multiple of 256 (all of them when fewer). timm deals the repeated list round-robin to the
