@@ -1,11 +1,12 @@
 """A run moved between process counts mid-epoch keeps its global batch: the same samples, lr and (nearly) weights.
 
 The uninterrupted run trains on 2 CPU processes with `loader.global_batch_size=12` (2 per
-device x 2 processes x 3 accumulation) and a checkpoint every step. Each resumed run
-starts from a copy of a run directory as a kill right after one mid-epoch checkpoint
-leaves it (the later checkpoints and the weights gone, the later records still there for
-the resume to drop), and goes on with another process count: 2 -> 1 (accumulation 6),
-2 -> 3 (accumulation 2), and 1 -> 2 from the 1-process run's own mid-epoch checkpoint.
+device x 2 processes x 3 accumulation) and a checkpoint every step. A second 2-process run
+is killed (SIGKILL, every process) in the middle of its first epoch; copies of its run
+directory resume on 1 process (accumulation 6) and on 3 (accumulation 2). Then the
+1-process run's directory, cut back as a kill right after its mid-epoch checkpoint of step
+6 leaves it (the later checkpoints and the weights gone, the later records still there for
+the resume to drop), resumes on 2 processes.
 
 What must hold: every epoch's `train_samples` and the lr logged at every step equal the
 uninterrupted run's, and the final weights are close. Not bit-exact: the same samples
@@ -28,6 +29,7 @@ from pathlib import Path
 import pytest
 import yaml
 from safetensors.torch import load_file
+from test_multiprocess import Launch
 
 import helpers
 from trainer.metrics import read_metrics, read_steps
@@ -80,14 +82,25 @@ def train(config: Path, run_name: str, processes: int) -> str:
     return done.stdout
 
 
-def killed_copy(runs: Path, source: str, name: str, step: int) -> None:
-    """`runs/name`: `runs/source` as a kill right after its checkpoint of `step` leaves it."""
+def killed_copy(runs: Path, source: str, name: str, step: int = 0) -> None:
+    """`runs/name`: a copy of `runs/source`, cut back (when `step`) as a kill right after that checkpoint leaves it."""
     shutil.copytree(runs / source, runs / name)
     for checkpoint in (runs / name / "checkpoints").iterdir():
-        if int(checkpoint.name.removeprefix("step_")) > step:
+        if step and int(checkpoint.name.removeprefix("step_")) > step:
             shutil.rmtree(checkpoint)
     for weights in (runs / name).glob("*.safetensors"):
         weights.unlink()
+
+
+def kill_mid_epoch(config: Path, run_name: str) -> int:
+    """A 2-process run killed (SIGKILL, every process) in its first epoch; the step of its newest checkpoint."""
+    launch = Launch(config, f"output.run_name={run_name}")
+    launch.wait_for("epoch 1/2 step 2/4")
+    helpers.kill_marked(launch.marker)
+    launch.finish(timeout_s=60)
+    steps = [int(p.name.removeprefix("step_")) for p in (config.parent / "runs" / run_name / "checkpoints").glob("step_*")]
+    assert steps and max(steps) < 4, steps  # mid-epoch 1
+    return max(steps)
 
 
 def parameter_gap(runs: Path, a: str, b: str) -> float:
@@ -106,11 +119,12 @@ def test_moved_between_process_counts_mid_epoch_same_samples_same_lr_close_weigh
     straight_epochs, straight_steps = read_metrics(runs / "straight"), read_steps(runs / "straight")
     assert [r["train_samples"] for r in straight_epochs] == [48, 48] and [s["step"] for s in straight_steps] == list(range(1, 9))
 
+    killed_at = kill_mid_epoch(config, "killed")
     report = []
-    for name, source, step, processes in (("to1", "straight", 2, 1), ("to3", "straight", 2, 3), ("back_to2", "to1", 6, 2)):
+    for name, source, step, processes in (("to1", "killed", 0, 1), ("to3", "killed", 0, 3), ("back_to2", "to1", 6, 2)):
         killed_copy(runs, source, name, step)
         text = train(config, name, processes)
-        then = 1 if source == "to1" else 2
+        then, step = (1, step) if source == "to1" else (2, killed_at)
         assert f"resumed on {processes} process" in text and f"where the checkpoint had {then}: the global batch stays 12" in text, text[-3000:]
         assert f"checkpoint: {then} process" in text and f"this run: {processes} process" in text  # the start summary
         epochs, steps = read_metrics(runs / name), read_steps(runs / name)
