@@ -48,7 +48,7 @@ def write_config(tmp_path: Path, root: Path, **sections: dict) -> Path:
     cfg = {"model": {"name": "test_resnet"}, "output": {"dir": str(tmp_path / "runs"), "plots": False}}
     for name in {*ALL_ON, *sections}:  # each section: ALL_ON's keys, then the test's
         cfg[name] = {**cfg.get(name, {}), **ALL_ON.get(name, {}), **sections.get(name, {})}
-    cfg["data"]["root"] = str(root)
+    cfg.setdefault("data", {})["root"] = str(root)
     path = tmp_path / "tiny.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
