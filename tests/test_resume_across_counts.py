@@ -3,7 +3,8 @@
 The uninterrupted run trains on 2 CPU processes with `loader.global_batch_size=12` (2 per
 device x 2 processes x 3 accumulation) and a checkpoint every step. A second 2-process run
 is killed (SIGKILL, every process) in the middle of its first epoch; copies of its run
-directory resume on 1 process (accumulation 6) and on 3 (accumulation 2). Then the
+directory, from its checkpoint of step 1, resume on 1 process (accumulation 6) and on 3
+(accumulation 2). Then the
 1-process run's directory, cut back as a kill right after its mid-epoch checkpoint of step
 6 leaves it (the later checkpoints and the weights gone, the later records still there for
 the resume to drop), resumes on 2 processes.
@@ -92,15 +93,14 @@ def killed_copy(runs: Path, source: str, name: str, step: int = 0) -> None:
         weights.unlink()
 
 
-def kill_mid_epoch(config: Path, run_name: str) -> int:
-    """A 2-process run killed (SIGKILL, every process) in its first epoch; the step of its newest checkpoint."""
+def kill_mid_epoch(config: Path, run_name: str) -> None:
+    """A 2-process run killed (SIGKILL, every process) in its first epoch, after its checkpoint of step 1."""
     launch = Launch(config, f"output.run_name={run_name}")
     launch.wait_for("epoch 1/2 step 2/4")
     helpers.kill_marked(launch.marker)
     launch.finish(timeout_s=60)
     steps = [int(p.name.removeprefix("step_")) for p in (config.parent / "runs" / run_name / "checkpoints").glob("step_*")]
-    assert steps and max(steps) < 4, steps  # mid-epoch 1
-    return max(steps)
+    assert 1 in steps and max(steps) < 4, steps  # mid-epoch 1
 
 
 def parameter_gap(runs: Path, a: str, b: str) -> float:
@@ -119,12 +119,14 @@ def test_moved_between_process_counts_mid_epoch_same_samples_same_lr_close_weigh
     straight_epochs, straight_steps = read_metrics(runs / "straight"), read_steps(runs / "straight")
     assert [r["train_samples"] for r in straight_epochs] == [48, 48] and [s["step"] for s in straight_steps] == list(range(1, 9))
 
-    killed_at = kill_mid_epoch(config, "killed")
+    kill_mid_epoch(config, "killed")
     report = []
-    for name, source, step, processes in (("to1", "killed", 0, 1), ("to3", "killed", 0, 3), ("back_to2", "to1", 6, 2)):
+    # NOTE: from step 1, whose window of 3 micro-batches per process is not a whole window of 6 or 2:
+    # what Accelerate's restored micro-batch counter got wrong (it closed the first window early)
+    for name, source, step, processes in (("to1", "killed", 1, 1), ("to3", "killed", 1, 3), ("back_to2", "to1", 6, 2)):
         killed_copy(runs, source, name, step)
         text = train(config, name, processes)
-        then, step = (1, step) if source == "to1" else (2, killed_at)
+        then = 1 if source == "to1" else 2
         assert f"resumed on {processes} process" in text and f"where the checkpoint had {then}: the global batch stays 12" in text, text[-3000:]
         assert f"checkpoint: {then} process" in text and f"this run: {processes} process" in text  # the start summary
         epochs, steps = read_metrics(runs / name), read_steps(runs / name)

@@ -164,6 +164,11 @@ class Trainer:
             epochs=t.epochs,
             streamed=self.data.streamed,
         )
+        # NOTE: Accelerate's load_state restores its micro-batch counter (`Accelerator.step`,
+        # accelerate/src/accelerate/accelerator.py), which decides the accumulation window by
+        # `step % accumulation`: counted on another process count it would close the first
+        # window early. A checkpoint is taken at an update, so a window starts here.
+        self.accelerator.step = 0
         if plan.schedule_step is not None:
             move_schedule(self.scheduler, plan.schedule_step)
         for line in plan.lines:
