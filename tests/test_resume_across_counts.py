@@ -86,7 +86,7 @@ def train(config: Path, run_name: str, processes: int) -> str:
 def killed_copy(runs: Path, source: str, name: str, step: int = 0) -> None:
     """`runs/name`: a copy of `runs/source`, cut back (when `step`) as a kill right after that checkpoint leaves it."""
     shutil.copytree(runs / source, runs / name)
-    for checkpoint in (runs / name / "checkpoints").iterdir():
+    for checkpoint in (runs / name / "checkpoints").glob("step_*"):  # a killed save's .tmp-step_* stays, as the kill left it
         if step and int(checkpoint.name.removeprefix("step_")) > step:
             shutil.rmtree(checkpoint)
     for weights in (runs / name).glob("*.safetensors"):

@@ -44,7 +44,15 @@ def seeded_rngs(seed: int) -> Iterator[None]:
 class BatchAugment:
     """`(images, labels) -> (images, targets)`: erase, then mix; targets are (N, classes) when mixing."""
 
-    def __init__(self, *, mixup: MixupConfig, aug: AugConfig, num_classes: int, label_smoothing: float, seed: int) -> None:
+    def __init__(
+        self,
+        *,
+        mixup: MixupConfig,
+        aug: AugConfig,
+        num_classes: int,
+        label_smoothing: float,
+        seed: int,
+    ) -> None:
         self.num_classes, self.label_smoothing = num_classes, label_smoothing
         self.seed = seed * 1_000_003
         self.mix = None

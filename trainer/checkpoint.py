@@ -48,7 +48,7 @@ class TrainState:
     best_val_top1: float = -1.0
     best_checkpoint: str = ""
     scheduler: dict = field(default_factory=dict)
-    epoch_totals: dict = field(default_factory=dict)  # the epoch's train sums to samples_done, all processes (EpochTally)
+    epoch_totals: dict = field(default_factory=dict)  # the epoch's train sums to samples_done, all processes
 
 
 def _fsync_dir(path: Path) -> None:

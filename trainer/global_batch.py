@@ -138,7 +138,8 @@ def continue_epoch(
         state.samples_done = state.batches_done * plan.round_size
     change = ResumeChange(state.processes, state.global_batch, plan)
     done, lines, schedule_step = state.samples_done, [], None
-    where = f"epoch {state.epoch + 1} goes on " + (f"at sample {done} of {epoch_samples}" if epoch_samples else f"after {done} samples")
+    at = f"at sample {done} of {epoch_samples}" if epoch_samples else f"after {done} samples"
+    where = f"epoch {state.epoch + 1} goes on {at}"
     if change.batch_changed:
         then = state.epoch_samples or epoch_samples
         position = state.epoch + (done / then if then else 0.0)
