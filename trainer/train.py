@@ -156,7 +156,7 @@ class Trainer:
     def _continue(self, state: TrainState) -> Continuation:
         """Take `state` over for this run's batch plan; log what changed and move the schedule where needed."""
         t = self.cfg.train
-        plan = continue_epoch(
+        go_on = continue_epoch(
             state,
             self.plan,
             epoch_samples=self._epoch_samples(),
@@ -169,11 +169,11 @@ class Trainer:
         # `step % accumulation`: counted on another process count it would close the first
         # window early. A checkpoint is taken at an update, so a window starts here.
         self.accelerator.step = 0
-        if plan.schedule_step is not None:
-            move_schedule(self.scheduler, plan.schedule_step)
-        for line in plan.lines:
+        if go_on.schedule_step is not None:
+            move_schedule(self.scheduler, go_on.schedule_step)
+        for line in go_on.lines:
             log.warning(line)
-        return plan
+        return go_on
 
     def resume(self) -> None:
         """Continue from `train.resume`: the newest complete checkpoint that loads."""
@@ -308,10 +308,10 @@ class Trainer:
     def _save_checkpoint(self) -> None:
         """Checkpoint unless the latest loss or the weights are non-finite: never overwrite good state with NaNs."""
         if self.guard.safe_to_save(self.model, self.state.global_step):
-            state = self.state
+            state = self.state  # with the batch plan that wrote it, for a resume on another process count
             state.processes, state.global_batch = self.plan.processes, self.plan.global_batch
             state.epoch_samples = self._epoch_samples()
-            self.checkpoints.save(self.state, self.scheduler, extra_weights={EMA_WEIGHTS: self.ema.module} if self.ema else None)
+            self.checkpoints.save(state, self.scheduler, extra_weights={EMA_WEIGHTS: self.ema.module} if self.ema else None)
 
     def evaluate(self, num_classes_for_confusion: int = 0) -> dict[str, Any]:
         """Val loss, top-1 and top-5 over every val image exactly once (`trainer.evaluate`)."""
