@@ -73,7 +73,7 @@ def test_defaults_are_main_pys(tmp_path):
         (["-p", "100"], "train", "log_every_steps", 100),
         (["--print-freq", "20"], "train", "log_every_steps", 20),
         (["--seed", "42"], "train", "seed", 42),
-        (["--resume", "ckpt.pth.tar"], "model", "pretrained_file", "ckpt.pth.tar"),
+        (["--resume", "ckpt.pth.tar"], "model", "pretrained", "ckpt.pth.tar"),
     ],
 )
 def test_each_value_flag_maps_to_its_key(flags, section, key, value, tmp_path):

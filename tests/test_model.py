@@ -1,4 +1,4 @@
-"""Tests for trainer.model: timm names, and weights only from a local file (exported by us)."""
+"""Tests for trainer.model and trainer.pretrained: timm names, and weights only from local files (exported by us)."""
 
 from __future__ import annotations
 
@@ -59,7 +59,7 @@ def test_unknown_name_is_a_model_error_naming_it():
 
 def test_pretrained_file_loads_exported_weights_exactly(exported):
     model, path = exported
-    loaded = create_model(ModelConfig(name=NAME, pretrained_file=str(path)), num_classes=3)
+    loaded = create_model(ModelConfig(name=NAME, pretrained=str(path)), num_classes=3)
     assert_same_weights(model, loaded)  # the classifier included
     loaded.eval()
     x = torch.randn(2, 3, 32, 32)
@@ -70,7 +70,7 @@ def test_pretrained_file_in_torch_format_loads_exactly(exported, tmp_path):
     model, _ = exported
     path = tmp_path / "model.pth"
     torch.save(model.state_dict(), path)
-    assert_same_weights(model, create_model(ModelConfig(name=NAME, pretrained_file=str(path)), num_classes=3))
+    assert_same_weights(model, create_model(ModelConfig(name=NAME, pretrained=str(path)), num_classes=3))
 
 
 def test_pretrained_training_checkpoint_with_ddp_prefix_loads_exactly(exported, tmp_path):
@@ -78,12 +78,12 @@ def test_pretrained_training_checkpoint_with_ddp_prefix_loads_exactly(exported, 
     model, _ = exported
     path = tmp_path / "checkpoint.pth.tar"
     torch.save({"epoch": 3, "state_dict": {f"module.{k}": v for k, v in model.state_dict().items()}}, path)
-    assert_same_weights(model, create_model(ModelConfig(name=NAME, pretrained_file=str(path)), num_classes=3))
+    assert_same_weights(model, create_model(ModelConfig(name=NAME, pretrained=str(path)), num_classes=3))
 
 
 def test_pretrained_file_with_another_head_keeps_the_backbone(exported):
     model, path = exported
-    loaded = create_model(ModelConfig(name=NAME, pretrained_file=str(path)), num_classes=5)
+    loaded = create_model(ModelConfig(name=NAME, pretrained=str(path)), num_classes=5)
     assert loaded.get_classifier().out_features == 5
     backbone = {k: v for k, v in loaded.state_dict().items() if not k.startswith("fc.")}
     for key, value in backbone.items():
@@ -91,18 +91,18 @@ def test_pretrained_file_with_another_head_keeps_the_backbone(exported):
 
 
 def test_missing_pretrained_file_is_a_model_error(tmp_path):
-    with pytest.raises(ModelError, match=r"model\.pretrained_file: .*nope\.safetensors does not exist"):
-        create_model(ModelConfig(name=NAME, pretrained_file=str(tmp_path / "nope.safetensors")), num_classes=3)
+    with pytest.raises(ModelError, match=r"model\.pretrained: .*nope\.safetensors does not exist"):
+        create_model(ModelConfig(name=NAME, pretrained=str(tmp_path / "nope.safetensors")), num_classes=3)
 
 
 def test_unusable_pretrained_file_is_a_model_error_naming_it(tmp_path):
     garbage = tmp_path / "garbage.safetensors"
     garbage.write_bytes(b"not safetensors at all")
     with pytest.raises(ModelError, match="garbage.safetensors"):
-        create_model(ModelConfig(name=NAME, pretrained_file=str(garbage)), num_classes=3)
+        create_model(ModelConfig(name=NAME, pretrained=str(garbage)), num_classes=3)
     other = export_weights(timm.create_model("test_vit", num_classes=3), tmp_path / "vit.safetensors")
     with pytest.raises(ModelError, match=rf"vit\.safetensors does not fit {NAME}"):
-        create_model(ModelConfig(name=NAME, pretrained_file=str(other)), num_classes=3)
+        create_model(ModelConfig(name=NAME, pretrained=str(other)), num_classes=3)
 
 
 def test_exported_file_is_plain_timm_weights(exported):

@@ -228,3 +228,27 @@ def test_fused_sgd_momentum_starts_at_zero_so_a_skipped_first_step_leaves_no_gar
         optimizer.step()
     for a, b in zip(reference.parameters(), fused.parameters(), strict=True):
         torch.testing.assert_close(a, b)
+
+
+def test_layer_decay_scales_each_blocks_lr_down_from_the_head_and_the_schedule_keeps_the_ratios():
+    import timm
+
+    model = timm.create_model("test_resnet", num_classes=3)
+    optimizer = create_optimizer(model, OptimConfig(name="adamw", lr=0.01, weight_decay=0.05, layer_decay=0.5))
+    group_of = {id(p): g for g in optimizer.param_groups for p in g["params"]}
+    head, stem = group_of[id(model.fc.weight)], group_of[id(model.conv1[0].weight)]
+    assert head["lr"] == pytest.approx(0.01)  # the head trains at optim.lr
+    assert stem["lr"] < head["lr"] and stem["lr"] / head["lr"] == pytest.approx(stem["lr_scale"])
+    assert len({round(g["lr"], 12) for g in optimizer.param_groups}) >= 3  # stem, blocks and head differ
+    assert group_of[id(model.fc.bias)]["weight_decay"] == 0 and head["weight_decay"] == 0.05
+    scheduler = create_lr_scheduler(optimizer, ScheduleConfig(name="cosine"), steps_per_epoch=2, epochs=2)
+    for _ in range(2):
+        optimizer.step()
+        scheduler.step()
+    lrs = scheduler.get_last_lr()
+    assert [lr / max(lrs) for lr in lrs] == pytest.approx([g["lr_scale"] for g in optimizer.param_groups])
+
+
+def test_without_layer_decay_no_group_is_scaled():
+    optimizer = create_optimizer(linear_model(), OptimConfig(name="adamw", lr=0.01))
+    assert [g["lr"] for g in optimizer.param_groups] == [0.01] * len(optimizer.param_groups)

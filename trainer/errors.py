@@ -27,6 +27,10 @@ class ModelError(ValueError):
     """An unknown model name or an unusable weights file; the message names it."""
 
 
+class DependencyError(ImportError):
+    """An optional dependency is missing; the message names the extra that installs it."""
+
+
 class TrainingStopped(RuntimeError):
     """Training cannot go on (e.g. the loss stayed non-finite); the last good checkpoint is kept."""
 
@@ -51,4 +55,13 @@ class DecodeError(ValueError):
         self.reason = reason
 
 
-USER_ERRORS = (BackendError, CheckpointError, ConfigError, DataError, DecodeError, ModelError, TrainingStopped)
+USER_ERRORS = (
+    BackendError,
+    CheckpointError,
+    ConfigError,
+    DataError,
+    DecodeError,
+    DependencyError,
+    ModelError,
+    TrainingStopped,
+)

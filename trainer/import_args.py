@@ -225,12 +225,13 @@ def import_main_py_args(argv: list[str], device: str = "auto", devices_per_machi
     if a["start_epoch"]:
         unmapped.append(f"--start-epoch {a['start_epoch']}: the epoch to start at comes from the checkpoint (train.resume=auto), never by hand")
     if a["resume"]:
-        recipe["model"]["pretrained_file"] = a["resume"]
+        recipe["model"]["pretrained"] = a["resume"]
         unmapped.append(
-            f"--resume {a['resume']}: only its weights carry over (model.pretrained_file); its optimizer state, epoch and best top-1 do not, so training starts at epoch 1"
+            f"--resume {a['resume']}: only its weights carry over (model.pretrained); its optimizer state, epoch and "
+            "best top-1 do not, so training starts at epoch 1"
         )
     if a["pretrained"]:
-        unmapped.append("--pretrained: nothing is downloaded; put a weights file's path in model.pretrained_file")
+        unmapped.append("--pretrained: nothing is downloaded; set model.pretrained to a local model or file")
     if a["dummy"]:
         unmapped.append("--dummy: no synthetic-data mode; `trainer bench` times the model step without reading data")
 

@@ -16,7 +16,9 @@ def create_optimizer(model: torch.nn.Module, cfg: OptimConfig, prefer_fused: boo
 
     Like the reference script, weight decay applies to all parameters unless
     `optim.no_decay_norm_bias`, which puts norm weights and biases (every 1-d parameter)
-    in a group without decay, as timm's `filter_bias_and_bn` does.
+    in a group without decay, as timm's `filter_bias_and_bn` does. `optim.layer_decay`
+    gives each block its own group, lr scaled by layer_decay per block below the head
+    (timm's `param_groups_layer_decay`, which also takes 1-d parameters out of decay).
 
     Args:
         prefer_fused: take the fused SGD kernel when `cfg.implementation` is auto (the
@@ -31,7 +33,20 @@ def create_optimizer(model: torch.nn.Module, cfg: OptimConfig, prefer_fused: boo
         kwargs["foreach"] = cfg.implementation == "foreach"
     elif cfg.implementation == "fused" or (cfg.implementation == "auto" and prefer_fused and cfg.name in ("sgd", "momentum", "nesterov")):
         kwargs["fused"] = True
-    return create_optimizer_v2(model, opt=cfg.name, lr=cfg.lr, weight_decay=cfg.weight_decay, filter_bias_and_bn=cfg.no_decay_norm_bias, **kwargs)
+    no_decay_1d = cfg.no_decay_norm_bias
+    if cfg.layer_decay:
+        # NOTE: timm 1.0.3's param_groups_layer_decay takes 1-d parameters out of decay always,
+        # later ones only with filter_bias_and_bn (timm/optim/_optim_factory.py,
+        # weight_decay_exclude_1d): asking for it gives one behaviour on every admitted timm.
+        kwargs["layer_decay"], no_decay_1d = cfg.layer_decay, True
+    kwargs.update(lr=cfg.lr, weight_decay=cfg.weight_decay, filter_bias_and_bn=no_decay_1d)
+    optimizer = create_optimizer_v2(model, opt=cfg.name, **kwargs)
+    # NOTE: timm's layer decay only tags each group with an `lr_scale`; timm's own schedulers
+    # multiply it in (timm/scheduler/scheduler.py, `if 'lr_scale' in param_group`), a
+    # LambdaLR does not, so the scale goes into the group's lr, the base LambdaLR scales.
+    for group in optimizer.param_groups:
+        group["lr"] = group["lr"] * group.get("lr_scale", 1.0)
+    return optimizer
 
 
 def zero_fused_momentum(optimizer: torch.optim.Optimizer) -> None:

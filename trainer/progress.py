@@ -28,7 +28,8 @@ def use_bar(mode: str, stream: TextIO) -> bool:
 class EpochProgress:
     """Per-epoch display of loss, top-1, lr, img/s and ETA."""
 
-    def __init__(self, epoch: int, epochs: int, total_steps: int, start_step: int, enabled: bool, mode: str, stream: TextIO = sys.stderr) -> None:
+    def __init__(self, epoch: int, epochs: int, total_steps: int, start_step: int, enabled: bool, mode: str, stream: TextIO | None = None) -> None:
+        stream = stream or sys.stderr  # NOTE: read at each call, not bound at import (a replaced sys.stderr is honoured)
         self.epoch, self.epochs, self.total, self.enabled = epoch, epochs, total_steps, enabled
         self.step, self.first_step, self.start_s = start_step, start_step, time.perf_counter()
         self.bar = None

@@ -26,10 +26,11 @@ def start_summary(
 ) -> str:
     """What people check before walking away from a long run; `change`: a resume's other process count or batch."""
     b, d, t = backend, data, cfg.train
+    weights_from = f", from {cfg.model.pretrained}" if cfg.model.pretrained else ""
     return _table(
         [
             ("run", str(cfg.run_dir)),
-            ("model", f"{cfg.model.name} ({d.num_classes(cfg.model.num_classes)} classes)"),
+            ("model", f"{cfg.model.name} ({d.num_classes(cfg.model.num_classes)} classes)" + weights_from),
             ("device", processes(b) + (", freed host memory retained" if b.host_memory == "retain" else "")),
             ("precision", b.precision + (" + loss scaler" if loss_scaler else "")),
             ("data", f"{cfg.data.source} {cfg.data.root}: {d.train_size} train / {d.val_size} val images"),

@@ -8,6 +8,7 @@ that moved to another section names its new place.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import re
 import types
 import typing
@@ -111,6 +112,20 @@ def _set(cfg: Config, key: str, value: Any, origin: str) -> None:
 _FLOAT32_MAX = 3.4028234663852886e38
 
 
+def _map_deprecated(cfg: Config, origins: dict[str, str]) -> None:
+    """Move a deprecated key's value to the key that replaced it, with one warning line."""
+    m = cfg.model
+    if not m.pretrained_file:
+        return
+    where = origins.get("model.pretrained_file", cfg.source)
+    if m.pretrained:
+        raise ConfigError(f"{where}: model.pretrained_file is a deprecated alias of model.pretrained; set only that")
+    log = logging.getLogger("trainer")
+    log.warning("%s: model.pretrained_file is deprecated; read as model.pretrained=%s", where, m.pretrained_file)
+    # NOTE: cleared, so the saved config.yaml holds the one key and loads back equal
+    m.pretrained, m.pretrained_file = m.pretrained_file, ""
+
+
 def _validate(cfg: Config, origins: dict[str, str]) -> None:
     """Reject values no run could use; each message names the key and where its value came from."""
     d, ld, inp, aug = cfg.data, cfg.loader, cfg.input, cfg.aug
@@ -137,6 +152,7 @@ def _validate(cfg: Config, origins: dict[str, str]) -> None:
         ("optim.lr", 0 < o.lr <= _FLOAT32_MAX, f"must be > 0 and at most {_FLOAT32_MAX:.4g} (float32)"),
         ("optim.weight_decay", 0 <= o.weight_decay <= _FLOAT32_MAX, f"must be >= 0 and at most {_FLOAT32_MAX:.4g} (float32)"),
         ("optim.momentum", 0 <= o.momentum < 1, "must be in [0, 1)"),
+        ("optim.layer_decay", 0 <= o.layer_decay <= 1, "must be in (0, 1], or 0 to disable it"),
         ("train.epochs", t.epochs > 0, "must be > 0"),
         ("schedule.step_epochs", s.step_epochs > 0, "must be > 0"),
         ("schedule.gamma", 0 < s.gamma <= 1, "must be in (0, 1]"),
@@ -222,6 +238,7 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
     for key, value in parse_overrides(overrides or []).items():
         _set(cfg, key, value, "command line")
         origins[key] = "command line"  # NOTE: so `train.epochs=0` is not blamed on the file
+    _map_deprecated(cfg, origins)
     _validate(cfg, origins)
     return cfg
 

@@ -24,7 +24,12 @@ def _field(default: Any, help: str, choices: tuple[str, ...] = ()) -> Any:
 class ModelConfig:
     name: str = _field("resnet50", "timm model name; any name `timm.list_models()` knows")
     num_classes: int = _field(0, "classifier outputs; 0 takes the number of classes in the training data")
-    pretrained_file: str = _field("", "local weights file (.safetensors, .pth) to start from; nothing is downloaded")
+    pretrained: str = _field(
+        "",
+        "weights to start from: a model folder (local-dir:PATH or PATH), a run directory, a checkpoint, a weights file "
+        "(.safetensors, .pth) or a hub id already in the local hub cache; nothing is downloaded (docs/models.md)",
+    )
+    pretrained_file: str = _field("", "deprecated: an alias of model.pretrained, mapped to it with a warning")
     drop_rate: float = _field(0.0, "dropout before the classifier")
     drop_path_rate: float = _field(0.0, "stochastic depth rate, for models that support it")
 
@@ -125,6 +130,11 @@ class OptimConfig:
         ("auto", "foreach", "fused", "loop"),
     )
     no_decay_norm_bias: bool = _field(False, "no weight decay on normalization weights and biases (timm's filter_bias_and_bn), as the DLE and RSB recipes")
+    layer_decay: float = _field(
+        0.0,
+        "layer-wise lr decay for fine-tuning (timm's): a block's lr is lr x layer_decay^(blocks above it); "
+        "norm weights and biases get no weight decay; 0 disables it",
+    )
 
 
 @dataclass

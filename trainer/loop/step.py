@@ -85,7 +85,7 @@ class OptimizerStep:
     @property
     def lr(self) -> float:
         """The learning rate the next update uses."""
-        return self.scheduler.get_last_lr()[0]
+        return max(self.scheduler.get_last_lr())  # the head's under optim.layer_decay, whose groups differ
 
     def _call(self, name: str, step: int) -> None:
         for hook in self.hooks:
