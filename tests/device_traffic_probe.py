@@ -34,10 +34,10 @@ def record_epoch(trainer: Trainer, inject_sync: bool) -> list[dict]:
         intervals.append({**traffic_delta(mark["at"], now), "log": mark["log"], "step_only": mark["step_only"]})
         mark.update(at=now, log=False, step_only=None)
 
-    def recorded_step(batch, sums):
+    def recorded_step(batch, sums, *place):
         close_interval()
         before = stats()
-        updated = step(batch, sums)
+        updated = step(batch, sums, *place)
         if inject_sync:  # the regression the test must catch: a loss read every step
             sums.values.sum().item()
         mark["step_only"] = traffic_delta(before, stats())

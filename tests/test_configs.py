@@ -190,7 +190,7 @@ def test_dle_recipe_is_nvidias():
     cfg = load_config(CONFIGS / "resnet50_dle.yaml")
     o, s, t = cfg.optim, cfg.schedule, cfg.train
     assert (o.name, o.lr, o.momentum, o.weight_decay, o.no_decay_norm_bias) == ("sgd", 2.048, 0.875, 1 / 32768, True)
-    assert o.lr == pytest.approx(0.256 * 8 * cfg.loader.batch_size_per_device / 256)
+    assert o.lr == pytest.approx(0.256 * cfg.loader.global_batch_size / 256) and cfg.loader.global_batch_size == 2048
     assert (s.name, s.warmup_epochs, t.epochs, t.label_smoothing, t.precision) == ("cosine", 8, 90, 0.1, "fp16")
     assert cfg.mixup.mixup_alpha == 0 and not cfg.ema.enabled and t.loss == "ce"
 
@@ -201,7 +201,7 @@ def test_rsb_a3_recipe_is_the_papers():
     assert (i.img_size, i.test_img_size, i.crop_pct, i.interpolation) == (160, 224, 0.95, "bicubic")
     assert (a.auto_augment, a.re_prob, a.repeated_aug) == ("rand-m6-mstd0.5-inc1", 0.0, 0)
     assert (o.name, o.lr, o.weight_decay, o.no_decay_norm_bias) == ("lamb", 8e-3, 0.02, True)
-    assert 8 * cfg.loader.batch_size_per_device == 2048
+    assert cfg.loader.global_batch_size == 2048 == 8 * cfg.loader.batch_size_per_device
     assert (cfg.schedule.name, cfg.schedule.warmup_epochs, t.epochs) == ("cosine", 5, 100)
     assert (t.loss, t.bce_target_threshold, t.label_smoothing, t.grad_clip_norm) == ("bce", 0.2, 0.0, 0.0)
     assert (cfg.mixup.mixup_alpha, cfg.mixup.cutmix_alpha) == (0.1, 1.0) and not cfg.ema.enabled
@@ -225,6 +225,7 @@ def test_modern_recipe_trains_two_steps_on_tiny_data(path, tmp_path):
         "model.name=test_resnet",
         "input.img_size=32",
         "loader.batch_size_per_device=4",
+        "loader.global_batch_size=0",  # the recipe's 2048 would be 512 micro-batches of 4 here
         "loader.workers=0",
         "train.precision=fp32",
         "train.max_steps_per_epoch=2",

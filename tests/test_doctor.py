@@ -25,7 +25,8 @@ def setup(tmp_path: Path, device: str) -> Path:
     cfg = {
         "model": {"name": "test_resnet"},
         "data": {"root": "data"},
-        "loader": {"workers": 0},  # relative: each process reads it from its own working directory
+        # relative: each process reads it from its own working directory
+        "loader": {"workers": 0, "batch_size_per_device": 4, "global_batch_size": 16},
         "train": {"precision": PRECISION[device]},
         "backend": {"collective_timeout_s": 60},
         "output": {"dir": str(tmp_path / "runs")},
@@ -65,6 +66,7 @@ def test_doctor_passes_and_prints_one_row_per_process(tmp_path, device):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     out = proc.stdout
     assert "trainer doctor: OK" in out and "2 process(es) checked, 0 problem(s)" in out
+    assert "batch: 4/device x 2 processes x 2 accumulation = global 16 (loader.global_batch_size)" in out  # derived for 2 processes
     rows = [line.split() for line in out.splitlines() if line[:1] in ("0", "1") and len(line.split()) >= 9]
     assert [r[0] for r in rows] == ["0", "1"], out
     devices = [r[2] for r in rows]

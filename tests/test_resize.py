@@ -104,9 +104,9 @@ def fit_recording_sizes(config: Path, *overrides: str) -> tuple[dict, list[tuple
     trainer = Trainer(load_config(config, list(overrides)))
     seen, train_step = [], trainer.train_step
 
-    def recording(batch: dict, sums) -> bool:
+    def recording(batch: dict, sums, *place) -> bool:
         seen.append((trainer.state.epoch, tuple(batch["images"].shape[-2:])))
-        return train_step(batch, sums)
+        return train_step(batch, sums, *place)
 
     trainer.train_step = recording
     try:

@@ -70,3 +70,25 @@ def test_resume_continues_bit_for_bit(tmp_path: Path):
 def test_grad_accumulation_steps_once_per_window(tmp_path: Path):
     trainer, record = fit(tiny_config(tmp_path, "train.grad_accum_steps=2", "train.epochs=1"))
     assert trainer.steps_per_epoch == 2 and record["step"] == 2 and trainer.state.batches_done == 0
+
+
+def test_a_global_batch_derives_the_accumulation_on_one_process(tmp_path: Path, caplog):
+    caplog.set_level("INFO", logger="trainer")
+    trainer, record = fit(tiny_config(tmp_path, "loader.global_batch_size=8", "train.epochs=1"))
+    assert trainer.plan.accumulation == 2 and trainer.accelerator.gradient_accumulation_steps == 2
+    assert trainer.steps_per_epoch == 2 and record["step"] == 2 and record["train_samples"] == 16
+    assert "batch: 4/device x 1 process x 2 accumulation = global 8 (loader.global_batch_size), 2 steps/epoch" in caplog.text
+
+
+def test_resumed_with_another_global_batch_the_schedule_ends_where_configured(tmp_path: Path, caplog):
+    """Epoch 1 at global batch 8 (2 steps), then global batch 4 (4 steps an epoch): epoch 2 gets the lr of a run at 4 throughout."""
+    cosine = ["schedule.name=cosine", "schedule.warmup_epochs=0.5", "train.log_every_steps=1"]
+    fit(tiny_config(tmp_path, *cosine, "loader.global_batch_size=4", "output.run_name=at4"))
+    fit(tiny_config(tmp_path, *cosine, "loader.global_batch_size=8", "train.epochs=1", "output.run_name=moved"))
+    caplog.set_level("INFO", logger="trainer")
+    trainer, record = fit(tiny_config(tmp_path, *cosine, "loader.global_batch_size=4", "train.resume=auto", "output.run_name=moved"))
+    assert "resumed with global batch 4" in caplog.text and "where the checkpoint had 8 on 1 process: 4 steps per epoch instead of 2" in caplog.text
+    assert "resumed from: checkpoint: 1 process, global batch 8; this run: 1 process, global batch 4" in caplog.text
+    steps = {name: [json.loads(line) for line in (tmp_path / "runs" / name / "steps.jsonl").read_text().splitlines()] for name in ("at4", "moved")}
+    assert [s["step"] for s in steps["moved"]] == [1, 2, 3, 4, 5, 6] and record["train_samples"] == 16
+    assert [s["lr"] for s in steps["moved"][2:]] == [s["lr"] for s in steps["at4"][4:]] and steps["moved"][-1]["lr"] == 0.0

@@ -2,9 +2,12 @@
 
 timm applies both after the loader (erasing in its prefetcher, then `Mixup`), so does this.
 Both draw from the global `random`, numpy and torch generators; each micro-batch seeds
-them from (seed, process, epoch, micro-batch index) and puts the caller's states back,
-so a run resumed mid-epoch draws exactly what the uninterrupted run drew, whatever
-else consumed random numbers before (loader start-up, a resumed process's set-up).
+them from (seed, epoch, micro-batch index) and puts the caller's states back, so a run
+resumed mid-epoch draws exactly what the uninterrupted run drew, whatever else consumed
+random numbers before (loader start-up, a resumed process's set-up). The index is the
+micro-batch's place in the epoch's global order (`trainer.data.sampler`), not a count of
+this process's batches: each process draws differently, and a micro-batch draws the same
+on 1, 2 or 3 processes, so a run resumed on another process count augments as before.
 """
 
 from __future__ import annotations
@@ -42,9 +45,17 @@ def seeded_rngs(seed: int) -> Iterator[None]:
 class BatchAugment:
     """`(images, labels) -> (images, targets)`: erase, then mix; targets are (N, classes) when mixing."""
 
-    def __init__(self, *, mixup: MixupConfig, aug: AugConfig, num_classes: int, label_smoothing: float, seed: int, process_index: int) -> None:
+    def __init__(
+        self,
+        *,
+        mixup: MixupConfig,
+        aug: AugConfig,
+        num_classes: int,
+        label_smoothing: float,
+        seed: int,
+    ) -> None:
         self.num_classes, self.label_smoothing = num_classes, label_smoothing
-        self.seed = seed * 1_000_003 + process_index  # processes draw differently, as timm seeds each rank
+        self.seed = seed * 1_000_003
         self.mix = None
         if mixup.mixup_alpha > 0 or mixup.cutmix_alpha > 0:
             self.mix = Mixup(
@@ -87,8 +98,15 @@ class BatchAugment:
         return torch.cat([mixed, images[even:]]), torch.cat([targets, alone])
 
 
-def create_batch_augment(*, mixup: MixupConfig, aug: AugConfig, num_classes: int, label_smoothing: float, seed: int, process_index: int) -> BatchAugment | None:
+def create_batch_augment(
+    *,
+    mixup: MixupConfig,
+    aug: AugConfig,
+    num_classes: int,
+    label_smoothing: float,
+    seed: int,
+) -> BatchAugment | None:
     """A BatchAugment when mixup, cutmix or random erasing is on; None otherwise."""
     if mixup.mixup_alpha <= 0 and mixup.cutmix_alpha <= 0 and aug.re_prob <= 0:
         return None
-    return BatchAugment(mixup=mixup, aug=aug, num_classes=num_classes, label_smoothing=label_smoothing, seed=seed, process_index=process_index)
+    return BatchAugment(mixup=mixup, aug=aug, num_classes=num_classes, label_smoothing=label_smoothing, seed=seed)

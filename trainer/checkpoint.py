@@ -39,12 +39,16 @@ class TrainState:
     """Where training stands; everything resume needs besides Accelerate's state."""
 
     epoch: int = 0  # epoch in progress
-    batches_done: int = 0  # micro-batches of this epoch already trained on
+    batches_done: int = 0  # micro-batches of this epoch this process trained on (this run's process count)
+    samples_done: int = 0  # samples of the epoch's global order trained on, all processes (a resume goes on there)
     global_step: int = 0  # optimizer steps so far
+    processes: int = 0  # the process count that wrote the checkpoint (0: a checkpoint from before it was recorded)
+    global_batch: int = 0  # images per optimizer step of that run
+    epoch_samples: int = 0  # the epoch's length in samples in that run
     best_val_top1: float = -1.0
     best_checkpoint: str = ""
     scheduler: dict = field(default_factory=dict)
-    epoch_totals: dict = field(default_factory=dict)  # the epoch's train sums up to batches_done, all processes (EpochTally)
+    epoch_totals: dict = field(default_factory=dict)  # the epoch's train sums to samples_done, all processes
 
 
 def _fsync_dir(path: Path) -> None:

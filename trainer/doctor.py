@@ -10,9 +10,14 @@ process, and prints one table (process 0) and the first failure:
 3. `data.root` is readable with the same class list everywhere (a node without the data);
 4. `output.dir` is writable and the same directory for all (a node-local path);
 5. the pitfalls `trainer env` warns about;
+<<<<<<< HEAD
 6. the device stack (`backend.device_stack_rows`): the plugin's torch line (torch_mlu's),
    torch and plugin versions that belong together, the loss scaler's class, fused optimizer
    kernels, the collective error-handling variables in force, bf16; one row each.
+=======
+6. the batch plan: per device x processes x accumulation, derived for this launch when
+   `loader.global_batch_size` is set (or the count that does not divide it).
+>>>>>>> issue19a
 
 NOTE: every check catches its own errors and only records them, and the processes meet
 only at fixed points, so a failing process never leaves the others waiting.
@@ -32,9 +37,10 @@ from typing import Any
 import torch
 
 from trainer.backend import BackendError, create_accelerator, device_count, device_stack_rows, pitfalls, visible_devices
-from trainer.config import Config
+from trainer.config import Config, ConfigError
 from trainer.data.readers import DataError
 from trainer.data.sources import create_reader
+from trainer.global_batch import plan_batch
 
 BANDWIDTH_MB = 100  # a ResNet50 gradient: 25.6 M float32 parameters
 
@@ -143,6 +149,21 @@ def run_checks(cfg: Config, bandwidth_mb: int) -> tuple[list[dict[str, Any]], li
     return rows, failures, acc.is_main_process
 
 
+def batch_check(cfg: Config, processes: int) -> tuple[str, str]:
+    """("batch: <per device x processes x accumulation = global>", "") for `processes`, or ("", the failure)."""
+    try:
+        plan = plan_batch(
+            global_batch_size=cfg.loader.global_batch_size,
+            per_device=cfg.loader.batch_size_per_device,
+            processes=processes,
+            grad_accum_steps=cfg.train.grad_accum_steps,
+            source=cfg.source,
+        )
+    except ConfigError as err:
+        return "", str(err)
+    return f"batch: {plan.describe()}", ""
+
+
 def format_table(rows: list[dict[str, Any]]) -> str:
     columns = ("rank", "host", "device", "count", "visible", "precision", "group_s", "allreduce_GBps", "classes", "output_dir")
     cells = [[c for c in columns]] + [[_cell(r.get(c, "-")) for c in columns] for r in rows]
@@ -179,9 +200,11 @@ def doctor_command(cfg: Config, args: Any) -> int:
     except CollectiveError as err:
         sys.stdout.write(f"trainer doctor: FAIL: {err}\n")
         exit_now(1)
+    batch, batch_failure = batch_check(cfg, len(rows))  # the accumulation derived for this launch's process count
+    failures += [batch_failure] if batch_failure else []
     lines = []
     if main:
-        lines += [format_table(rows), "", format_stack(rows[0]["stack"]), ""]
+        lines += [format_table(rows), *([batch] if batch else []), "", format_stack(rows[0]["stack"]), ""]
         lines.append(f"trainer doctor: {len(rows)} process(es) checked, {len(failures)} problem(s)")
         lines += [f"  also: {failure}" for failure in failures[1:]]
     if failures:

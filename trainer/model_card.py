@@ -34,6 +34,14 @@ def results_table(records: list[dict[str, Any]], ema: bool) -> str:
     return "\n".join(lines) + "\n" + note
 
 
+def _batch(cfg: Config) -> str:
+    """The batch as configured: a fixed global batch (loader.global_batch_size), or per device and accumulation."""
+    ld = cfg.loader
+    if ld.global_batch_size:
+        return f"global {ld.global_batch_size} ({ld.batch_size_per_device} per device, accumulation derived from the process count)"
+    return f"{ld.batch_size_per_device} per device, gradient accumulation {cfg.train.grad_accum_steps}"
+
+
 def _recipe(cfg: Config) -> list[str]:
     a, t, o = cfg.aug, cfg.train, cfg.optim
     augment = [f"RandomResizedCrop scale {a.scale}", f"hflip {a.hflip}"]
@@ -48,7 +56,7 @@ def _recipe(cfg: Config) -> list[str]:
         f"- **Epochs:** {t.epochs}{started}",
         f"- **Optimizer:** {o.name}, lr {o.lr}, weight decay {o.weight_decay}{layer_decay}",
         f"- **Schedule:** {cfg.schedule.name}, warmup {cfg.schedule.warmup_epochs} epochs",
-        f"- **Batch:** {cfg.loader.batch_size_per_device} per device, gradient accumulation {t.grad_accum_steps}",
+        f"- **Batch:** {_batch(cfg)}",
         f"- **Precision:** {t.precision}; loss {t.loss}",
         f"- **Augmentation:** {', '.join(augment)}",
         f"- **EMA:** decay {cfg.ema.decay}" if cfg.ema.enabled else "- **EMA:** off",

@@ -109,3 +109,18 @@ def lr_factor(step: int, cfg: ScheduleConfig, steps_per_epoch: int, epochs: int)
 def create_lr_scheduler(optimizer: torch.optim.Optimizer, cfg: ScheduleConfig, steps_per_epoch: int, epochs: int) -> torch.optim.lr_scheduler.LambdaLR:
     """A per-optimizer-step LambdaLR over `lr_factor`."""
     return torch.optim.lr_scheduler.LambdaLR(optimizer, partial(lr_factor, cfg=cfg, steps_per_epoch=max(steps_per_epoch, 1), epochs=epochs))
+
+
+def move_schedule(scheduler: torch.optim.lr_scheduler.LambdaLR, step: int) -> None:
+    """Put the schedule at optimizer step `step`: the next update uses the lr of `step`.
+
+    For a run resumed with another global batch: its schedule counts this run's steps per
+    epoch, so the checkpoint's step count is translated to the same point of the run (in
+    epochs) before training goes on. The optimizer's lr is set too: it was restored with
+    the optimizer state, at the checkpoint's schedule.
+    """
+    scheduler.last_epoch = step
+    lrs = [base * factor(step) for base, factor in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
+    for group, lr in zip(scheduler.optimizer.param_groups, lrs):
+        group["lr"] = lr
+    scheduler._last_lr = lrs  # NOTE: what get_last_lr() returns (torch/optim/lr_scheduler.py)

@@ -10,12 +10,22 @@ from trainer.checkpoint import TrainState
 from trainer.config import Config
 from trainer.data.loader import Datasets
 from trainer.data.resize import describe_schedule
+from trainer.global_batch import BatchPlan, ResumeChange
 
 
-def start_summary(cfg: Config, backend: Backend, data: Datasets, loss_scaler: bool, steps_per_epoch: int, state: TrainState) -> str:
-    """What people check before walking away from a long run."""
+def start_summary(
+    cfg: Config,
+    backend: Backend,
+    data: Datasets,
+    loss_scaler: bool,
+    steps_per_epoch: int,
+    state: TrainState,
+    *,
+    plan: BatchPlan,
+    change: ResumeChange | None = None,
+) -> str:
+    """What people check before walking away from a long run; `change`: a resume's other process count or batch."""
     b, d, t = backend, data, cfg.train
-    global_batch = cfg.loader.batch_size_per_device * b.num_processes * t.grad_accum_steps
     weights_from = f", from {cfg.model.pretrained}" if cfg.model.pretrained else ""
     return _table(
         [
@@ -26,9 +36,10 @@ def start_summary(cfg: Config, backend: Backend, data: Datasets, loss_scaler: bo
             ("data", f"{cfg.data.source} {cfg.data.root}: {d.train_size} train / {d.val_size} val images"),
             ("input", f"{d.data_config['input_size'][-1]}px, {d.data_config['interpolation']}, crop_pct {d.data_config['crop_pct']}"),
             *([("train size", describe_schedule(cfg.input.train_size_schedule) + " (input.train_size_schedule)")] if cfg.input.train_size_schedule else []),
-            ("batch", f"{cfg.loader.batch_size_per_device}/device, global {global_batch}, {steps_per_epoch} steps/epoch"),
+            ("batch", f"{plan.describe()}, {steps_per_epoch} steps/epoch"),
             ("schedule", f"{t.epochs} epochs, {cfg.optim.name} lr {cfg.optim.lr}, {cfg.schedule.name}"),
             ("start", f"epoch {state.epoch + 1}, step {state.global_step}" + (" (resumed)" if state.global_step else "")),
+            *([("resumed from", change.summary())] if change else []),
         ]
     )
 

@@ -25,6 +25,7 @@ from trainer.data.pipeline import create_pipeline
 from trainer.ema import EMA_WEIGHTS, EmaStepHook, create_ema
 from trainer.errors import TrainingStopped
 from trainer.evaluate import evaluate
+from trainer.global_batch import Continuation, ResumeChange, continue_epoch, plan_batch
 from trainer.loop.clip import GradClip
 from trainer.loop.lockstep import Lockstep, StandIn, is_empty
 from trainer.loop.nonfinite import NonFiniteGuard
@@ -34,7 +35,7 @@ from trainer.loop.tally import EpochTally
 from trainer.loss import create_loss, hard_labels
 from trainer.metrics import RunningSums, topk_correct
 from trainer.model import create_model
-from trainer.optim import create_lr_scheduler, create_optimizer, zero_fused_momentum
+from trainer.optim import create_lr_scheduler, create_optimizer, move_schedule, zero_fused_momentum
 from trainer.progress import EpochProgress, check_trackers
 from trainer.run_dir import RunDirectory
 from trainer.summary import end_summary, flat_config, start_summary
@@ -61,6 +62,16 @@ class Trainer:
             dataloader_config=DataLoaderConfiguration(non_blocking=True),
         )
         acc = self.accelerator
+        self.plan = plan_batch(
+            global_batch_size=cfg.loader.global_batch_size,
+            per_device=cfg.loader.batch_size_per_device,
+            processes=acc.num_processes,
+            grad_accum_steps=t.grad_accum_steps,
+            source=cfg.source,
+        )
+        # NOTE: known only once the processes are: Accelerate reads it per micro-batch (a
+        # setter of Accelerator, accelerate/src/accelerate/accelerator.py)
+        acc.gradient_accumulation_steps = self.plan.accumulation
         set_seed(t.seed)
         with acc.main_process_first():
             self.data = create_datasets(
@@ -106,13 +117,13 @@ class Trainer:
             num_classes=num_classes,
             label_smoothing=t.label_smoothing,
             seed=t.seed,
-            process_index=acc.process_index,
         )
         soft_targets = self.batch_augment is not None and self.batch_augment.soft_targets
         self.criterion = create_loss(t.loss, t.label_smoothing, t.bce_target_threshold, soft_targets)
         self.checkpoints = CheckpointManager(acc, self.run_dir / "checkpoints", t.keep_last_checkpoints)
         self.run = RunDirectory(cfg, acc)
         self.state = TrainState()
+        self.change = ResumeChange(0, 0, self.plan)  # the checkpoint's process count and global batch beside this run's
         self.boundary = OptimizerStep(acc, self.model, self.optimizer, self.scheduler, self.state)
         self.clip = GradClip(acc, self.model, t.grad_clip_norm) if t.grad_clip_norm else None
         self.ema = create_ema(cfg.ema, acc.unwrap_model(self.model))
@@ -126,19 +137,43 @@ class Trainer:
 
     # -- setup helpers ---------------------------------------------------------------
     def _steps_per_epoch(self) -> int:
-        t, per_device = self.cfg.train, self.cfg.loader.batch_size_per_device
-        if not self.data.streamed:
-            batches = len(self.train_loader)
-        else:
-            batches = self.data.train_size // (per_device * self.accelerator.num_processes)
-            if not batches and not t.max_steps_per_epoch:
-                raise TrainingStopped("data.streaming: the split size is unknown; set train.max_steps_per_epoch")
-        steps = math.ceil(batches / t.grad_accum_steps) if batches else t.max_steps_per_epoch
-        if steps == 0:
-            raise TrainingStopped(
-                f"{self.cfg.data.root}: {self.data.train_size} training images give no full batch of {per_device} per device on {self.accelerator.num_processes} processes"
-            )
+        """Optimizer steps of the global batch per epoch (after `train.max_steps_per_epoch`)."""
+        t, plan = self.cfg.train, self.plan
+        samples = self._epoch_samples()
+        if self.data.streamed and not samples and not t.max_steps_per_epoch:
+            raise TrainingStopped("data.streaming: the split size is unknown; set train.max_steps_per_epoch")
+        if not samples and not self.data.streamed:
+            raise TrainingStopped(f"{self.cfg.data.root}: {self.data.train_size} training images give no full batch of {plan.describe()}")
+        steps = math.ceil(samples / plan.global_batch) if samples else t.max_steps_per_epoch
         return min(steps, t.max_steps_per_epoch) if t.max_steps_per_epoch else steps
+
+    def _epoch_samples(self) -> int:
+        """The epoch's length in samples of its global order (0 when a stream's size is unknown)."""
+        if self.data.train_sampler is not None:
+            return self.data.train_sampler.epoch_samples
+        return self.data.train_size // self.plan.round_size * self.plan.round_size
+
+    def _continue(self, state: TrainState) -> Continuation:
+        """Take `state` over for this run's batch plan; log what changed and move the schedule where needed."""
+        t = self.cfg.train
+        go_on = continue_epoch(
+            state,
+            self.plan,
+            epoch_samples=self._epoch_samples(),
+            steps_per_epoch=self.steps_per_epoch,
+            epochs=t.epochs,
+            streamed=self.data.streamed,
+        )
+        # NOTE: Accelerate's load_state restores its micro-batch counter (`Accelerator.step`,
+        # accelerate/src/accelerate/accelerator.py), which decides the accumulation window by
+        # `step % accumulation`: counted on another process count it would close the first
+        # window early. A checkpoint is taken at an update, so a window starts here.
+        self.accelerator.step = 0
+        if go_on.schedule_step is not None:
+            move_schedule(self.scheduler, go_on.schedule_step)
+        for line in go_on.lines:
+            log.warning(line)
+        return go_on
 
     def resume(self) -> None:
         """Continue from `train.resume`: the newest complete checkpoint that loads."""
@@ -151,6 +186,7 @@ class Trainer:
                 continue
             vars(self.state).update(vars(state))  # in place: the step boundary holds this object
             self.scheduler.load_state_dict(self.state.scheduler)
+            self.change = self._continue(self.state).change
             if self.ema is not None and not self.ema.load(path):
                 log.warning("%s has no %s: the EMA starts from the resumed weights", path, EMA_WEIGHTS)
                 self.ema.reset_to(self.accelerator.unwrap_model(self.model))
@@ -169,13 +205,14 @@ class Trainer:
             self.run.metrics.drop_from_epoch(0)  # records of a run killed before its first checkpoint: it starts again
 
     # -- the loop --------------------------------------------------------------------
-    def train_step(self, batch: dict[str, Any], sums: RunningSums) -> bool:
+    def train_step(self, batch: dict[str, Any], sums: RunningSums, batch_index: int = 0) -> bool:
         """One micro-batch: forward, backward and (at accumulation boundaries) the update; True when it updated.
 
         A batch whose every image was skipped still steps when there are several processes,
         on a stand-in with its loss weighted 0: the gradient all-reduce, the optimizer step
         and the schedule must stay in lockstep across processes, and this process then adds
-        nothing to the gradient, the loss or the accuracy.
+        nothing to the gradient, the loss or the accuracy. `batch_index` is the micro-batch's
+        place in the epoch's global order, in batches (it seeds the batch augmentation).
         """
         stand_in = is_empty(batch)
         if stand_in:
@@ -185,7 +222,7 @@ class Trainer:
         images, labels = self.normalize(batch["images"]), batch["labels"]
         targets = labels
         if self.batch_augment is not None:  # seeded by the micro-batch's place in the epoch: exact on resume
-            images, targets = self.batch_augment(images, labels, self.state.epoch, self.state.batches_done)
+            images, targets = self.batch_augment(images, labels, self.state.epoch, batch_index)
         with self.boundary.accumulate():
             with self.accelerator.autocast():
                 logits = self.model(images)
@@ -203,17 +240,19 @@ class Trainer:
     def train_epoch(self, epoch: int) -> dict[str, float]:
         """One epoch (or its rest, after a resume); returns its metrics, reduced over processes."""
         t, state, tally = self.cfg.train, self.state, self.tally
-        batches = self._epoch_batches(epoch)
-        step_in_epoch = math.ceil(state.batches_done / t.grad_accum_steps)
+        batches, plan = self._epoch_batches(epoch), self.plan
+        step_in_epoch = state.samples_done // plan.global_batch
         progress = EpochProgress(epoch, t.epochs, self.steps_per_epoch, step_in_epoch, *self._shown())
-        tally.start(state.epoch_totals if state.batches_done else {})
+        tally.start(state.epoch_totals if state.samples_done else {})
         start_s = window_s = time.perf_counter()
         for batch in batches:
             tally.skipped += self.run.record_skipped(batch["skipped"]) if batch["skipped"] else 0
-            state.batches_done += 1
+            # this process's batch of the round: Accelerate deals batch j of the order to process j % processes
+            batch_index = state.samples_done // plan.per_device + self.accelerator.process_index
+            state.batches_done, state.samples_done = state.batches_done + 1, state.samples_done + plan.round_size
             if is_empty(batch) and self.accelerator.num_processes == 1:  # all skipped; several processes step on together
                 continue
-            if not self.train_step(batch, tally.window):
+            if not self.train_step(batch, tally.window, batch_index):
                 continue  # inside an accumulation window
             step_in_epoch += 1
             stats = None
@@ -244,13 +283,16 @@ class Trainer:
         """This epoch's train batches past those already done, padded for uneven stream shards."""
         # NOTE: resized before skipping, so a resumed epoch loads its rest at its own size
         self.train_loader = loader = self.pipeline.resize(epoch, self.train_loader)
-        if self.state.batches_done:
+        sampler = self.data.train_sampler
+        if sampler is not None:  # the rest of the epoch's global order, dealt over the processes now present
+            sampler.set_epoch(epoch)
+            sampler.set_start(self.state.samples_done)
+        elif self.state.batches_done:  # NOTE: a stream has no global order: Accelerate skips per-process batches
             loader = self.accelerator.skip_first_batches(loader, self.state.batches_done)
         loader.set_epoch(epoch)
-        if self.data.train_sampler is not None:
-            self.data.train_sampler.set_epoch(epoch)
         pad = self.data.streamed and self.accelerator.num_processes > 1
-        return Lockstep(loader, pad, epoch, self.state.batches_done, self.steps_per_epoch * self.cfg.train.grad_accum_steps, self.accelerator.process_index)
+        epoch_batches = self.steps_per_epoch * self.plan.accumulation
+        return Lockstep(loader, pad, epoch, self.state.batches_done, epoch_batches, self.accelerator.process_index)
 
     def _read_window(self, elapsed_s: float) -> dict[str, float]:
         """Read the loss at log intervals only: this is the loop's one host sync."""
@@ -266,7 +308,10 @@ class Trainer:
     def _save_checkpoint(self) -> None:
         """Checkpoint unless the latest loss or the weights are non-finite: never overwrite good state with NaNs."""
         if self.guard.safe_to_save(self.model, self.state.global_step):
-            self.checkpoints.save(self.state, self.scheduler, extra_weights={EMA_WEIGHTS: self.ema.module} if self.ema else None)
+            state = self.state  # with the batch plan that wrote it, for a resume on another process count
+            state.processes, state.global_batch = self.plan.processes, self.plan.global_batch
+            state.epoch_samples = self._epoch_samples()
+            self.checkpoints.save(state, self.scheduler, extra_weights={EMA_WEIGHTS: self.ema.module} if self.ema else None)
 
     def evaluate(self, num_classes_for_confusion: int = 0) -> dict[str, Any]:
         """Val loss, top-1 and top-5 over every val image exactly once (`trainer.evaluate`)."""
@@ -306,7 +351,8 @@ class Trainer:
 
     def _end_epoch(self, record: dict[str, Any]) -> None:
         """Mark the epoch done, note the best checkpoint, write the record, then checkpoint."""
-        self.state.epoch, self.state.batches_done, self.state.epoch_totals = record["epoch"] + 1, 0, {}
+        self.state.epoch, self.state.epoch_totals = record["epoch"] + 1, {}
+        self.state.batches_done = self.state.samples_done = 0
         if record.get("val_top1", -1) > self.state.best_val_top1:
             self.state.best_val_top1, self.state.best_checkpoint = record["val_top1"], checkpoint_name(self.state.global_step)
         # NOTE: record first, checkpoint second: a kill between them re-runs the epoch
@@ -325,7 +371,18 @@ class Trainer:
 
     def _log_start(self) -> None:
         if self.accelerator.is_main_process:
-            log.info("\n" + start_summary(self.cfg, self.backend, self.data, self.accelerator.scaler is not None, self.steps_per_epoch, self.state))
+            scaler = self.accelerator.scaler is not None
+            summary = start_summary(
+                self.cfg,
+                self.backend,
+                self.data,
+                scaler,
+                self.steps_per_epoch,
+                self.state,
+                plan=self.plan,
+                change=self.change,
+            )
+            log.info("\n" + summary)
 
     def _log_end(self, history: list[dict[str, Any]], total_s: float, weights: Path) -> None:
         if self.accelerator.is_main_process and history:

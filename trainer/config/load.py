@@ -133,6 +133,7 @@ def _validate(cfg: Config, origins: dict[str, str]) -> None:
     checks = [
         ("loader.batch_size_per_device", ld.batch_size_per_device > 0, "must be > 0"),
         ("loader.val_batch_size_per_device", ld.val_batch_size_per_device >= 0, "must be >= 0"),
+        ("loader.global_batch_size", ld.global_batch_size >= 0, "must be >= 0"),
         ("loader.workers", ld.workers >= 0, "must be >= 0"),
         ("loader.prefetch_factor", ld.prefetch_factor > 0, "must be > 0"),
         ("input.img_size", inp.img_size >= 0, "must be >= 0"),

@@ -65,7 +65,15 @@ class DataConfig:
 class LoaderConfig:
     """Batching and loader workers: how images reach the device."""
 
-    batch_size_per_device: int = _field(128, "images per device per step (global batch = this x processes x grad_accum_steps)")
+    batch_size_per_device: int = _field(
+        128,
+        "images per device per micro-batch (global batch = this x processes x accumulation)",
+    )
+    global_batch_size: int = _field(
+        0,
+        "images per optimizer step, kept on any process count: the accumulation is derived "
+        "(global / (batch_size_per_device x processes)); 0: batch_size_per_device x processes x train.grad_accum_steps",
+    )
     val_batch_size_per_device: int = _field(0, "validation batch per device; 0 uses batch_size_per_device")
     workers: int = _field(4, "loader worker processes per device")
     prefetch_factor: int = _field(2, "batches each worker loads ahead")
@@ -145,7 +153,10 @@ class TrainConfig:
     seed: int = _field(0, "seed for weights, data order and augmentation")
     precision: str = _field("auto", "auto: bf16 where supported, else fp16 on accelerators, else fp32", ("auto", "fp32", "fp16", "bf16"))
     channels_last: bool = _field(True, "NHWC memory format for conv nets (faster with AMP)")
-    grad_accum_steps: int = _field(1, "micro-batches per optimizer step")
+    grad_accum_steps: int = _field(
+        1,
+        "micro-batches per optimizer step (derived instead when loader.global_batch_size is set)",
+    )
     label_smoothing: float = _field(0.0, "label smoothing for the cross-entropy loss")
     compile: bool = _field(False, "wrap the model in torch.compile")
     resume: str = _field("", "empty starts fresh; auto continues from the newest checkpoint; or a checkpoint path")

@@ -18,7 +18,7 @@ from trainer.data.dataset import EpochSampler, ImageDataset, StreamingImageDatas
 from trainer.data.digits import write_digits
 from trainer.data.readers import SpreadSubset
 from trainer.data.resize import train_size_at
-from trainer.data.sampler import RepeatAugSampler
+from trainer.data.sampler import EpochOrderSampler
 from trainer.data.sources import class_names, create_reader, create_stream_reader, get_source
 from trainer.data.worker_memory import bound_worker_heap
 
@@ -35,9 +35,9 @@ class Datasets:
     train: Any  # None when only evaluating
     val: Any
     classes: list[str]
-    train_sampler: EpochSampler | RepeatAugSampler | None  # None when streamed (or only evaluating)
+    train_sampler: EpochOrderSampler | None  # None when streamed (or only evaluating)
     data_config: dict  # timm's resolved input_size, interpolation, mean, std, crop_pct
-    train_size: int  # samples per epoch (all processes); 0 when unknown
+    train_size: int  # training samples (all processes); 0 when unknown
     val_size: int
     streamed: bool = False  # the readers stream and shard by process themselves
 
@@ -218,9 +218,16 @@ def create_datasets(
     val_ds = ImageDataset(val_reader, decoder(val_tf, int(test_size / input_cfg["crop_pct"]), classes))
     if not train:
         return Datasets(None, val_ds, classes, None, input_cfg, 0, len(val_reader))
-    sampler: EpochSampler | RepeatAugSampler = EpochSampler(len(train_reader), shuffle=True, seed=seed)
-    if aug.repeated_aug > 1:
-        sampler = RepeatAugSampler(len(train_reader), aug.repeated_aug, seed, world_size, loader.batch_size_per_device)
+    # NOTE: the epoch's unit is the global batch when it is fixed, so that the epoch has
+    # the same samples on every process count (trainer.data.sampler)
+    epoch_unit = loader.global_batch_size or loader.batch_size_per_device * world_size
+    sampler = EpochOrderSampler(
+        len(train_reader),
+        seed=seed,
+        epoch_unit=epoch_unit,
+        batch_size=loader.batch_size_per_device,
+        repeats=aug.repeated_aug,
+    )
     return Datasets(ImageDataset(train_reader, decoder(train_tf, size, classes)), val_ds, classes, sampler, input_cfg, len(train_reader), len(val_reader))
 
 

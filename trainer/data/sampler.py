@@ -1,62 +1,88 @@
-"""RepeatAugSampler: timm's repeated augmentation, as (epoch, index, copy) keys in a fixed global order.
+"""EpochOrderSampler: an epoch as one global order of samples, resumable at any sample on any number of processes.
 
-timm's `RepeatAugSampler` (DeiT's "repeated augmentation"): each epoch shuffles the
-images, repeats each `num_repeats` times, deals the list round-robin to the processes
-(`indices[rank::world]`, so the copies of one image go to different processes) and keeps
-`floor(N // 256 * 256 / world)` per process, so an epoch stays about one pass long.
+Every process builds the same order from (seed, epoch) and yields it from `start` on;
+Accelerate's batch sharding then deals it out in batches of `batch_size_per_device`,
+batch j of what is left to process j % processes, whole rounds only. So:
 
-Here Accelerate shards the sampler's batches (process r takes global batches r, r + world,
-...), so the global order is built to give each process exactly timm's share, batch by
-batch. The order is a pure function of (seed, epoch): a resumed run skips the batches
-already trained on and sees the rest unchanged. Each copy carries its number, so the
-dataset seeds its augmentation differently per copy.
+- an optimizer step takes the next `global batch` samples of the order, however many
+  processes share it (per device x processes x accumulation), and its micro-batches are
+  the same runs of `batch_size_per_device` samples: on 2 processes they are two
+  processes' batches, on 1 process two accumulated micro-batches;
+- a checkpoint needs only the samples done (`TrainState.samples_done`); a run resumed on
+  any number of processes yields the rest of the same order, so every sample of the
+  epoch is trained on exactly once.
+
+The epoch is a whole number of `epoch_unit` samples (the global batch when
+`loader.global_batch_size` is set, else one round of per-device batches): the rest of
+the order is dropped, as a loader's `drop_last` drops a partial batch, and the epoch's
+length is the same on every process count.
+
+With repeated augmentation (`aug.repeated_aug`, timm's `RepeatAugSampler`, DeiT) each
+image appears `repeats` times in a row, the copies numbered (the dataset seeds each copy's
+augmentation apart), and each epoch keeps timm's length: the images rounded down to a
+multiple of 256 (all of them when fewer). timm deals the repeated list round-robin to the
+processes, so the copies of an image go to different processes; here each block of
+`epoch_unit` samples is dealt round-robin to its micro-batches instead (`epoch_unit /
+batch_size` of them), which is timm's share per process when there is no accumulation and
+stays the same order whatever the process count.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator
 
 import torch
 from torch.utils.data import Sampler
 
-SELECTED_ROUND = 256  # timm's default: each epoch a multiple of 256 images in all
+SELECTED_ROUND = 256  # timm's RepeatAugSampler default: each epoch a multiple of 256 images in all
 
 
-class RepeatAugSampler(Sampler):
-    """Yields (epoch, index, copy) keys; `len` is the global number of samples per epoch."""
+class EpochOrderSampler(Sampler):
+    """Yields (epoch, index) keys, or (epoch, index, copy) with repeats: the epoch's order from `start` on."""
 
-    def __init__(self, num_samples: int, num_repeats: int, seed: int, num_replicas: int, batch_size: int) -> None:
-        self.num_samples, self.num_repeats, self.seed = num_samples, num_repeats, seed
-        self.num_replicas, self.batch_size, self.epoch = num_replicas, batch_size, 0
-        if num_samples >= SELECTED_ROUND:
-            per_process = int(math.floor(num_samples // SELECTED_ROUND * SELECTED_ROUND / num_replicas))
-        else:  # as timm: fewer images than one round keep one pass
-            per_process = math.ceil(num_samples / num_replicas)
-        self.total_size = math.ceil(num_samples * num_repeats / num_replicas) * num_replicas
-        per_process = min(per_process, self.total_size // num_replicas)
-        # Whole batches only, as the train loader drops the last partial one.
-        self.batches_per_process = per_process // batch_size
-        self.per_process = per_process
+    def __init__(self, num_samples: int, *, seed: int, epoch_unit: int, batch_size: int, repeats: int = 1) -> None:
+        self.num_samples, self.seed, self.repeats = num_samples, seed, max(repeats, 1)
+        self.epoch_unit, self.batch_size = epoch_unit, batch_size
+        self.epoch, self.start = 0, 0
+        selected = num_samples
+        if self.repeats > 1 and num_samples >= SELECTED_ROUND:
+            selected = num_samples // SELECTED_ROUND * SELECTED_ROUND
+        self.epoch_samples = selected // epoch_unit * epoch_unit
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
+    def set_start(self, samples_done: int) -> None:
+        """Yield the epoch from this many samples on (a resumed epoch); 0 for a whole one."""
+        self.start = min(max(samples_done, 0), self.epoch_samples)
+
     def __len__(self) -> int:
-        return self.batches_per_process * self.batch_size * self.num_replicas
+        return self.epoch_samples - self.start
 
-    def process_share(self, rank: int) -> list[tuple[int, int, int]]:
-        """The keys timm's sampler would give process `rank` this epoch, in order."""
+    def order(self) -> list[tuple[int, ...]]:
+        """The epoch's samples in training order (before the layout that spreads repeated copies)."""
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        order = torch.randperm(self.num_samples, generator=g).tolist()
-        repeated = [(i, c) for i in order for c in range(self.num_repeats)]
-        n = len(repeated)
-        positions = range(rank, self.total_size, self.num_replicas)[: self.per_process]  # wrapping round to pad, as timm
-        return [(self.epoch, *repeated[p % n]) for p in positions]
+        perm = torch.randperm(self.num_samples, generator=g).tolist()
+        if self.repeats == 1:
+            return [(self.epoch, i) for i in perm[: self.epoch_samples]]
+        return [(self.epoch, i, c) for i in perm for c in range(self.repeats)][: self.epoch_samples]
 
-    def __iter__(self) -> Iterator[tuple[int, int, int]]:
-        shares = [self.process_share(r) for r in range(self.num_replicas)]
-        b = self.batch_size
-        for j in range(self.batches_per_process):
-            for share in shares:
-                yield from share[j * b : (j + 1) * b]
+    def __iter__(self) -> Iterator[tuple[int, ...]]:
+        rest = self.order()[self.start :]
+        if self.repeats == 1:
+            return iter(rest)
+        return iter(spread_copies(rest, block=self.epoch_unit, lanes=max(self.epoch_unit // self.batch_size, 1)))
+
+
+def spread_copies(keys: list, *, block: int, lanes: int) -> list:
+    """Each `block` of keys dealt round-robin to `lanes` micro-batches, laid one after another.
+
+    Consecutive keys (the copies of one image) land in consecutive micro-batches, which
+    Accelerate gives to different processes; a block's set of keys is unchanged.
+    """
+    out: list = []
+    for first in range(0, len(keys), block):
+        chunk = keys[first : first + block]
+        for lane in range(lanes):
+            out.extend(chunk[lane::lanes])
+    return out
