@@ -151,12 +151,13 @@ class MetricsWriter:
             writer.writerow({k: ("" if record.get(k) is None else record.get(k)) for k in columns})
 
 
-def reduce_sums(accelerator: Any, sums: RunningSums, skipped: int) -> dict[str, float]:
-    """Every process's sums and skipped count, added up in one collective: {name: total, "skipped": total}."""
+def reduce_sums(accelerator: Any, sums: RunningSums, skipped: int, **counts: int) -> dict[str, float]:
+    """Every process's sums, skipped count and `counts`, added up in one collective: {name: total, ...}."""
     import torch
 
-    local = torch.cat([sums.values, torch.tensor([skipped], dtype=sums.values.dtype, device=sums.values.device)])
-    return dict(zip((*sums.names, "skipped"), accelerator.reduce(local, "sum").tolist()))
+    extra = torch.tensor([skipped, *counts.values()], dtype=sums.values.dtype, device=sums.values.device)
+    totals = accelerator.reduce(torch.cat([sums.values, extra]), "sum").tolist()
+    return dict(zip((*sums.names, "skipped", *counts), totals))
 
 
 class MetricsFileError(ValueError):
