@@ -94,12 +94,17 @@ def pickle_problem(file: Path, allowed: frozenset[str]) -> str | None:
     except (zipfile.BadZipFile, OSError, EOFError) as err:
         # NOTE: torch.save has written zip archives since torch 1.6, and so Accelerate's
         # files; anything else is truncated, or was replaced (a bare pickle runs on load).
-        return f"not a complete torch.save archive (truncated or replaced: {err}); refused"
+        bare = unsafe_imports(file.read_bytes(), allowed)
+        return bare if bare and "would import" in bare else f"not a complete torch.save archive (truncated or replaced: {err}); refused"
+    return unsafe_imports(data, allowed)
+
+
+def unsafe_imports(data: bytes, allowed: frozenset[str]) -> str | None:
+    """Why pickle `data` may not be unpickled (it imports more than data, or is not whole), or None."""
     try:
-        imported = pickle_globals(data)
+        unsafe = sorted(set(pickle_globals(data)) - allowed)
     except ValueError as err:
         return f"its pickle is not whole or not valid ({err}); refused"
-    unsafe = sorted(set(imported) - allowed)
     if unsafe:
         return f"it would import {', '.join(unsafe)} when loaded, which saved weights and state never do (tampered?); refused"
     return None
