@@ -247,7 +247,7 @@ def test_ctrl_c_in_each_moment_of_a_run_stops_every_process_at_once_and_resume_e
     """
     config = tiny(tmp_path, epochs=3, resume="auto", checkpoint_every_steps=2, keep_last_checkpoints=10)
     cfg = yaml.safe_load(config.read_text())
-    cfg["data"].update(workers=1, val_batch_size_per_device=2)
+    cfg["loader"].update(workers=1, val_batch_size_per_device=2)
     config.write_text(yaml.safe_dump(cfg))
     straight = Launch(config, "output.run_name=straight")
     assert straight.finish() == 0, straight.text[-3000:]
