@@ -282,7 +282,7 @@ class Trainer:
 
     def evaluate(self, num_classes_for_confusion: int = 0) -> dict[str, Any]:
         """Val loss, top-1 and top-5 over every val image once (`trainer.evaluate`); `stopped` > 0 if cut short."""
-        acc, skipped, stop = self.accelerator, self.run.record_skipped, self._stop_requested
+        acc, skipped, stop = self.accelerator, self.run.record_skipped, self.stop.asked_here
         k = num_classes_for_confusion
         model, loader, normalize = self.model, self.val_loader, self.normalize
         return evaluate(acc, model, loader, normalize, skipped, num_classes_for_confusion=k, stop_requested=stop)
@@ -291,15 +291,12 @@ class Trainer:
         """The same figures for the EMA weights, keyed `val_top1_ema` etc. (and `stopped`); {} without an EMA."""
         if self.ema is None:
             return {}
-        acc, stop = self.accelerator, self._stop_requested
+        acc, stop = self.accelerator, self.stop.asked_here
         # skips: recorded by the raw pass
         result = evaluate(acc, self.ema.module, self.val_loader, self.normalize, len, stop_requested=stop)
         self.ema.module.eval()  # NOTE: evaluate leaves a model in train mode; the EMA never trains
         kept = (k for k in result if k not in ("val_samples", "val_skipped"))
         return {k if k == "stopped" else f"{k}_ema": result[k] for k in kept}
-
-    def _stop_requested(self) -> bool:
-        return self.stop.requested
 
     def _validate(self) -> dict[str, Any] | None:
         """The val figures, the EMA's too; None when any process was asked to stop during validation."""

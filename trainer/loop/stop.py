@@ -49,6 +49,10 @@ class StopAgreement:
         self.requested = True
         _received.append(signum)
 
+    def asked_here(self) -> bool:
+        """Whether this process was asked to stop, without asking the others (validation's per-batch check)."""
+        return self.requested
+
     def agreed(self) -> bool:
         """True when any process was asked to stop; every process must call it at the same point."""
         acc = self.accelerator
