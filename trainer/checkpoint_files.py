@@ -43,8 +43,24 @@ RNG_STATE_GLOBALS = frozenset(
     }
 )
 # Used only where torch has no `_get_allowed_globals` (it has since 1.13).
-CORE_TENSOR_GLOBALS = frozenset({"collections.OrderedDict", "torch._utils._rebuild_tensor_v2", "torch._utils._rebuild_parameter"})
-STRING_OPS = frozenset({"SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8", "UNICODE", "SHORT_BINSTRING", "BINSTRING", "STRING"})
+CORE_TENSOR_GLOBALS = frozenset(
+    {
+        "collections.OrderedDict",
+        "torch._utils._rebuild_tensor_v2",
+        "torch._utils._rebuild_parameter",
+    }
+)
+STRING_OPS = frozenset(
+    {
+        "SHORT_BINUNICODE",
+        "BINUNICODE",
+        "BINUNICODE8",
+        "UNICODE",
+        "SHORT_BINSTRING",
+        "BINSTRING",
+        "STRING",
+    }
+)
 MEMO_PUT_OPS = frozenset({"BINPUT", "LONG_BINPUT", "PUT"})
 MEMO_GET_OPS = frozenset({"BINGET", "LONG_BINGET", "GET"})
 
@@ -95,7 +111,9 @@ def pickle_problem(file: Path, allowed: frozenset[str]) -> str | None:
         # NOTE: torch.save has written zip archives since torch 1.6, and so Accelerate's
         # files; anything else is truncated, or was replaced (a bare pickle runs on load).
         bare = unsafe_imports(file.read_bytes(), allowed)
-        return bare if bare and "would import" in bare else f"not a complete torch.save archive (truncated or replaced: {err}); refused"
+        if bare and "would import" in bare:
+            return bare
+        return f"not a complete torch.save archive (truncated or replaced: {err}); refused"
     return unsafe_imports(data, allowed)
 
 
@@ -106,7 +124,8 @@ def unsafe_imports(data: bytes, allowed: frozenset[str]) -> str | None:
     except ValueError as err:
         return f"its pickle is not whole or not valid ({err}); refused"
     if unsafe:
-        return f"it would import {', '.join(unsafe)} when loaded, which saved weights and state never do (tampered?); refused"
+        names = ", ".join(unsafe)
+        return f"it would import {names} when loaded, which saved weights and state never do (tampered?); refused"
     return None
 
 

@@ -343,7 +343,8 @@ class Trainer:
                 hold_for_test("epoch_end")
             weights = self.run.export(self.model, classes=self.data.classes, input_config=self.data.data_config)
             if self.ema is not None:
-                self.run.export(self.ema.module, classes=self.data.classes, input_config=self.data.data_config, ema=True)
+                classes, input_config = self.data.classes, self.data.data_config
+                self.run.export(self.ema.module, classes=classes, input_config=input_config, ema=True)
         self._log_end(history, time.perf_counter() - fit_start_s, weights)
         return record
 

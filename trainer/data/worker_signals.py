@@ -41,19 +41,20 @@ SERVER_INIT = "trainer.data.fork_server_init"  # the module whose import does `i
 
 
 def ignore_stop_signals() -> None:
-    """SIGINT and SIGTERM ignored by this process and all it forks from now on (the fork server and loader workers only)."""
+    """SIGINT and SIGTERM ignored by this process and all it forks from now on (fork server and loader workers only)."""
     for sig in STOP_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
 
 
 def restore_stop_signals() -> None:
-    """Python's usual SIGINT (KeyboardInterrupt) and SIGTERM (exit), in a process forked by the fork server that should end on them (`check-data`'s pool)."""
+    """Python's usual SIGINT (KeyboardInterrupt) and SIGTERM (exit) again, in a fork server's child that should
+    end on them (`check-data`'s pool)."""
     signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def detach_worker() -> bool:
-    """In a loader worker: SIGINT/SIGTERM ignored again, and death with the fork server; False where the OS has no prctl."""
+    """In a loader worker: SIGINT/SIGTERM ignored again, death with the fork server; False without prctl."""
     ignore_stop_signals()
     return die_with_parent()
 
