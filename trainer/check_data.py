@@ -104,9 +104,15 @@ def _scan(reader: Reader, split: str, count: int, workers: int, num_classes: int
             if done % PROGRESS_EVERY == 0:
                 rate = done / (time.perf_counter() - start)
                 print(f"check-data: {split} {done}/{count} ({rate:.0f} files/s)", file=sys.stderr, flush=True)
-    finally:
+    except BaseException:
         if pool:
             pool.terminate()
+        raise
+    if pool:
+        # NOTE: close, not terminate: a process the loaders' fork server forks ignores SIGTERM
+        # until `_init_worker` has run in it, and terminate() would wait for such a one for ever.
+        pool.close()
+        pool.join()
     return seen
 
 
