@@ -193,6 +193,23 @@ def test_stop_agreed_between_epochs_takes_any_process_s_stop():
     assert StopAgreement(Others(0)).adopt(True)  # agreed in the validation all-reduce
 
 
+def test_a_signal_during_the_agreement_is_answered_as_the_others_answer_then_agreed_next():
+    """Else this process alone stops, and the other waits in its next collective (seen: a gloo size mismatch)."""
+
+    class SignalledDuringReduce:
+        num_processes, device = 2, torch.device("cpu")
+
+        def reduce(self, flags: torch.Tensor, op: str) -> torch.Tensor:
+            stop.requested = True  # the handler runs while the all-reduce waits; the others saw 0
+            return flags.clone()
+
+    stop = StopAgreement(SignalledDuringReduce())
+    assert not stop.agreed() and stop.requested  # answered as the others did, the request kept
+    assert stop.agreed()  # and agreed at the next point
+    stop = StopAgreement(SignalledDuringReduce())
+    assert not stop.epoch_over(step=3, stream_ended=False, at_log_point=True) and stop.requested
+
+
 def test_test_hold_waits_for_the_signal_once(monkeypatch, capsys):
     import threading
 

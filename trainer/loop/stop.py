@@ -56,15 +56,25 @@ class StopAgreement:
     def agreed(self) -> bool:
         """True when any process was asked to stop; every process must call it at the same point."""
         acc = self.accelerator
-        if acc.num_processes > 1:
-            flag = torch.tensor([int(self.requested)], device=acc.device)
-            self.requested = self.requested or acc.reduce(flag, "sum").item() > 0
-        return self.requested
+        if acc.num_processes == 1:
+            return self.requested
+        flag = torch.tensor([int(self.requested)], device=acc.device)
+        return self._agree(acc.reduce(flag, "sum").item() > 0)
 
     def adopt(self, stopped_anywhere: bool) -> bool:
-        """Take on a stop that another collective already agreed (the validation all-reduce); returns `requested`."""
-        self.requested = self.requested or stopped_anywhere
-        return self.requested
+        """Take on a stop that another collective already agreed (the validation all-reduce); returns it."""
+        return self._agree(stopped_anywhere)
+
+    def _agree(self, agreed: bool) -> bool:
+        """The agreed answer, the same on every process, is what the caller acts on.
+
+        NOTE: a signal handled here while the reduce ran sets `requested` too late for the
+        others to see it: this process must still answer as they do (else it alone stops,
+        and the others wait in their next collective), and keeps the request for the next
+        agreement.
+        """
+        self.requested = self.requested or agreed
+        return agreed
 
     def epoch_over(self, step: int, stream_ended: bool, at_log_point: bool) -> bool:
         """True once a stop was requested, or every process's stream shard has run out."""
@@ -75,11 +85,9 @@ class StopAgreement:
             return False
         flags = torch.tensor([int(self.requested), int(stream_ended)], device=acc.device)
         stops, ended = acc.reduce(flags, "sum").tolist()
-        # NOTE: `or`: a signal handled while the reduce ran must not be overwritten by its result.
-        self.requested = self.requested or stops > 0
         if ended == acc.num_processes:
             log.info("step %d: every process's stream shard has run out; the epoch ends here", step)
-        return self.requested or ended == acc.num_processes
+        return self._agree(stops > 0) or ended == acc.num_processes
 
 
 # -- a test hook ---------------------------------------------------------------------------
