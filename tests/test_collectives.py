@@ -59,3 +59,18 @@ def test_every_wait_names_a_function_the_trainer_defines():
         if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef)
     }
     assert not [name for name, _ in WAITS if name not in defined]
+
+
+def test_a_stuck_stop_agreement_between_epochs_is_named():
+    """`StopAgreement.agreed` (between epochs, after validation) names its wait like the per-step agreement."""
+    from types import SimpleNamespace
+
+    from trainer.loop.stop import StopAgreement
+
+    def reduce(tensor, op):
+        raise RuntimeError(GLOO_TIMEOUT)
+
+    stop = StopAgreement(SimpleNamespace(num_processes=2, device="cpu", reduce=reduce))
+    with pytest.raises(CollectiveError, match="waiting in the stop agreement"):
+        with named_collective_failures(0, lambda: 7, 300):
+            stop.agreed()

@@ -37,6 +37,16 @@ def test_evaluate_sums_every_image_and_counts_skips():
     assert result["confusion"][:, 0].tolist() == [1, 1, 1]
 
 
+def test_a_stop_leaves_validation_at_the_next_batch_and_says_so():
+    acc, _ = create_accelerator("cpu", "fp32")
+    batch = {"images": torch.zeros(2, 3, 4, 4), "labels": torch.tensor([0, 1]), "skipped": []}
+    asked = []
+    result = evaluate(acc, Constant(), [batch] * 3, lambda x: x, len, stop_requested=lambda: len(asked.append(0) or asked) > 1)
+    assert result["stopped"] == 1 and result["val_samples"] == 2  # one batch, then the stop
+    assert evaluate(acc, Constant(), [batch] * 3, lambda x: x, len, stop_requested=lambda: False)["stopped"] == 0
+    assert "stopped" not in evaluate(acc, Constant(), [batch], lambda x: x, len)  # `trainer eval` has no stop
+
+
 def test_eval_command_loads_weights_and_says_where_it_wrote(tmp_path, image_folder, capsys):
     model = create_model(ModelConfig(name="test_resnet"), 3)
     weights = export_weights(model, tmp_path / "model.safetensors")

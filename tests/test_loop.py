@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import time
 from pathlib import Path
 
 import pytest
@@ -174,6 +175,63 @@ def test_stop_agreement_asks_the_others_at_log_points_only():
     ended = StopAgreement(TwoProcesses(others=[0, 1]))
     assert not ended.epoch_over(step=10, stream_ended=False, at_log_point=True)  # only the other's stream ran out
     assert ended.epoch_over(step=20, stream_ended=True, at_log_point=True) and not ended.requested
+
+
+def test_stop_agreed_between_epochs_takes_any_process_s_stop():
+    class Others:
+        num_processes, device = 2, torch.device("cpu")
+
+        def __init__(self, other: int) -> None:
+            self.other = other
+
+        def reduce(self, flag: torch.Tensor, op: str) -> torch.Tensor:
+            return flag + self.other
+
+    assert not StopAgreement(Others(0)).agreed()
+    stop = StopAgreement(Others(1))  # the other process was signalled
+    assert not stop.asked_here() and stop.agreed() and stop.requested
+    assert StopAgreement(Others(0)).adopt(True)  # agreed in the validation all-reduce
+
+
+def test_a_signal_during_the_agreement_is_answered_as_the_others_answer_then_agreed_next():
+    """Else this process alone stops, and the other waits in its next collective (seen: a gloo size mismatch)."""
+
+    class SignalledDuringReduce:
+        num_processes, device = 2, torch.device("cpu")
+
+        def reduce(self, flags: torch.Tensor, op: str) -> torch.Tensor:
+            stop.requested = True  # the handler runs while the all-reduce waits; the others saw 0
+            return flags.clone()
+
+    stop = StopAgreement(SignalledDuringReduce())
+    assert not stop.agreed() and stop.requested  # answered as the others did, the request kept
+    assert stop.agreed()  # and agreed at the next point
+    stop = StopAgreement(SignalledDuringReduce())
+    assert not stop.epoch_over(step=3, stream_ended=False, at_log_point=True) and stop.requested
+
+
+def test_test_hold_waits_for_the_signal_once(monkeypatch, capsys):
+    import threading
+
+    from trainer.loop import stop as stop_module
+
+    acc, _ = create_accelerator("cpu", "fp32")
+    stop = StopAgreement(acc)
+    monkeypatch.setenv(stop_module.HOLD_ENV, "validation")
+    monkeypatch.setattr(stop_module, "_received", [])
+    monkeypatch.setattr(stop_module, "_held", set())
+    stop_module.hold_for_test("save")  # another moment: no wait, no line
+    assert "test hold" not in capsys.readouterr().err
+    with stop.signals():
+        threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGINT)).start()
+        start = time.monotonic()
+        stop_module.hold_for_test("validation")
+        assert stop.requested and 0.2 < time.monotonic() - start < 10
+    assert f"test hold: validation, pid {os.getpid()}" in capsys.readouterr().err
+    stop_module._received.clear()
+    start = time.monotonic()
+    stop_module.hold_for_test("validation")  # once per process: no second wait
+    assert time.monotonic() - start < 0.1
 
 
 def test_tally_resumed_mid_epoch_reports_the_whole_epoch():

@@ -6,6 +6,7 @@ one of them by pid (found by a marker in its environment).
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -44,11 +45,13 @@ def tiny(tmp_path: Path, **train: object) -> Path:
 class Launch:
     """`accelerate launch` of two CPU processes, its stderr collected as it comes."""
 
-    def __init__(self, config: Path, *overrides: str, launch_args: tuple[str, ...] = ()) -> None:
+    def __init__(self, config: Path, *overrides: str, launch_args: tuple[str, ...] = (), hold: str = "") -> None:
+        """`hold`: a moment the training processes wait at for a signal (`trainer.loop.stop.hold_for_test`)."""
         self.marker = f"{os.getpid()}-{time.monotonic_ns()}"
         cmd = [*helpers.two_process_launcher(*launch_args), "trainer", "train", "--config", str(config), *overrides]
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "TRAINER_TEST_RUN": self.marker}
-        self.proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "TRAINER_TEST_RUN": self.marker, "TRAINER_TEST_HOLD": hold}
+        # NOTE: a session of its own, as a terminal gives a foreground job: Ctrl-C is a SIGINT to its group
+        self.proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
         self.lines: list[str] = []
         self.reader = threading.Thread(target=lambda: self.lines.extend(self.proc.stdout), daemon=True)
         self.reader.start()
@@ -74,6 +77,19 @@ class Launch:
             except OSError:
                 continue
         raise AssertionError(f"no process with LOCAL_RANK={rank}")
+
+    def marked(self) -> list[int]:
+        """Every process of this launch still there: launcher, training processes, loader workers, fork servers."""
+        needle = f"TRAINER_TEST_RUN={self.marker}".encode()
+        found = []
+        for proc in Path("/proc").iterdir():
+            try:
+                if proc.name.isdigit() and needle in (proc / "environ").read_bytes().split(b"\0"):
+                    if (proc / "stat").read_text().split(")")[-1].split()[0] != "Z":
+                        found.append(int(proc.name))
+            except OSError:
+                continue
+        return found
 
     def finish(self, timeout_s: float = 300) -> int:
         try:
@@ -194,3 +210,82 @@ def test_the_recipe_features_on_two_processes_survive_a_kill_mid_epoch_bit_for_b
     assert [{k: v for k, v in r.items() if k not in timed} for r in read_metrics(runs / "restarted")] == [
         {k: v for k, v in r.items() if k not in timed} for r in read_metrics(runs / "straight")
     ]
+
+
+def launch_until_held(config: Path, moment: str, run_name: str) -> Launch:
+    launch = Launch(config, f"output.run_name={run_name}", hold=moment)
+    end = time.monotonic() + 300
+    while launch.text.count(f"test hold: {moment},") < 2:  # both training processes are there
+        assert launch.proc.poll() is None and time.monotonic() < end, f"no hold at {moment}:\n{launch.text[-3000:]}"
+        time.sleep(0.05)
+    return launch
+
+
+def ctrl_c(launch: Launch) -> float:
+    """SIGINT to the launch's whole process group, as a terminal's Ctrl-C; seconds until every process is gone."""
+    start = time.monotonic()
+    os.killpg(launch.proc.pid, signal.SIGINT)
+    launch.proc.wait(timeout=60)
+    while launch.marked() and time.monotonic() - start < 60:
+        time.sleep(0.05)
+    elapsed = time.monotonic() - start
+    launch.finish(timeout_s=10)
+    return elapsed
+
+
+def newest_checkpoint(run_dir: Path) -> dict:
+    path = sorted((run_dir / "checkpoints").glob("step_*"))[-1]
+    return json.loads((path / "trainer_state.json").read_text())
+
+
+def test_ctrl_c_in_each_moment_of_a_run_stops_every_process_at_once_and_resume_ends_bit_for_bit(tmp_path):
+    """Ctrl-C (SIGINT to every process: launcher, training processes, loader workers, fork servers)
+    mid-epoch, during a step checkpoint's save, in validation and between epochs, each followed
+    by train.resume=auto; the run then ends with the weights and records of an uninterrupted one.
+
+    Epochs of 3 steps (24 images, 4 per process), a step checkpoint every 2 steps, one loader worker.
+    """
+    config = tiny(tmp_path, epochs=3, resume="auto", checkpoint_every_steps=2, keep_last_checkpoints=10)
+    cfg = yaml.safe_load(config.read_text())
+    cfg["loader"].update(workers=1, val_batch_size_per_device=2)
+    config.write_text(yaml.safe_dump(cfg))
+    straight = Launch(config, "output.run_name=straight")
+    assert straight.finish() == 0, straight.text[-3000:]
+
+    run_dir = tmp_path / "runs" / "stopped"
+    # moment -> (step, epoch, batches_done) of the newest checkpoint afterwards
+    plan = {
+        "train_step": (1, 0, 1),  # mid-epoch: the step is checkpointed
+        "save": (2, 0, 2),  # the step checkpoint being written is completed, and is the one kept
+        "validation": (3, 0, 3),  # epoch 1 trained, not validated: kept as an epoch with every batch done
+        "epoch_end": (3, 1, 0),  # epoch 1 validated (first thing on resume), recorded, checkpointed
+    }
+    exits = {}
+    for moment, expected in plan.items():
+        launch = launch_until_held(config, moment, "stopped")
+        held_at = max((run_dir / "checkpoints").glob("step_*"), default=run_dir)
+        inode = held_at.stat().st_ino if held_at.exists() else 0
+        exits[moment] = ctrl_c(launch)
+        out = launch.text
+        (tmp_path / f"{moment}.log").write_text(out)
+        assert "Traceback" not in out and "Unable to shutdown process" not in out, out[-3000:]
+        for rank in (0, 1):  # torchrun reports a training process's non-zero exit; none here
+            assert f"local_rank: {rank} (pid: " not in out, out[-3000:]
+        assert f"stop requested: checkpoint saved at step {expected[0]} " in out, out[-3000:]
+        state = newest_checkpoint(run_dir)
+        assert (state["global_step"], state["epoch"], state["batches_done"]) == expected, (moment, state)
+        if moment == "epoch_end":  # saved before the hold, and not saved again (a save replaces the directory)
+            assert held_at.name == f"step_{expected[0]:08d}" and held_at.stat().st_ino == inode
+    (tmp_path / "exit_s.json").write_text(json.dumps(exits))
+    print("exit after Ctrl-C, s:", exits)
+    assert max(exits.values()) < 20, exits  # torchrun's SIGKILL comes at 30 s; seconds when nothing waits
+
+    final = Launch(config, "output.run_name=stopped")
+    assert final.finish() == 0, final.text[-3000:]
+    runs = tmp_path / "runs"
+    a, b = load_file(str(runs / "straight" / "model.safetensors")), load_file(str(runs / "stopped" / "model.safetensors"))
+    assert not [k for k in a if not torch.equal(a[k], b[k])]
+    timed = ("img_per_s", "epoch_time_s")
+    records = [{k: v for k, v in r.items() if k not in timed} for r in read_metrics(runs / "stopped")]
+    assert records == [{k: v for k, v in r.items() if k not in timed} for r in read_metrics(runs / "straight")]
+    assert [r["train_samples"] for r in records] == [24, 24, 24]

@@ -253,6 +253,9 @@ def main(argv: list[str] | None = None) -> int:
     except USER_ERRORS as err:
         print(f"trainer: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C before training took SIGINT over (set-up), or in another command
+        print("trainer: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ from trainer.data.decode import inspect_image
 from trainer.data.loader import effective_num_classes, worker_context
 from trainer.data.readers import Reader
 from trainer.data.sources import Source, get_source
+from trainer.data.worker_signals import restore_stop_signals
 
 PROGRESS_EVERY = 5000  # files between progress lines
 BLOCKING = ("unreadable files", "label problems", "class mismatches", "empty classes")
@@ -63,6 +64,7 @@ _worker_reader: Reader | None = None
 def _init_worker(reader: Reader) -> None:
     global _worker_reader
     _worker_reader = reader
+    restore_stop_signals()  # a pool worker ends with Ctrl-C (and Pool.terminate) as usual; no-op in this process
 
 
 def _inspect(index: int) -> tuple[str, int, str | None, tuple[str, ...]]:
@@ -102,9 +104,15 @@ def _scan(reader: Reader, split: str, count: int, workers: int, num_classes: int
             if done % PROGRESS_EVERY == 0:
                 rate = done / (time.perf_counter() - start)
                 print(f"check-data: {split} {done}/{count} ({rate:.0f} files/s)", file=sys.stderr, flush=True)
-    finally:
+    except BaseException:
         if pool:
             pool.terminate()
+        raise
+    if pool:
+        # NOTE: close, not terminate: a process the loaders' fork server forks ignores SIGTERM
+        # until `_init_worker` has run in it, and terminate() would wait for such a one for ever.
+        pool.close()
+        pool.join()
     return seen
 
 

@@ -18,9 +18,11 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
+from trainer.checkpoint_files import check_checkpoint_files
 from trainer.errors import CheckpointError
+from trainer.loop.stop import hold_for_test
 
 STATE_FILE = "trainer_state.json"
 PREFIX = "step_"
@@ -88,6 +90,7 @@ class CheckpointManager:
                 tmp.mkdir(parents=True)
             acc.wait_for_everyone()
             acc.save_state(str(tmp), safe_serialization=True)
+            hold_for_test("save")  # half written: a stop requested now is honoured once this save is complete
             acc.wait_for_everyone()
             if acc.is_main_process:
                 for file_name, module in (extra_weights or {}).items():
@@ -129,16 +132,52 @@ class CheckpointManager:
             raise CheckpointError(f"train.resume: {path} is not a complete checkpoint (no {STATE_FILE})")
         return [path]
 
-    def load(self, path: Path) -> TrainState:
-        """Restore model, optimizer, scaler and RNG states; return the trainer state."""
+    def load(self, path: Path, scheduler: Any = None, extra_weights: dict | None = None) -> TrainState:
+        """Restore model, optimizer, scaler, RNG states, `scheduler` and the `extra_weights` saved; the trainer state.
+
+        Raises:
+            CheckpointError: naming the file and the reason, for a file that is not whole,
+                would run code when unpickled (`trainer.checkpoint_files`), or does not fit
+                this run (another model, another optimizer).
+        """
+        check_checkpoint_files(path)  # before anything is unpickled
         try:
             state = TrainState(**json.loads((path / STATE_FILE).read_text()))
+        except (OSError, ValueError, TypeError) as err:
+            raise CheckpointError(f"{path / STATE_FILE}: unreadable checkpoint ({first_lines(err)})") from None
+        try:
             self.accelerator.load_state(str(path))
-        # NOTE: safetensors raises its own SafetensorError for a truncated file, and
-        # torch.load an EOFError for an empty pickle.
-        except (OSError, ValueError, TypeError, KeyError, RuntimeError, EOFError, SafetensorError) as err:
-            raise CheckpointError(f"{path}: unreadable checkpoint ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})") from None
+        # NOTE: anything Accelerate or torch raises for these checked files (a missing file,
+        # shapes of another model, an optimizer of other parameter groups) ends this
+        # candidate, not the run: resume tries the next one.
+        except Exception as err:  # noqa: BLE001
+            raise CheckpointError(f"{path}: unreadable checkpoint ({first_lines(err)})") from None
+        if scheduler is not None:
+            try:
+                scheduler.load_state_dict(state.scheduler)
+            except (KeyError, TypeError, ValueError, AttributeError) as err:
+                problem = f"its scheduler state does not fit this run ({first_lines(err)})"
+                raise CheckpointError(f"{path / STATE_FILE}: {problem}") from None
+        for file_name, module in (extra_weights or {}).items():
+            if (path / file_name).is_file():
+                try:
+                    module.load_state_dict(load_file(str(path / file_name)))
+                except (RuntimeError, OSError, SafetensorError) as err:
+                    raise CheckpointError(f"{path / file_name}: does not fit this run ({first_lines(err)})") from None
         return state
+
+    def loaded_everywhere(self, loaded: bool) -> bool:
+        """Whether every process loaded a checkpoint; all must call it (one's random states may fail there alone)."""
+        acc = self.accelerator
+        if acc.num_processes == 1:
+            return loaded
+        return acc.reduce(torch.tensor([int(not loaded)], device=acc.device), "sum").item() == 0
+
+
+def first_lines(err: BaseException) -> str:
+    """An error in a few words: its type and first two lines (torch's second names the tensor that does not fit)."""
+    lines = [line.strip() for line in str(err).strip().splitlines()[:2] if line.strip()]
+    return f"{type(err).__name__}: {' '.join(lines)}" if lines else type(err).__name__
 
 
 def write_failure(err: Exception) -> str:

@@ -23,9 +23,10 @@ if TYPE_CHECKING:
 # innermost first), and what that call waits for.
 WAITS = (
     ("epoch_over", "the stop agreement (every process asks whether to stop)"),
+    ("agreed", "the stop agreement (every process asks whether to stop)"),
     ("_flags", "the non-finite check (every process's losses and weights)"),
     ("save", "the checkpoint barrier (every process saves its state)"),
-    ("evaluate", "the validation all-reduce (every process's val sums)"),
+    ("evaluate", "the validation all-reduce (every process's val sums, and whether it was asked to stop)"),
     ("train_step", "the gradient all-reduce (DDP backward)"),
     ("backward", "the gradient all-reduce (DDP backward)"),
     ("snapshot", "the epoch's metrics all-reduce"),

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from accelerate.utils import broadcast
 
+from trainer.loop.stop import hold_for_test
 from trainer.metrics import RunningSums, reduce_sums, topk_correct
 
 log = logging.getLogger("trainer")
@@ -28,12 +29,19 @@ def evaluate(
     normalize: Callable[[torch.Tensor], torch.Tensor],
     record_skipped: Callable[[list[str]], int],
     num_classes_for_confusion: int = 0,
+    stop_requested: Callable[[], bool] | None = None,
 ) -> dict[str, Any]:
     """Validate `model` on `loader`, which shards the val images across processes without padding.
 
     Per-process sums (and the skipped count) are reduced once at the end, so the figures
     are exact whatever the number of processes; `num_classes_for_confusion` > 0 also
     returns the confusion matrix (true class x predicted class, on the CPU).
+
+    With `stop_requested`, a process asked to stop leaves at its next batch, and the
+    result's `stopped` (every process's count, in the same all-reduce as the sums) tells
+    all of them that the figures are partial. NOTE: no collective per batch: the shards
+    differ in length by up to one batch, so a per-batch agreement would wait for ever on
+    the process that has no batch left.
     """
     acc = accelerator
     model = acc.unwrap_model(model)  # NOTE: no DDP collectives, so uneven shards are fine
@@ -47,8 +55,12 @@ def evaluate(
     sums = RunningSums(acc.device, ("loss", "top1", "top5", "n"))
     k = num_classes_for_confusion
     confusion = torch.zeros(k * k, dtype=torch.int64, device=acc.device) if k else None
-    skipped = 0
+    skipped, stopped = 0, 0
     for batch in loader:
+        hold_for_test("validation")
+        if stop_requested is not None and stop_requested():
+            stopped = 1
+            break
         if batch["skipped"]:
             skipped += record_skipped(batch["skipped"])
         labels = batch["labels"]
@@ -62,7 +74,7 @@ def evaluate(
         if confusion is not None:
             confusion += torch.bincount(labels * k + logits.argmax(1), minlength=k * k)
     model.train()
-    totals = reduce_sums(acc, sums, skipped)
+    totals = reduce_sums(acc, sums, skipped, stopped=stopped)
     n = max(totals["n"], 1)
     result = {
         "val_loss": totals["loss"] / n,
@@ -71,6 +83,8 @@ def evaluate(
         "val_samples": int(totals["n"]),
         "val_skipped": int(totals["skipped"]),
     }
+    if stop_requested is not None:
+        result["stopped"] = int(totals["stopped"])
     if confusion is not None:
         result["confusion"] = acc.reduce(confusion, "sum").view(k, k).cpu()
     return result

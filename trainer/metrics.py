@@ -202,19 +202,20 @@ class MetricsWriter:
             writer.writerow({k: ("" if record.get(k) is None else record.get(k)) for k in columns})
 
 
-def reduce_sums(accelerator: Any, sums: RunningSums, skipped: int) -> dict[str, float]:
-    """Every process's sums and skipped count, added up: {name: total, "skipped": total}.
+def reduce_sums(accelerator: Any, sums: RunningSums, skipped: int, **counts: int) -> dict[str, float]:
+    """Every process's sums, skipped count and `counts`, added up: {name: total, "skipped": total, **counts}.
 
     NOTE: two SUM all-reduces, counts as int64 and sums as float32: CNCL has no AVG and no
     float64 (it sends float64 as float32), so neither is asked of it.
     """
     import torch
 
-    counts, floats = sums.local_totals()
-    counts = torch.cat([counts, torch.tensor([skipped], dtype=torch.int64, device=counts.device)])
-    counts = accelerator.reduce(counts, "sum").tolist()
+    local_counts, floats = sums.local_totals()
+    extra = torch.tensor([skipped, *counts.values()], dtype=torch.int64, device=local_counts.device)
+    totals = accelerator.reduce(torch.cat([local_counts, extra]), "sum").tolist()
     floats = accelerator.reduce(floats.clone(), "sum").tolist() if sums.float_index else []
-    return {**sums._merge(counts[:-1], floats), "skipped": float(counts[-1])}
+    n = len(local_counts)
+    return {**sums._merge(totals[:n], floats), **dict(zip(("skipped", *counts), map(float, totals[n:])))}
 
 
 class MetricsFileError(ValueError):

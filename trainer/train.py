@@ -30,7 +30,7 @@ from trainer.loop.clip import GradClip
 from trainer.loop.lockstep import Lockstep, StandIn, is_empty
 from trainer.loop.nonfinite import NonFiniteGuard
 from trainer.loop.step import OptimizerStep
-from trainer.loop.stop import StopAgreement
+from trainer.loop.stop import StopAgreement, hold_for_test
 from trainer.loop.tally import EpochTally
 from trainer.loss import create_loss, hard_labels
 from trainer.metrics import RunningSums, topk_correct
@@ -133,6 +133,7 @@ class Trainer:
         self.tally = EpochTally(acc, self.clip)
         self.guard = NonFiniteGuard(acc.device, t.max_non_finite_steps, acc.scaler is not None, self.checkpoints.directory)
         self.stop = StopAgreement(acc, every_step=self.backend.host_sync_is_free)
+        self.saved_step = 0  # the step of the newest checkpoint of this run (0: none needed yet)
         self.stand_in = StandIn(self.data.data_config["input_size"], acc.device)
 
     # -- setup helpers ---------------------------------------------------------------
@@ -178,16 +179,20 @@ class Trainer:
     def resume(self) -> None:
         """Continue from `train.resume`: the newest complete checkpoint that loads."""
         candidates = self.checkpoints.resolve(self.cfg.train.resume)
+        extra_weights = {EMA_WEIGHTS: self.ema.module} if self.ema else None
         for path in candidates:
             try:
-                state = self.checkpoints.load(path)
+                state, problem = self.checkpoints.load(path, self.scheduler, extra_weights), ""
             except CheckpointError as err:
-                log.warning("skipping checkpoint: %s", err)
+                problem = str(err)
+            if not self.checkpoints.loaded_everywhere(not problem):
+                problem = problem or f"{path}: another process could not load it (see its log)"
+                log.warning("skipping checkpoint: %s", problem)
                 continue
             vars(self.state).update(vars(state))  # in place: the step boundary holds this object
-            self.scheduler.load_state_dict(self.state.scheduler)
-            self.change = self._continue(self.state).change
-            if self.ema is not None and not self.ema.load(path):
+            self.saved_step = self.state.global_step
+            self.change = self._continue(self.state).change  # the scheduler's state is loaded: move it where needed
+            if self.ema is not None and not (path / EMA_WEIGHTS).is_file():
                 log.warning("%s has no %s: the EMA starts from the resumed weights", path, EMA_WEIGHTS)
                 self.ema.reset_to(self.accelerator.unwrap_model(self.model))
             log.info("resumed from %s (epoch %d, step %d)", path, self.state.epoch + 1, self.state.global_step)
@@ -259,10 +264,16 @@ class Trainer:
             if step_in_epoch % t.log_every_steps == 0 or step_in_epoch == self.steps_per_epoch:
                 stats, window_s = self._read_window(time.perf_counter() - window_s), time.perf_counter()
             progress.update(1, stats)
-            if self._checkpoint_due(step_in_epoch):
+            hold_for_test("train_step")
+            saved = self._checkpoint_due(step_in_epoch)
+            if saved:
                 state.epoch_totals = tally.snapshot()
                 self._save_checkpoint()
-            if self.stop.epoch_over(state.global_step, batches.ended, at_log_point=stats is not None) or step_in_epoch >= self.steps_per_epoch:
+            # NOTE: after a save too: every process has just waited for the others anyway
+            agree = stats is not None or saved
+            if self.stop.epoch_over(state.global_step, batches.ended, at_log_point=agree):
+                break
+            if step_in_epoch >= self.steps_per_epoch:
                 break
         progress.close()
         # NOTE: kept in the state, so a stop checkpoint taken now resumes with them too
@@ -312,40 +323,73 @@ class Trainer:
             state.processes, state.global_batch = self.plan.processes, self.plan.global_batch
             state.epoch_samples = self._epoch_samples()
             self.checkpoints.save(state, self.scheduler, extra_weights={EMA_WEIGHTS: self.ema.module} if self.ema else None)
+            self.saved_step = self.state.global_step
 
     def evaluate(self, num_classes_for_confusion: int = 0) -> dict[str, Any]:
-        """Val loss, top-1 and top-5 over every val image exactly once (`trainer.evaluate`)."""
-        return evaluate(self.accelerator, self.model, self.val_loader, self.normalize, self.run.record_skipped, num_classes_for_confusion)
+        """Val loss, top-1 and top-5 over every val image once (`trainer.evaluate`); `stopped` > 0 if cut short."""
+        acc, skipped, stop = self.accelerator, self.run.record_skipped, self.stop.asked_here
+        k = num_classes_for_confusion
+        model, loader, normalize = self.model, self.val_loader, self.normalize
+        return evaluate(acc, model, loader, normalize, skipped, num_classes_for_confusion=k, stop_requested=stop)
 
     def evaluate_ema(self) -> dict[str, Any]:
-        """The same figures for the EMA weights, keyed `val_top1_ema` etc.; {} without an EMA."""
+        """The same figures for the EMA weights, keyed `val_top1_ema` etc. (and `stopped`); {} without an EMA."""
         if self.ema is None:
             return {}
-        result = evaluate(self.accelerator, self.ema.module, self.val_loader, self.normalize, len)  # skips were recorded by the raw pass
+        acc, stop = self.accelerator, self.stop.asked_here
+        # skips: recorded by the raw pass
+        result = evaluate(acc, self.ema.module, self.val_loader, self.normalize, len, stop_requested=stop)
         self.ema.module.eval()  # NOTE: evaluate leaves a model in train mode; the EMA never trains
-        return {f"{k}_ema": v for k, v in result.items() if k not in ("val_samples", "val_skipped")}
+        kept = (k for k in result if k not in ("val_samples", "val_skipped"))
+        return {k if k == "stopped" else f"{k}_ema": result[k] for k in kept}
+
+    def _validate(self) -> dict[str, Any] | None:
+        """The val figures, the EMA's too; None when any process was asked to stop during validation."""
+        scores = self.evaluate()
+        if self.stop.adopt(scores.pop("stopped") > 0):
+            return None
+        ema_scores = self.evaluate_ema()
+        if self.stop.adopt(ema_scores.pop("stopped", 0) > 0):
+            return None
+        return {**scores, **ema_scores}
 
     def fit(self) -> dict[str, Any]:
-        """Train all epochs; returns the last epoch's metrics."""
-        self.run.prepare()
-        self.resume()
-        self._start_trackers()
-        self._log_start()
-        fit_start_s, history, record = time.perf_counter(), [], {}
+        """Train all epochs; returns the last epoch's metrics.
+
+        SIGINT/SIGTERM (Ctrl-C, torchrun, Slurm) request a stop, honoured by every process
+        at the same point: mid-epoch at the next step (or log point), after a checkpoint
+        save, in validation, or between epochs (`trainer.loop.stop`); the newest state is
+        then checkpointed once and the run returns.
+        """
         with self.stop.signals():
+            self.run.prepare()
+            self.resume()
+            self._start_trackers()
+            self._log_start()
+            fit_start_s, history, record = time.perf_counter(), [], {}
             for epoch in range(self.state.epoch, self.cfg.train.epochs):
+                if self.stop.agreed():
+                    return self._stop_now(record, "between epochs")
                 self.state.epoch = epoch
                 record = {"epoch": epoch, **self.train_epoch(epoch)}
-                if self.stop.requested:
-                    return self._stop_now(record)
+                if self.stop.agreed():
+                    return self._stop_now(record, f"in epoch {epoch + 1}")
                 if epoch + 1 == self.cfg.train.epochs or (epoch + 1) % self.cfg.train.eval_every_epochs == 0:
-                    record.update({**self.evaluate(), **self.evaluate_ema()})
+                    scores = self._validate()
+                    if scores is None:
+                        # NOTE: the epoch's training is kept: checkpointed as an epoch whose batches are all
+                        # done, so the resumed run trains nothing more of it and validates it first.
+                        moment = f"in epoch {epoch + 1}'s validation: its training is kept, and resuming validates it"
+                        return self._stop_now(record, moment)
+                    record.update(scores)
                 record.update(step=self.state.global_step, lr=self.boundary.lr)
                 self._end_epoch(record)
                 history.append(record)
-        weights = self.run.export(self.model, classes=self.data.classes, input_config=self.data.data_config)
-        if self.ema is not None:
-            self.run.export(self.ema.module, classes=self.data.classes, input_config=self.data.data_config, ema=True)
+                hold_for_test("epoch_end")
+            weights = self.run.export(self.model, classes=self.data.classes, input_config=self.data.data_config)
+            if self.ema is not None:
+                classes, input_config = self.data.classes, self.data.data_config
+                self.run.export(self.ema.module, classes=classes, input_config=input_config, ema=True)
         self._log_end(history, time.perf_counter() - fit_start_s, weights)
         return record
 
@@ -360,9 +404,13 @@ class Trainer:
         self.run.write_epoch(record)
         self._save_checkpoint()
 
-    def _stop_now(self, record: dict[str, Any]) -> dict[str, Any]:
-        self._save_checkpoint()
-        log.warning("stop requested: checkpoint saved at step %d; resume with train.resume=auto", self.state.global_step)
+    def _stop_now(self, record: dict[str, Any], moment: str) -> dict[str, Any]:
+        """Checkpoint what was trained since the newest checkpoint (if anything), say so, and return."""
+        if self.saved_step != self.state.global_step:
+            self._save_checkpoint()
+        step = self.state.global_step
+        resume = "resume with train.resume=auto"
+        log.warning("stop requested: checkpoint saved at step %d (the stop came %s); %s", step, moment, resume)
         return record
 
     def _start_trackers(self) -> None:

@@ -21,6 +21,7 @@ from trainer.data.resize import train_size_at
 from trainer.data.sampler import EpochOrderSampler
 from trainer.data.sources import class_names, create_reader, create_stream_reader, get_source
 from trainer.data.worker_memory import bound_worker_heap
+from trainer.data.worker_signals import SERVER_INIT, detach_worker
 
 BUILTIN_DATASETS = {"digits": write_digits}
 
@@ -231,8 +232,9 @@ def create_datasets(
     return Datasets(ImageDataset(train_reader, decoder(train_tf, size, classes)), val_ds, classes, sampler, input_cfg, len(train_reader), len(val_reader))
 
 
-# Modules the fork server imports once, so that each worker it forks starts with them.
-WORKER_PRELOAD = ["trainer.data.dataset", "timm.data"]
+# Modules the fork server imports once, so that each worker it forks starts with them;
+# the first makes the server and its workers ignore SIGINT/SIGTERM.
+WORKER_PRELOAD = [SERVER_INIT, "trainer.data.dataset", "timm.data"]
 
 
 def worker_context() -> multiprocessing.context.BaseContext:
@@ -250,6 +252,9 @@ def worker_context() -> multiprocessing.context.BaseContext:
     per request. The dataset reaches each worker pickled, which is why readers and
     transforms hold no closures or open handles. Cost: the server's start and the
     pickling, paid once per loader with persistent workers (benchmarks/README.md).
+
+    The server and its workers ignore SIGINT and SIGTERM: the training process decides
+    when to stop and shuts the workers down (`trainer.data.worker_signals`).
     """
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload(WORKER_PRELOAD)
@@ -261,6 +266,12 @@ def start_worker_server(workers: int) -> None:
     if workers > 0:
         worker_context()
         multiprocessing.forkserver.ensure_running()
+
+
+def init_worker(worker_id: int) -> None:
+    """`worker_init_fn` of the loaders: stop signals left to the trainer (`worker_signals`), a flat heap."""
+    detach_worker()
+    bound_worker_heap(worker_id)
 
 
 def create_loader(
@@ -285,7 +296,7 @@ def create_loader(
             persistent_workers=cfg.persistent_workers,
             multiprocessing_context=worker_context(),
             timeout=timeout_s,
-            worker_init_fn=bound_worker_heap,
+            worker_init_fn=init_worker,
         )
     if sampler is None and not isinstance(dataset, torch.utils.data.IterableDataset):
         sampler = EpochSampler(len(dataset), shuffle=False, seed=0)
