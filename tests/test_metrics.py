@@ -159,3 +159,18 @@ def test_a_csv_row_left_without_newline_is_not_glued_to_the_next(tmp_path):
     rows = read_csv(tmp_path / "metrics.csv")
     assert [r["epoch"] for r in rows] == ["0", "1", "2"]
     assert rows[2]["val_top5"] == "0.9" and rows[2]["step"] == "20"
+
+
+def test_sums_loaded_with_their_kahan_state_continue_bit_for_bit():
+    """A resumed epoch's sums go on exactly as the uninterrupted ones (the carry of a mid-epoch checkpoint)."""
+    generator = torch.Generator().manual_seed(3)  # NOTE: a seed whose rounded totals alone would go on differently
+    values = (torch.rand(400, generator=generator) * 3).tolist()
+    straight = RunningSums(torch.device("cpu"), ("loss", "n"))
+    for v in values[:250]:
+        straight.add(torch.tensor(v), torch.tensor(1))
+    resumed = RunningSums(torch.device("cpu"), ("loss", "n"))
+    resumed.load({**straight.totals(), **straight.kahan_state()})
+    for v in values[250:]:
+        straight.add(torch.tensor(v), torch.tensor(1))
+        resumed.add(torch.tensor(v), torch.tensor(1))
+    assert resumed.totals() == straight.totals() and straight.totals()["n"] == 400

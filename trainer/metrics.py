@@ -111,8 +111,22 @@ class RunningSums:
         counts, floats = self.local_totals()
         return self._merge(counts.tolist(), floats.tolist())
 
+    def kahan_state(self) -> dict[str, float]:
+        """The float sums as their compensated pairs, `kahan_sum:<name>` and `kahan_compensation:<name>`.
+
+        NOTE: `load` given these continues the summation exactly where it was: from the
+        rounded totals alone (compensation 0) the later additions round differently, and a
+        resumed epoch's train loss would differ from an uninterrupted one's in its last bits.
+        """
+        names = [self.names[i] for i in self.float_index]
+        return {
+            **{f"kahan_sum:{n}": v for n, v in zip(names, self.floats.tolist())},
+            **{f"kahan_compensation:{n}": v for n, v in zip(names, self.compensation.tolist())},
+        }
+
     def load(self, totals: dict[str, float]) -> None:
-        """Start from `totals` (a resumed epoch's sums so far); names it lacks start at 0."""
+        """Start from `totals` (a resumed epoch's sums so far, with `kahan_state`'s pairs where
+        stored); names it lacks start at 0."""
         import torch
 
         self.reset()
@@ -120,7 +134,11 @@ class RunningSums:
         if self.count_index:
             self.counts.copy_(torch.tensor([round(values[i]) for i in self.count_index], dtype=torch.int64))
         if self.float_index:
-            self.floats.copy_(torch.tensor([float(values[i]) for i in self.float_index], dtype=torch.float32))
+            names = [self.names[i] for i in self.float_index]
+            sums = [totals.get(f"kahan_sum:{n}", values[i]) for n, i in zip(names, self.float_index)]
+            self.floats.copy_(torch.tensor(sums, dtype=torch.float32))
+            compensation = [totals.get(f"kahan_compensation:{n}", 0.0) for n in names]
+            self.compensation.copy_(torch.tensor(compensation, dtype=torch.float32))
 
     def reset(self) -> None:
         self.counts.zero_()

@@ -61,9 +61,20 @@ class EpochTally:
         """The epoch's sums so far over all processes, for a checkpoint; every process must call it."""
         self._fold()
         totals = reduce_sums(self.accelerator, self.sums, self.skipped)
+        totals.update(self._reduced_kahan_state())
         if self.clip:
             totals.update(zip(NORM_KEYS, self.clip.norms.totals().values()))
         return totals
+
+    def _reduced_kahan_state(self) -> dict[str, float]:
+        """`RunningSums.kahan_state` added up over processes (exactly this process's on one), for the carry."""
+        import torch
+
+        state = self.sums.kahan_state()
+        if not state:
+            return {}
+        values = torch.tensor(list(state.values()), dtype=torch.float32, device=self.accelerator.device)
+        return dict(zip(state, self.accelerator.reduce(values, "sum").tolist()))
 
     def epoch_metrics(self, elapsed_s: float) -> tuple[dict[str, float], dict[str, float]]:
         """(the epoch's train metrics, the snapshot they come from); every process must call it."""
