@@ -1,4 +1,4 @@
-"""Trainer: setup, train_step, train_epoch, evaluate, fit, close, over Accelerate.
+"""Trainer: train_step, train_epoch, evaluate, fit, close, over Accelerate; its parts come from `trainer.build`.
 
 The side mechanisms are components in `trainer/loop/`: the optimizer-step boundary and
 its hooks (`OptimizerStep`), the lockstep of uneven stream shards (`Lockstep`, `StandIn`),
@@ -8,35 +8,27 @@ the non-finite guard and the stop agreement between processes.
 from __future__ import annotations
 
 import logging
-import math
 import time
 from pathlib import Path
 from typing import Any
 
-import torch
-from accelerate.utils import DataLoaderConfiguration, set_seed
-
-from trainer.backend import create_accelerator
-from trainer.batch_augment import create_batch_augment
+from trainer.build import build_training, epoch_samples
 from trainer.checkpoint import CheckpointError, CheckpointManager, TrainState, checkpoint_name
 from trainer.config import Config, config_to_dict
-from trainer.data.loader import create_datasets
-from trainer.data.pipeline import create_pipeline
 from trainer.ema import EMA_WEIGHTS, EmaStepHook, create_ema
 from trainer.errors import TrainingStopped
 from trainer.evaluate import evaluate
-from trainer.global_batch import Continuation, ResumeChange, continue_epoch, plan_batch
+from trainer.global_batch import Continuation, ResumeChange, continue_epoch
 from trainer.loop.clip import GradClip
 from trainer.loop.lockstep import Lockstep, StandIn, is_empty
 from trainer.loop.nonfinite import NonFiniteGuard
 from trainer.loop.step import OptimizerStep
 from trainer.loop.stop import StopAgreement, hold_for_test
 from trainer.loop.tally import EpochTally
-from trainer.loss import create_loss, hard_labels
+from trainer.loss import hard_labels
 from trainer.metrics import RunningSums, topk_correct
-from trainer.model import create_model
-from trainer.optim import create_lr_scheduler, create_optimizer, move_schedule, zero_fused_momentum
-from trainer.progress import EpochProgress, check_trackers
+from trainer.optim import move_schedule
+from trainer.progress import EpochProgress
 from trainer.run_dir import RunDirectory
 from trainer.summary import end_summary, flat_config, start_summary
 
@@ -50,76 +42,12 @@ class Trainer:
 
     def __init__(self, cfg: Config) -> None:
         self.cfg, self.run_dir, t = cfg, cfg.run_dir, cfg.train
-        check_trackers(cfg.output.log_with, cfg.source)
-        self.accelerator, self.backend = create_accelerator(
-            cfg.backend.device,
-            t.precision,
-            cfg.backend.host_memory,
-            cfg.backend.collective_timeout_s,
-            gradient_accumulation_steps=t.grad_accum_steps,
-            log_with=cfg.output.log_with or None,
-            project_dir=str(self.run_dir),
-            dataloader_config=DataLoaderConfiguration(non_blocking=True),
-        )
-        acc = self.accelerator
-        self.plan = plan_batch(
-            global_batch_size=cfg.loader.global_batch_size,
-            per_device=cfg.loader.batch_size_per_device,
-            processes=acc.num_processes,
-            grad_accum_steps=t.grad_accum_steps,
-            source=cfg.source,
-        )
-        # NOTE: known only once the processes are: Accelerate reads it per micro-batch (a
-        # setter of Accelerator, accelerate/src/accelerate/accelerator.py)
-        acc.gradient_accumulation_steps = self.plan.accumulation
-        set_seed(t.seed)
-        with acc.main_process_first():
-            self.data = create_datasets(
-                **cfg.data_sections(),
-                model_name=cfg.model.name,
-                seed=t.seed,
-                rank=acc.process_index,
-                world_size=acc.num_processes,
-                num_classes=cfg.model.num_classes,
-            )
-        self.data.check_val_size(acc.num_processes, config_file=cfg.source, root=cfg.data.root)
-        num_classes = self.data.num_classes(cfg.model.num_classes)
-        model = create_model(cfg.model, num_classes)
-        if t.channels_last:
-            model = model.to(memory_format=torch.channels_last)
-        # NOTE: with a loss scaler only a fused optimizer skips an overflowing step on the
-        # device; any other makes GradScaler call .item() on its inf check every step.
-        fused = acc.scaler is not None and self.backend.supports_fused_optimizer()
-        optimizer = create_optimizer(model, cfg.optim, prefer_fused=fused)
-        # a stuck loader worker is named too, not waited for
-        self.pipeline = create_pipeline(
-            self.data,
-            loader=cfg.loader,
-            input=cfg.input,
-            aug=cfg.aug,
-            accelerator=acc,
-            pin_kwargs=self.backend.pin_memory_kwargs(cfg.loader.pin_memory),
-            channels_last=t.channels_last,
-            wait_s=cfg.backend.collective_timeout_s,
-        )
+        parts = build_training(cfg)
+        self.accelerator, self.backend, self.plan, self.data = parts.accelerator, parts.backend, parts.plan, parts.data
+        self.pipeline, self.model, self.optimizer, self.scheduler = parts.pipeline, parts.model, parts.optimizer, parts.scheduler
         self.train_loader, self.val_loader, self.normalize = self.pipeline.train, self.pipeline.val, self.pipeline.normalize
-        if t.compile:
-            model = torch.compile(model)
-        self.model, self.optimizer = acc.prepare(model, optimizer)
-        zero_fused_momentum(self.optimizer)
-        self.steps_per_epoch = self._steps_per_epoch()
-        self.scheduler = create_lr_scheduler(self.optimizer, cfg.schedule, self.steps_per_epoch, t.epochs)
-        # Recipe components, each None when its keys leave it off: random erasing and
-        # mixup/cutmix on the device batch, and the loss for the targets they give.
-        self.batch_augment = create_batch_augment(
-            mixup=cfg.mixup,
-            aug=cfg.aug,
-            num_classes=num_classes,
-            label_smoothing=t.label_smoothing,
-            seed=t.seed,
-        )
-        soft_targets = self.batch_augment is not None and self.batch_augment.soft_targets
-        self.criterion = create_loss(t.loss, t.label_smoothing, t.bce_target_threshold, soft_targets)
+        self.steps_per_epoch, self.batch_augment, self.criterion = parts.steps_per_epoch, parts.batch_augment, parts.criterion
+        acc = self.accelerator
         self.checkpoints = CheckpointManager(acc, self.run_dir / "checkpoints", t.keep_last_checkpoints)
         self.run = RunDirectory(cfg, acc)
         self.state = TrainState()
@@ -137,22 +65,8 @@ class Trainer:
         self.stand_in = StandIn(self.data.data_config["input_size"], acc.device)
 
     # -- setup helpers ---------------------------------------------------------------
-    def _steps_per_epoch(self) -> int:
-        """Optimizer steps of the global batch per epoch (after `train.max_steps_per_epoch`)."""
-        t, plan = self.cfg.train, self.plan
-        samples = self._epoch_samples()
-        if self.data.streamed and not samples and not t.max_steps_per_epoch:
-            raise TrainingStopped("data.streaming: the split size is unknown; set train.max_steps_per_epoch")
-        if not samples and not self.data.streamed:
-            raise TrainingStopped(f"{self.cfg.data.root}: {self.data.train_size} training images give no full batch of {plan.describe()}")
-        steps = math.ceil(samples / plan.global_batch) if samples else t.max_steps_per_epoch
-        return min(steps, t.max_steps_per_epoch) if t.max_steps_per_epoch else steps
-
     def _epoch_samples(self) -> int:
-        """The epoch's length in samples of its global order (0 when a stream's size is unknown)."""
-        if self.data.train_sampler is not None:
-            return self.data.train_sampler.epoch_samples
-        return self.data.train_size // self.plan.round_size * self.plan.round_size
+        return epoch_samples(self.data, self.plan)
 
     def _continue(self, state: TrainState) -> Continuation:
         """Take `state` over for this run's batch plan; log what changed and move the schedule where needed."""
