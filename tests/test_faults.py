@@ -345,10 +345,9 @@ def test_a_full_disk_is_one_line_and_keeps_earlier_checkpoints(data: Path, tmp_p
         trainer._save_checkpoint()
     assert [p.name for p in trainer.checkpoints.directory.iterdir()] == ["step_00000000"]
     monkeypatch.setattr(checkpoint_module, "save_file", disk_full)
-    with pytest.raises(
-        CheckpointError, match=r"model.safetensors: writing the final weights failed \(No space left on device .*train.resume=auto writes them again"
-    ):
-        trainer.run.export(trainer.model)
+    with pytest.raises(CheckpointError, match=r"model: writing the final weights failed \(No space left on device .*train.resume=auto writes them again"):
+        trainer.run.export(trainer.model, classes=trainer.data.classes, input_config=trainer.data.data_config)
+    assert not (trainer.run.path / "model").exists() and not list(trainer.run.path.glob(".tmp-*"))  # nothing part-written left
     trainer.close()
 
 

@@ -11,7 +11,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
 
 import helpers
@@ -50,10 +49,16 @@ def test_records_skips_epochs_and_steps(tmp_path: Path):
 
 
 def test_export_is_readable_by_others(tmp_path: Path):
+    import timm
+
     run = run_directory(tmp_path)
     run.prepare()
-    path = run.export(torch.nn.Linear(2, 2))
-    assert path.stat().st_mode & 0o044 == 0o044  # group and others may read, as config.yaml
+    input_config = {"input_size": (3, 16, 16), "interpolation": "bilinear", "mean": (0.5,) * 3, "std": (0.5,) * 3, "crop_pct": 1.0}
+    folder = run.export(timm.create_model("test_resnet", num_classes=2), classes=["a", "b"], input_config=input_config)
+    assert folder == run.path / "model"
+    for path in (folder / "model.safetensors", folder / "config.json", folder / "README.md", run.path / "model.safetensors"):
+        assert path.stat().st_mode & 0o044 == 0o044, path  # group and others may read, as config.yaml
+    assert (run.path / "model.safetensors").samefile(folder / "model.safetensors")  # the earlier path, the same file
 
 
 def test_summaries_say_what_people_check(tmp_path: Path):

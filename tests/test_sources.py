@@ -41,7 +41,23 @@ def test_a_folder_does_not_stream(image_folder):
         create_stream_reader(DataConfig(root=str(image_folder)), "train", 0, 1, 0, shuffle=False)
 
 
-def test_class_names_without_a_scan(tmp_path):
+def test_class_names_without_a_scan(tmp_path, hf_parquet_dir, hf_saved_dir):
     root = helpers.make_image_folder(tmp_path / "data", classes=3)
     assert class_names(DataConfig(root=str(root))) == helpers.class_names(3)
-    assert class_names(DataConfig(source="hf", root=str(root))) is None  # hf: only its reader can tell
+    # an HF dataset's ClassLabel names, read from its features
+    for hf_root in (hf_parquet_dir, hf_saved_dir):
+        assert class_names(DataConfig(source="hf", root=str(hf_root))) == helpers.class_names(3)
+
+
+def test_class_names_absent_are_none(tmp_path, hf_parquet_dir):
+    import datasets
+
+    ds = datasets.load_dataset("parquet", data_files=str(hf_parquet_dir / "data" / "train-*.parquet"), split="train")
+    (tmp_path / "ints" / "data").mkdir(parents=True)
+    ds = ds.cast_column("label", datasets.Value("int64"))
+    ds.to_parquet(str(tmp_path / "ints" / "data" / "train-00000-of-00001.parquet"))
+    assert class_names(DataConfig(source="hf", root=str(tmp_path / "ints"))) is None  # the reader counts int labels
+    (tmp_path / "shards").mkdir()
+    assert class_names(DataConfig(source="wds", root=str(tmp_path / "shards"))) is None  # no _info.json
+    (tmp_path / "shards" / "_info.json").write_text('{"classes": ["cat", "dog"]}')
+    assert class_names(DataConfig(source="wds", root=str(tmp_path / "shards"))) == ["cat", "dog"]

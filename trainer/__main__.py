@@ -1,4 +1,4 @@
-"""Command line: `trainer train|eval|env|bench|check-data|convert|plot|prepare-digits ...` (also `python -m trainer`).
+"""Command line: `trainer train|eval|predict|model-folder|env|bench|check-data|convert|plot|...` (python -m trainer).
 
 Under `accelerate launch -m trainer train ...` every process runs the same command;
 Accelerate supplies the process group, this CLI the recipe.
@@ -109,6 +109,18 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return convert_command(_load(args), args)
 
 
+def cmd_predict(args: argparse.Namespace) -> int:
+    from trainer.predict import predict_command
+
+    return predict_command(args)
+
+
+def cmd_model_folder(args: argparse.Namespace) -> int:
+    from trainer.run_model import model_folder_command
+
+    return model_folder_command(args)
+
+
 def cmd_import_args(args: argparse.Namespace) -> int:
     from trainer.import_args import import_args_command
 
@@ -132,6 +144,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", default=None, help="directory for eval.json and plots (default: RUN_DIR/eval)")
     p.add_argument("--no-confusion", dest="confusion", action="store_false", help="skip the confusion matrix and per-class CSV")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("predict", help="top-k classes of images (files, folders, globs), with names and probabilities")
+    p.add_argument("model", help="a model folder (config.json + model.safetensors), a run or a checkpoint directory")
+    p.add_argument("images", nargs="+", help="image files, folders (searched recursively) or globs")
+    p.add_argument("--top-k", type=int, default=5, help="classes shown per image")
+    out = p.add_mutually_exclusive_group()
+    out.add_argument("--json", action="store_true", help="one JSON document on stdout: predictions and skipped images")
+    out.add_argument("--csv", action="store_true", help="CSV on stdout: image,rank,index,label,description,probability")
+    p.add_argument("--ema", action="store_true", help="with a run or checkpoint: its EMA weights (RUN/model_ema/)")
+    p.add_argument("--batch-size", type=int, default=32, help="images per batch on the device")
+    p.add_argument("--workers", type=int, default=0, help="loader worker processes to decode images (0: this process)")
+    p.add_argument("--device", default="auto", help="backend.device to run on")
+    p.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16", "auto"), help="train.precision to run at")
+    p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("env", help="print the resolved device, process group, precision and versions")
     p.add_argument("--device", default="auto", help="backend.device to resolve")
@@ -178,6 +204,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", default=None, help="write the recipe here and print the launch command (default: the recipe to stdout)")
     p.add_argument("main_py", nargs=argparse.REMAINDER, help="-- python main.py DIR -a resnet50 -b 128 ...")
     p.set_defaults(func=cmd_import_args)
+
+    p = sub.add_parser(
+        "model-folder",
+        help="write RUN_DIR/model/ (and model_ema/), the timm / HF model folder, for a run from before they existed",
+    )
+    p.add_argument("run_dir", help="the run directory (holds config.yaml)")
+    p.add_argument(
+        "--checkpoint",
+        default=None,
+        help="take the weights from this checkpoint of the run (an unfinished run), not RUN_DIR/model.safetensors",
+    )
+    p.set_defaults(func=cmd_model_folder)
 
     p = sub.add_parser("plot", help="write PNG curves of a run to RUN_DIR/plots/")
     p.add_argument("run_dir")

@@ -1,4 +1,4 @@
-"""RunDirectory: what a run writes besides checkpoints: config.yaml, metrics, skipped.txt, plots, weights."""
+"""RunDirectory: what a run writes besides checkpoints: config.yaml, metrics, skipped.txt, plots, the model folders."""
 
 from __future__ import annotations
 
@@ -10,9 +10,10 @@ from typing import Any
 
 from safetensors import SafetensorError
 
-from trainer.checkpoint import PREFIX, STATE_FILE, CheckpointError, export_weights, write_failure
+from trainer.checkpoint import PREFIX, STATE_FILE, CheckpointError, write_failure
 from trainer.config import Config, ConfigError, save_config
 from trainer.metrics import MetricsWriter
+from trainer.model_folder import EMA_FOLDER, MODEL_FOLDER
 from trainer.plots import write_plots
 
 log = logging.getLogger("trainer")
@@ -87,22 +88,41 @@ class RunDirectory:
         if self.cfg.output.plots:
             write_plots(self.path)
 
-    def export(self, model: Any, name: str = "model.safetensors") -> Path:
-        """The final weights as model.safetensors (or `name`: the EMA's), loadable by timm."""
-        path = self.path / name
+    def export(self, model: Any, *, classes: list[str], input_config: dict, ema: bool = False) -> Path:
+        """The final weights as a model folder, RUN/model/ (RUN/model_ema/ with `ema`); returns it.
+
+        The folder holds config.json, model.safetensors and the model card
+        (`trainer.model_folder`); RUN/model.safetensors (model_ema.safetensors) is the same file.
+        """
+        from trainer.run_model import export_run_folder
+
+        folder = self.path / (EMA_FOLDER if ema else MODEL_FOLDER)
         if self.accelerator.is_main_process:
+            unwrapped, n = self.accelerator.unwrap_model(model), self.accelerator.num_processes
+            inputs = dict(classes=classes, input_config=input_config)
             try:
-                export_weights(self.accelerator.unwrap_model(model), path)
+                export_run_folder(self.path, self.cfg, unwrapped, **inputs, ema=ema, processes=n)
             except (OSError, SafetensorError) as err:
-                raise CheckpointError(
-                    f"{path}: writing the final weights failed ({write_failure(err)}); the checkpoints are intact, and train.resume=auto writes them again"
-                ) from None
+                again = "the checkpoints are intact, and train.resume=auto writes them again"
+                failure = write_failure(err)
+                raise CheckpointError(f"{folder}: writing the final weights failed ({failure}); {again}") from None
         self.accelerator.wait_for_everyone()
-        return path
+        return folder
 
 
 # What a run leaves in its directory besides config.yaml; output.overwrite=true removes them.
-RUN_FILES = ("metrics.jsonl", "metrics.csv", "steps.jsonl", "checkpoints", "model.safetensors", "model_ema.safetensors", "plots", "skipped.txt")
+RUN_FILES = (
+    "metrics.jsonl",
+    "metrics.csv",
+    "steps.jsonl",
+    "checkpoints",
+    "model.safetensors",
+    "model_ema.safetensors",
+    MODEL_FOLDER,
+    EMA_FOLDER,
+    "plots",
+    "skipped.txt",
+)
 
 
 def describe_run(path: Path) -> str:

@@ -298,9 +298,9 @@ class Trainer:
                 record.update(step=self.state.global_step, lr=self.boundary.lr)
                 self._end_epoch(record)
                 history.append(record)
-        weights = self.run.export(self.model)
+        weights = self.run.export(self.model, classes=self.data.classes, input_config=self.data.data_config)
         if self.ema is not None:
-            self.run.export(self.ema.module, EMA_WEIGHTS)
+            self.run.export(self.ema.module, classes=self.data.classes, input_config=self.data.data_config, ema=True)
         self._log_end(history, time.perf_counter() - fit_start_s, weights)
         return record
 

@@ -177,6 +177,22 @@ def _class_names(features: Any, label_column: str, image_column: str, where: str
     return list(names) if names else None
 
 
+def hf_class_names(
+    root: str,
+    split: str,
+    image_column: str = "image",
+    label_column: str = "label",
+    cache_dir: str = "",
+) -> list[str] | None:
+    """A split's `ClassLabel` names from its features alone, no row read; None when the label column has none.
+
+    NOTE: opened as a stream, which reads the schema (parquet metadata, a saved dataset's
+    state) without preparing the split; a map-style open would build its arrow cache.
+    """
+    ds = open_hf_split(root, split, streaming=True, cache_dir=cache_dir)
+    return _class_names(ds.features, label_column, image_column, f"{root} [{split}]")
+
+
 class HFReader:
     """A map-style `datasets.Dataset` split; images are read as bytes, undecoded."""
 

@@ -35,6 +35,8 @@ class Source:
         open_for_check: like `open` (given the training classes for another split), for
             `trainer check-data`: returns the reader and the classes it found empty (reported,
             not raised); None uses `open` and finds none.
+        class_names: `cfg` -> the training classes in index order without reading the split, or
+            None where the source cannot tell that way (the reader then finds them).
         labels_from_folders: labels are class folder names, so they are in range by construction
             and class mismatches are told by name (check-data).
     """
@@ -46,6 +48,7 @@ class Source:
     open_stream: Callable[..., StreamReader] | None = None
     open_for_check: Callable[[DataConfig, str, list[str] | None], tuple[Reader, list[str]]] | None = None
     labels_from_folders: bool = False
+    class_names: Callable[[DataConfig], list[str] | None] | None = None
 
     def val_split(self, cfg: DataConfig) -> str:
         """`data.val_split`, or this source's default."""
@@ -84,8 +87,23 @@ def _open_folder_for_check(cfg: DataConfig, split: str, classes: list[str] | Non
     return reader, reader.empty_classes
 
 
+def _folder_class_names(cfg: DataConfig) -> list[str] | None:
+    """Folder names as they are, sorted as the reader indexes them."""
+    split_dir = _folder_root(cfg) / cfg.train_split
+    if not split_dir.is_dir():
+        return None
+    return sorted(e.name for e in os.scandir(split_dir) if e.is_dir()) or None
+
+
 def _hf_columns(cfg: DataConfig) -> dict[str, str]:
     return dict(image_column=cfg.image_column, label_column=cfg.label_column, cache_dir=cfg.hf_cache_dir)
+
+
+def _hf_class_names(cfg: DataConfig) -> list[str] | None:
+    """The label column's `ClassLabel` names, when it has them."""
+    from trainer.data.readers import hf_class_names
+
+    return hf_class_names(cfg.root, cfg.train_split, **_hf_columns(cfg))
 
 
 FOLDER = Source(
@@ -95,6 +113,7 @@ FOLDER = Source(
     open=_open_folder,
     open_for_check=_open_folder_for_check,
     labels_from_folders=True,
+    class_names=_folder_class_names,
 )
 
 HF = Source(
@@ -105,6 +124,7 @@ HF = Source(
     open_stream=lambda cfg, split, rank, world_size, seed, shuffle, classes=None, num_classes=0: HFStreamReader(
         cfg.root, split, rank, world_size, seed, shuffle, classes, num_classes, **_hf_columns(cfg)
     ),
+    class_names=_hf_class_names,
 )
 
 
@@ -120,12 +140,21 @@ def _stream_shards(cfg: DataConfig, split: str, rank: int, world_size: int, seed
     return TarShardStream(Path(cfg.root).expanduser(), split, rank, world_size, seed, shuffle, classes, num_classes)
 
 
+def _wds_class_names(cfg: DataConfig) -> list[str] | None:
+    """The names `trainer convert` wrote into `_info.json`."""
+    from trainer.data.wds import read_info
+
+    names = read_info(Path(cfg.root).expanduser()).get("classes")
+    return [str(c) for c in names] if isinstance(names, list) and names else None
+
+
 WDS = Source(
     name="wds",
     layout="ROOT/<name>-<split>-NNNN.tar shards of <key>.jpg + <key>.cls members (timm's imagenet-1k-wds), optional ROOT/_info.json",
     default_val_split="validation",
     open=_open_shards,
     open_stream=_stream_shards,
+    class_names=_wds_class_names,
 )
 
 SOURCES: dict[str, Source] = {source.name: source for source in (FOLDER, HF, WDS)}
@@ -158,8 +187,5 @@ def create_stream_reader(
 
 def class_names(cfg: DataConfig) -> list[str] | None:
     """The training split's class names without reading the split, where the source can tell; else None."""
-    if get_source(cfg.source).labels_from_folders:
-        split_dir = _folder_root(cfg) / cfg.train_split
-        if split_dir.is_dir():
-            return sorted(e.name for e in os.scandir(split_dir) if e.is_dir()) or None
-    return None
+    names = get_source(cfg.source).class_names
+    return names(cfg) if names is not None else None
