@@ -47,7 +47,8 @@ def test_seam_is_a_package_of_small_modules_without_import_circles():
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("trainer.backend"):
                 sub = node.module.removeprefix("trainer.backend").lstrip(".")
-                # `from trainer.backend import fused` names the submodule; the package itself is not imported from inside it
+                # `from trainer.backend import fused` names the submodule; the package itself
+                # is not imported from inside it
                 assert sub or all(a.name in modules for a in node.names), f"{name} imports the package trainer.backend"
                 targets |= {sub} if sub else {a.name for a in node.names}
         edges[name] = targets

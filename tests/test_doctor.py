@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 import helpers
@@ -18,6 +19,7 @@ EMULATED = REPO / "tests" / "emulated_mlu"
 pytestmark = pytest.mark.slow
 LAUNCH_CONFIGS = {"cpu": "cpu_2proc.yaml", "mlu": "mlu_2card.yaml"}
 PRECISION = {"cpu": "fp32", "mlu": "fp16"}
+NEWEST_LINE_IS_2_1 = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2]) < (2, 3)
 
 
 def setup(tmp_path: Path, device: str) -> Path:
@@ -74,6 +76,22 @@ def test_doctor_passes_and_prints_one_row_per_process(tmp_path, device):
     assert all(PRECISION[device] in r for r in rows), out
     assert all(r[-2] == "3" for r in rows), out  # the 3 classes, seen by both
     assert all(r[-1] == str((tmp_path / "runs").resolve()) for r in rows), out
+    expected = ["loss scaler", "fused SGD", "collective errors", "bf16"]
+    expected += ["torch_mlu line", "versions"] if device == "mlu" else []
+    for check in expected:  # the device stack, one row each, all passing
+        assert any(line.startswith(check + " ") and "  ok  " in line for line in out.splitlines()), (check, out)
+
+
+@pytest.mark.skipif(NEWEST_LINE_IS_2_1, reason="needs a torch newer than the 2.1 line")
+def test_doctor_on_an_mlu_with_torch_mlu_built_for_another_torch(tmp_path, monkeypatch):
+    # torch_mlu built for torch 2.1 beside a newer torch: a pip install that pulled torch from the index.
+    monkeypatch.setenv("EMULATED_TORCH_MLU_LINE", "2.1")
+    proc = doctor(tmp_path, "mlu", setup(tmp_path, "mlu"))
+    assert proc.returncode != 0, proc.stdout[-3000:]
+    assert "versions           FAIL" in proc.stdout, proc.stdout
+    fail = [line for line in proc.stdout.splitlines() if line.startswith("trainer doctor: FAIL:")][0]
+    assert "is built for torch 2.1" in fail and "install the torch wheel Cambricon ships" in fail, fail
+    assert "CNCL_ASYNC_ERROR_HANDLING=1" in proc.stdout  # the 2.1 line's own name, set by the trainer
 
 
 @pytest.mark.parametrize("device", ["cpu", "mlu"])

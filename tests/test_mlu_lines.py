@@ -34,7 +34,8 @@ def mlu_env(line: str | None = None, **extra: str) -> dict[str, str]:
 
 
 def run_python(code: str, env: dict[str, str], check: bool = True, timeout: float = 240) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=env, capture_output=True, text=True, timeout=timeout, cwd=REPO)
+    command = [sys.executable, "-c", textwrap.dedent(code)]
+    proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout, cwd=REPO)
     if check and proc.returncode != 0:
         pytest.fail(f"exited {proc.returncode}\n--- stdout\n{proc.stdout}\n--- stderr\n{proc.stderr[-6000:]}")
     return proc
@@ -349,8 +350,10 @@ def test_erasing_noise_on_the_device_depends_on_the_batch_alone():
             import_device_plugins()
             from trainer.batch_augment import create_batch_augment
             from trainer.config import AugConfig, MixupConfig
-            augment = create_batch_augment(mixup=MixupConfig(), aug=AugConfig(re_prob=1.0, re_mode="pixel"), num_classes=4,
-                                           label_smoothing=0.0, seed=0, process_index=0)
+            erase = AugConfig(re_prob=1.0, re_mode="pixel")
+            augment = create_batch_augment(
+                mixup=MixupConfig(), aug=erase, num_classes=4, label_smoothing=0.0, seed=0, process_index=0
+            )
             images = torch.zeros(4, 3, 16, 16, device="mlu:0")
             labels = torch.arange(4, device="mlu:0")
             first, _ = augment(images.clone(), labels, 2, 5)
@@ -358,8 +361,11 @@ def test_erasing_noise_on_the_device_depends_on_the_batch_alone():
             torch.mlu.manual_seed(99)
             again, _ = augment(images.clone(), labels, 2, 5)
             other, _ = augment(images.clone(), labels, 2, 6)
-            print(json.dumps({"same": torch.equal(first.cpu(), again.cpu()), "differs": not torch.equal(first.cpu(), other.cpu()),
-                              "erased": bool((first != 0).any()), "state_kept": torch.randn(1, device="mlu:0").item()}))
+            print(json.dumps({
+                "same": torch.equal(first.cpu(), again.cpu()),
+                "differs": not torch.equal(first.cpu(), other.cpu()),
+                "erased": bool((first != 0).any()),
+            }))
             """,
             mlu_env(),
         )

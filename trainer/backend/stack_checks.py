@@ -34,7 +34,8 @@ def _versions(device_type: str) -> list[dict[str, str]]:
             _row(
                 "versions",
                 f"torch {torch.__version__}, {plugin} {version}",
-                f"{plugin} {version} is built for torch {built_for[0]}.{built_for[1]} but torch is {torch.__version__}: "
+                f"{plugin} {version} is built for torch {built_for[0]}.{built_for[1]} "
+                f"but torch is {torch.__version__}: "
                 f"install the torch wheel Cambricon ships with this {plugin} (or the {plugin} built for torch "
                 f"{torch_version()[0]}.{torch_version()[1]}); a package install that pulled torch from the index "
                 "replaced it",
@@ -90,6 +91,8 @@ def device_stack_rows(device_type: str, accelerator: Any, precision: str) -> lis
     rows.append(_row("fused SGD", ("yes: " if fused else "no: ") + why + note))
     rows.append(_error_handling(device_type))
     bf16 = is_bf16_supported(device_type)
-    bf16_problem = "" if bf16 or precision != "bf16" else f"train.precision=bf16 on a {device_type} without bf16: use fp16 or auto"
+    bf16_problem = ""
+    if not bf16 and precision == "bf16":
+        bf16_problem = f"train.precision=bf16 on a {device_type} without bf16: use fp16 or auto"
     rows.append(_row("bf16", "native" if bf16 else "not native (auto picks fp16 with a loss scaler)", bf16_problem))
     return rows

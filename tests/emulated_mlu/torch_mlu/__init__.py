@@ -18,6 +18,7 @@ many. See ``tests/emulated_mlu/README.md``.
 from __future__ import annotations
 
 import atexit
+import os
 import time
 
 import torch
@@ -49,7 +50,45 @@ def _register() -> None:
     torch.utils.generate_methods_for_privateuse1_backend(**{k: v for k, v in wanted.items() if k in accepted})
     if dist.is_available():
         dist.Backend.register_backend("cncl", _cncl.create_process_group, devices=["mlu"])
-    _leave_mlu_out_of_foreach_and_fused_lists()
+    if os.environ.get("EMULATED_MLU_FUSED_KERNELS") == "1":
+        _give_mlu_fused_sgd()
+    else:
+        _leave_mlu_out_of_foreach_and_fused_lists()
+
+
+_libraries: list = []  # torch.library registrations live as long as their Library object
+
+
+def _give_mlu_fused_sgd() -> None:
+    """A device with torch's fused SGD (``EMULATED_MLU_FUSED_KERNELS=1``), as CUDA has it.
+
+    Not a torch_mlu line: a test double for the trainer's paths on devices whose fused
+    kernels exist (a loss-scaled step without a host sync). The kernel is registered for
+    the device itself, so it is no fallback, and runs on host aliases uncounted.
+    """
+    if not hasattr(torch, "_fused_sgd_"):
+        return
+    library = torch.library.Library("aten", "IMPL")
+    _libraries.append(library)
+
+    def fused_sgd(*args: object, **kwargs: object) -> None:
+        ops = torch.ops.emulated_mlu
+        ops.begin_internal()
+        try:
+            on_host = [[t.cpu() for t in a] if isinstance(a, (list, tuple)) else a for a in args]
+            host_kwargs = {k: (v.cpu() if isinstance(v, torch.Tensor) else v) for k, v in kwargs.items()}
+            torch._fused_sgd_(*on_host, **host_kwargs)
+            for device_list, host_list in zip(args[:3], on_host[:3]):
+                for dst, src in zip(device_list, host_list):
+                    dst.copy_(src)
+        finally:
+            ops.end_internal()
+
+    for overload in ("_fused_sgd_", "_fused_sgd_.tensor_lr"):
+        try:
+            library.impl(overload, fused_sgd, "PrivateUse1")
+        except RuntimeError:  # an overload this torch does not have
+            pass
 
 
 def _cuda_and_xpu() -> list[str]:

@@ -502,7 +502,8 @@ TORCH_LIBRARY_IMPL(aten, PrivateUse1, m) {
          torch::CppFunction::makeFromBoxedFunction<&mlu_conv_fallback>());
 #ifdef EMULATED_MLU_LEGACY_TORCH
   // torch 2.1's CPU kernels have no fp16 matrix products: computed in fp32 as the convolutions.
-  for (const char* name : {"addmm", "mm", "bmm", "baddbmm", "addmv", "mv", "addmm.out", "mm.out"}) {
+  for (const char* name : {"addmm", "mm", "bmm", "baddbmm", "addmv", "mv", "addmm.out", "mm.out", "_softmax",
+                           "_log_softmax", "_softmax_backward_data", "_log_softmax_backward_data"}) {
     m.impl(name, torch::CppFunction::makeFromBoxedFunction<&mlu_conv_fallback>());
   }
 #endif

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -466,25 +467,35 @@ class Event:
 
     def __init__(self, enable_timing: bool = False, blocking: bool = False, interprocess: bool = False) -> None:
         self.enable_timing = enable_timing
-        self._event = torch.Event(torch.device("mlu", current_device()), enable_timing=enable_timing)
+        # torch.Event arrived in torch 2.3; before it, the host clock is read here directly.
+        self._event = torch.Event(torch.device("mlu", current_device()), enable_timing=enable_timing) if hasattr(torch, "Event") else None
+        self._recorded_s = 0.0
 
     def record(self, stream: Stream | None = None) -> None:
         """Mark the point after all work issued so far."""
-        self._event.record()
+        if self._event is None:
+            self._recorded_s = time.perf_counter()
+        else:
+            self._event.record()
 
     def wait(self, stream: Stream | None = None) -> None:
         """Make ``stream`` wait for this event: nothing to wait for."""
 
     def query(self) -> bool:
         """Return True: recorded work is always complete."""
-        return self._event.query()
+        return True if self._event is None else self._event.query()
 
     def synchronize(self) -> None:
         """Block until the event completes: it already has."""
-        self._event.synchronize()
+        if self._event is None:
+            _ops().synchronize()
+        else:
+            self._event.synchronize()
 
     def elapsed_time(self, end_event: Event) -> float:
         """Return milliseconds between this event and ``end_event``."""
         if not (self.enable_timing and end_event.enable_timing):
             raise RuntimeError("Both events must be created with enable_timing=True")
+        if self._event is None:
+            return (end_event._recorded_s - self._recorded_s) * 1000.0
         return self._event.elapsed_time(end_event._event)

@@ -34,7 +34,8 @@ def _warn_deprecated(name: str, replacement: str) -> None:
 
 if AT_LEAST_2_3:
     if not _HAS_AMP_SCALER:
-        raise ImportError(f"torch_mlu line {LINE} needs torch >= 2.3 (torch.amp.GradScaler); torch is {torch.__version__}")
+        needs = f"torch_mlu line {LINE} needs torch >= 2.3 (torch.amp.GradScaler)"
+        raise ImportError(f"{needs}; torch is {torch.__version__}")
 
     class GradScaler(torch.amp.GradScaler):
         """``torch.amp.GradScaler("mlu", ...)`` under torch_mlu's name (2.3 and 2.4 lines)."""
@@ -83,7 +84,7 @@ else:
                 return
             # torch 2.1: CUDA's __init__ would disable itself without CUDA; set its state here.
             if enabled and not torch.mlu.is_available():
-                warnings.warn("torch_mlu.amp.GradScaler is enabled, but MLU is not available.  Disabling.", stacklevel=2)
+                warnings.warn("torch_mlu.amp.GradScaler is enabled, but MLU is not available. Disabling.", stacklevel=2)
                 enabled = False
             self._enabled = enabled
             if enabled:
