@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from trainer.backend import HOST_DEVICE_TYPE
 from trainer.errors import DependencyError, ModelError
 from trainer.export_inputs import CheckBatch, check_batch
 
@@ -113,7 +114,7 @@ def export_torchscript(model: torch.nn.Module, example: torch.Tensor, path: Path
 def run_torchscript(path: Path) -> tuple[Callable[[torch.Tensor], torch.Tensor], str]:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        loaded = torch.jit.load(str(path), map_location="cpu").eval()
+        loaded = torch.jit.load(str(path), map_location=HOST_DEVICE_TYPE).eval()
     return (lambda images: loaded(images).detach()), f"torch.jit.load (torch {torch.__version__})"
 
 

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from trainer.backend import HOST_DEVICE_TYPE
 from trainer.checkpoint import STATE_FILE
 from trainer.errors import ConfigError, DataError
 
@@ -104,6 +105,6 @@ def _collate(items: list[Any], input_cfg: dict, source: str) -> dict[str, Any]:
         log.warning("skipped %s", line.replace("\t", ": "))
     if batch["images"].numel() == 0:
         raise DataError(f"{source}: no decodable image to check the export on")
-    normalize = Normalizer(input_cfg["mean"], input_cfg["std"], torch.device("cpu"), channels_last=False)
+    normalize = Normalizer(input_cfg["mean"], input_cfg["std"], torch.device(HOST_DEVICE_TYPE), channels_last=False)
     batch["images"] = normalize(batch["images"])
     return batch
