@@ -57,7 +57,9 @@ def natural_image(rng: np.random.Generator, size: tuple[int, int] = (500, 375)) 
     for _ in range(int(rng.integers(5, 15))):
         x, y = int(rng.integers(0, width)), int(rng.integers(0, height))
         box = [x, y, x + int(rng.integers(20, 200)), y + int(rng.integers(20, 200))]
-        (draw.ellipse if rng.random() < 0.5 else draw.rectangle)(box, fill=tuple(int(c) for c in rng.integers(0, 256, 3)))
+        (draw.ellipse if rng.random() < 0.5 else draw.rectangle)(
+            box, fill=tuple(int(c) for c in rng.integers(0, 256, 3))
+        )
     image = image.filter(ImageFilter.GaussianBlur(1.5))
     grain = rng.normal(0, rng.uniform(8, 22), (height, width, 1)) + rng.normal(0, 6, (height, width, 3))
     return Image.fromarray(np.clip(np.asarray(image, np.float32) + grain, 0, 255).astype(np.uint8))
@@ -103,7 +105,12 @@ def trainer_config(args: argparse.Namespace, setting: str, workers: int, img_siz
         "output.plots=false",
     ]
     switches = {
-        "recipe": ["loader.normalize_on_device=false", "loader.draft_decode=false", "train.channels_last=false", "train.precision=fp32"],
+        "recipe": [
+            "loader.normalize_on_device=false",
+            "loader.draft_decode=false",
+            "train.channels_last=false",
+            "train.precision=fp32",
+        ],
         "fast": [
             "loader.normalize_on_device=true",
             "loader.draft_decode=true",
@@ -197,7 +204,14 @@ def arm_main(name: str, args: argparse.Namespace, conn) -> None:
             step()
             sync(device)
             end = resource.getrusage(resource.RUSAGE_SELF)
-            times.append((time.perf_counter() - start, end.ru_utime - usage.ru_utime, end.ru_stime - usage.ru_stime, end.ru_minflt - usage.ru_minflt))
+            times.append(
+                (
+                    time.perf_counter() - start,
+                    end.ru_utime - usage.ru_utime,
+                    end.ru_stime - usage.ru_stime,
+                    end.ru_minflt - usage.ru_minflt,
+                )
+            )
         conn.send(times)
 
 
@@ -265,7 +279,14 @@ def pipeline_per_core(args: argparse.Namespace) -> dict[str, float]:
     ):
         cfg = trainer_config(args, setting, 0, args.img_size, tempfile.mkdtemp())
         data = create_datasets(**cfg.data_sections(), model_name=cfg.model.name, seed=0, rank=0, world_size=1)
-        loader = create_loader(data.train, cfg.loader, batch_size=args.batch_size, pin_kwargs={"pin_memory": False}, sampler=data.train_sampler, drop_last=True)
+        loader = create_loader(
+            data.train,
+            cfg.loader,
+            batch_size=args.batch_size,
+            pin_kwargs={"pin_memory": False},
+            sampler=data.train_sampler,
+            drop_last=True,
+        )
         arms[label] = (forever(loader, data.train_sampler), simplejpeg)
     if decode._simplejpeg is None:
         del arms["trainer fast path, PIL decoder"]  # the same as the fast path here
@@ -357,7 +378,9 @@ def _receive(conn, name: str):
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--data", default=str(Path.home() / ".cache" / "trainer" / "bench-jpegs"), help="dataset cache dir (made once)")
+    p.add_argument(
+        "--data", default=str(Path.home() / ".cache" / "trainer" / "bench-jpegs"), help="dataset cache dir (made once)"
+    )
     p.add_argument("--images", type=int, default=320, help="training images (500x375 JPEGs)")
     p.add_argument("--classes", type=int, default=4)
     p.add_argument("--batch-size", type=int, default=16)
@@ -365,9 +388,19 @@ def main() -> int:
     p.add_argument("--img-size", type=int, default=224)
     p.add_argument("--steps", type=int, default=1, help="timed steps per loop per turn")
     p.add_argument("--rounds", type=int, default=10, help="turns per loop")
-    p.add_argument("--warmup", type=int, default=4, help="untimed steps per loop before its first turn (glibc's malloc settles over several)")
+    p.add_argument(
+        "--warmup",
+        type=int,
+        default=4,
+        help="untimed steps per loop before its first turn (glibc's malloc settles over several)",
+    )
     p.add_argument("--pipeline-batches", type=int, default=4, help="pipeline batches per arm per round")
-    p.add_argument("--overhead-img-size", type=int, default=64, help="smaller than 224 on purpose: a shorter step shows a fixed cost more")
+    p.add_argument(
+        "--overhead-img-size",
+        type=int,
+        default=64,
+        help="smaller than 224 on purpose: a shorter step shows a fixed cost more",
+    )
     p.add_argument("--overhead-pairs", type=int, default=12)
     p.add_argument("--device", default="cpu")
     p.add_argument("--json", default=None, help="also write the figures here")
@@ -377,7 +410,12 @@ def main() -> int:
         default=True,
         help="also run the reference with freed host memory retained, as the trainer does on the CPU",
     )
-    p.add_argument("--parts", default="pipeline,e2e,overhead", type=lambda v: set(v.split(",")), help="which measurements to run (comma-separated)")
+    p.add_argument(
+        "--parts",
+        default="pipeline,e2e,overhead",
+        type=lambda v: set(v.split(",")),
+        help="which measurements to run (comma-separated)",
+    )
     args = p.parse_args()
     args.data = str(Path(args.data).expanduser())
     start = time.perf_counter()
@@ -385,7 +423,9 @@ def main() -> int:
     report: dict = {"machine": machine(), "args": {**vars(args), "parts": sorted(args.parts)}}
     pipe = report["pipeline_img_per_s_per_core"] = pipeline_per_core(args) if "pipeline" in args.parts else {}
     e2e = report["end_to_end"] = (
-        end_to_end(args, ["reference", *SETTINGS, *(["reference, memory retained"] if args.retained_reference else [])]) if "e2e" in args.parts else {}
+        end_to_end(args, ["reference", *SETTINGS, *(["reference, memory retained"] if args.retained_reference else [])])
+        if "e2e" in args.parts
+        else {}
     )
     over = report["overhead"] = overhead(args) if "overhead" in args.parts else {}
     report["wall_s"] = time.perf_counter() - start
@@ -394,7 +434,10 @@ def main() -> int:
         f"{args.rounds} rounds x {args.steps} steps per loop, {report['wall_s']:.0f} s"
     )
     if e2e:
-        print(f"\n{'end to end':<28}{'img/s':>7}{'vs ref':>7}{'user s':>8}{'sys s':>7}{'faults':>8}  vs ref per round (vs ref: their median)")
+        print(
+            f"\n{'end to end':<28}{'img/s':>7}{'vs ref':>7}{'user s':>8}{'sys s':>7}{'faults':>8} "
+            " vs ref per round (vs ref: their median)"
+        )
         for name, f in e2e.items():
             print(
                 f"{name:<28}{f['img_per_s']:>7.2f}{f['vs_reference']:>7.2f}{f['user_s_per_step']:>8.2f}{f['sys_s_per_step']:>7.2f}"
@@ -408,7 +451,9 @@ def main() -> int:
     if over:
         print(
             f"\ntrainer overhead at {args.overhead_img_size}px ({over['precision']}): {over['overhead']:+.1%} "
-            f"(train_step {over['trainer_step_s'] * 1e3:.0f} ms vs bare {over['bare_step_s'] * 1e3:.0f} ms, median of {over['pairs']} pairs)"
+            f"(train_step {over['trainer_step_s'] * 1e3:.0f} ms vs bare "
+            f"{over['bare_step_s'] * 1e3:.0f} ms, median of {over['pairs']} "
+            "pairs)"
         )
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")

@@ -155,7 +155,9 @@ def phase_config(setting: str, s: dict[str, Any], data: Path, out: Path, workers
             "loader.draft_decode=true",
             f"train.compile={str(compile_model).lower()}",
         ]
-    return load_config(REPO / "configs" / "resnet50_imagenet.yaml", common + switches + [f"train.precision={precision}"])
+    return load_config(
+        REPO / "configs" / "resnet50_imagenet.yaml", common + switches + [f"train.precision={precision}"]
+    )
 
 
 def run_phase(args: argparse.Namespace) -> int:
@@ -169,7 +171,9 @@ def run_phase(args: argparse.Namespace) -> int:
     processes = int(os.environ.get("WORLD_SIZE", "1"))
     workers = loader_workers(args.workers, processes)
     setting = "recipe" if args.phase.startswith("recipe") else "fast"
-    cfg = phase_config(setting, s, Path(args.data), Path(args.out) / "runs", workers, compile_model=args.phase == "compiled")
+    cfg = phase_config(
+        setting, s, Path(args.data), Path(args.out) / "runs", workers, compile_model=args.phase == "compiled"
+    )
     started = time.perf_counter()
     trainer = Trainer(cfg)
     backend = trainer.backend
@@ -183,7 +187,8 @@ def run_phase(args: argparse.Namespace) -> int:
             compile_s = time.perf_counter() - first
             figures = {
                 "model_step": summarize(
-                    time_steps(lambda: trainer.train_step(batch, sums), backend, s["steps"], s["warmup"]), cfg.loader.batch_size_per_device
+                    time_steps(lambda: trainer.train_step(batch, sums), backend, s["steps"], s["warmup"]),
+                    cfg.loader.batch_size_per_device,
                 ),
                 "compile_s": compile_s,
             }
@@ -202,7 +207,9 @@ def run_phase(args: argparse.Namespace) -> int:
             if name in figures:  # every process steps in lockstep: the whole machine's rate
                 figures[name]["img_per_s_all"] = figures[name]["img_per_s"] * backend.num_processes
         if "end_to_end" in figures:
-            figures["end_to_end_vs_model_step"] = figures["end_to_end"]["img_per_s"] / figures["model_step"]["img_per_s"]
+            figures["end_to_end_vs_model_step"] = (
+                figures["end_to_end"]["img_per_s"] / figures["model_step"]["img_per_s"]
+            )
     finally:
         trainer.close()
     if trainer.accelerator.is_main_process:
@@ -305,7 +312,9 @@ def orchestrate(args: argparse.Namespace) -> int:
     )
     report["phases"]["env"] = env
     try:
-        report["env"] = json.loads((out / "logs" / "env.log").read_text()[(out / "logs" / "env.log").read_text().index("{") :])
+        report["env"] = json.loads(
+            (out / "logs" / "env.log").read_text()[(out / "logs" / "env.log").read_text().index("{") :]
+        )
     except ValueError:
         report["env"] = {}
     device_type = report["env"].get("device_type", s["device"])
@@ -319,7 +328,11 @@ def orchestrate(args: argparse.Namespace) -> int:
     data = Path(args.data).resolve() if args.data else out / "data"
     t0 = time.perf_counter()
     try:
-        report["data"] = {**make_data(data, s["unique_images"], images), "path": str(data), "seconds": round(time.perf_counter() - t0, 1)}
+        report["data"] = {
+            **make_data(data, s["unique_images"], images),
+            "path": str(data),
+            "seconds": round(time.perf_counter() - t0, 1),
+        }
         report["phases"]["data"] = {"status": "ok", "wall_s": report["data"]["seconds"]}
     except Exception as err:  # noqa: BLE001 - recorded; nothing below can run without data
         report["phases"]["data"] = {"status": f"failed: {type(err).__name__}: {err}"}
@@ -336,12 +349,35 @@ def orchestrate(args: argparse.Namespace) -> int:
             report["phases"][phase] = {"status": f"skipped: {left():.0f} s of the {args.budget_s} s budget left"}
             continue
         result = out / f"{phase}.json"
-        inner = [str(Path(__file__).resolve()), "--phase", phase, "--out", str(out), "--data", str(data), "--result", str(result)]
-        inner += ["--tiny"] * args.tiny + [f"--steps={args.steps}"] * bool(args.steps) + [f"--warmup={args.warmup}"] * bool(args.warmup)
+        inner = [
+            str(Path(__file__).resolve()),
+            "--phase",
+            phase,
+            "--out",
+            str(out),
+            "--data",
+            str(data),
+            "--result",
+            str(result),
+        ]
+        inner += (
+            ["--tiny"] * args.tiny
+            + [f"--steps={args.steps}"] * bool(args.steps)
+            + [f"--warmup={args.warmup}"] * bool(args.warmup)
+        )
         inner += [f"--workers={args.workers}"] * (args.workers is not None)
         if phase.endswith("_all"):
             config = launch_config(out / "launch.yaml", device_type, processes)
-            cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config), "--main_process_port", str(_free_port()), *inner]
+            cmd = [
+                sys.executable,
+                "-m",
+                "accelerate.commands.launch",
+                "--config_file",
+                str(config),
+                "--main_process_port",
+                str(_free_port()),
+                *inner,
+            ]
         else:
             cmd = [sys.executable, *inner]
         outcome = run_child(phase, cmd, limit, out / "logs" / f"{phase}.log")
@@ -372,7 +408,12 @@ def _figures(report: dict[str, Any], phase: str) -> dict[str, Any] | None:
 
 def summarize_report(report: dict[str, Any]) -> None:
     """The headline figures, and scaling efficiency where several devices ran."""
-    summary: dict[str, Any] = {"targets": {"h100_synthetic_bf16_img_per_s": IMG_PER_S_TARGET_H100, "end_to_end_vs_model_step": END_TO_END_TARGET}}
+    summary: dict[str, Any] = {
+        "targets": {
+            "h100_synthetic_bf16_img_per_s": IMG_PER_S_TARGET_H100,
+            "end_to_end_vs_model_step": END_TO_END_TARGET,
+        }
+    }
     fast, recipe, compiled = _figures(report, "fast"), _figures(report, "recipe"), _figures(report, "compiled")
     if fast:
         summary["model_step_img_per_s"] = fast["model_step"]["img_per_s"]
@@ -388,7 +429,8 @@ def summarize_report(report: dict[str, Any]) -> None:
         if multi and single:
             n = multi["processes"]
             summary[f"{phase}_scaling_efficiency"] = {
-                name: multi[name]["img_per_s_all"] / (n * single[name]["img_per_s"]) for name in ("model_step", "end_to_end")
+                name: multi[name]["img_per_s_all"] / (n * single[name]["img_per_s"])
+                for name in ("model_step", "end_to_end")
             }
     report["summary"] = summary
 
@@ -403,7 +445,9 @@ def format_table(report: dict[str, Any]) -> str:
         lines.append(f"install: {report['install'].get('status')} in {report['install'].get('seconds', '?')} s")
     for kind, found in report.get("packages", {}).items():
         lines += [f"{kind.replace('_', ' ')}: {name}: {why}" for name, why in found.items()]
-    lines.append(f"{'phase':<12}{'status':<10}{'model img/s':>12}{'e2e img/s':>11}{'e2e/model':>10}{'peak GiB':>9}  setting")
+    lines.append(
+        f"{'phase':<12}{'status':<10}{'model img/s':>12}{'e2e img/s':>11}{'e2e/model':>10}{'peak GiB':>9}  setting"
+    )
     for phase, outcome in report["phases"].items():
         if phase in ("env", "data"):
             continue
@@ -412,7 +456,11 @@ def format_table(report: dict[str, Any]) -> str:
             lines.append(f"{phase:<12}{outcome['status']}")
             continue
         model = f["model_step"]["img_per_s_all"]
-        e2e = f"{f['end_to_end']['img_per_s_all']:>11.1f}{f['end_to_end_vs_model_step']:>10.0%}" if "end_to_end" in f else f"{'-':>11}{'-':>10}"
+        e2e = (
+            f"{f['end_to_end']['img_per_s_all']:>11.1f}{f['end_to_end_vs_model_step']:>10.0%}"
+            if "end_to_end" in f
+            else f"{'-':>11}{'-':>10}"
+        )
         setting = f"{f['processes']} x {f['device']}, {f['precision']}, batch {f['batch_size_per_device']}"
         if "compile_s" in f:
             setting += f", compiled in {f['compile_s']:.0f} s"
@@ -420,11 +468,18 @@ def format_table(report: dict[str, Any]) -> str:
     summary = report.get("summary", {})
     for key in ("fast_all_scaling_efficiency", "recipe_all_scaling_efficiency"):
         if key in summary:
-            lines.append(f"{key.replace('_', ' ')}: model step {summary[key]['model_step']:.0%}, end to end {summary[key]['end_to_end']:.0%}")
+            lines.append(
+                f"{key.replace('_', ' ')}: model step "
+                f"{summary[key]['model_step']:.0%}, end to end "
+                f"{summary[key]['end_to_end']:.0%}"
+            )
     fast = _figures(report, "fast")
     if fast:
         lines.append(
-            f"end to end / model step: {summary['end_to_end_vs_model_step']:.0%} (target {END_TO_END_TARGET:.0%}); bound: {fast['bound']}: {fast['verdict']}"
+            "end to end / model step: "
+            f"{summary['end_to_end_vs_model_step']:.0%} (target "
+            f"{END_TO_END_TARGET:.0%}); bound: {fast['bound']}: "
+            f"{fast['verdict']}"
         )
         if fast.get("traffic_per_step"):
             from trainer.traffic import format_traffic
@@ -437,13 +492,21 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="device_check", help="directory for device_check.json, table.txt, logs and data")
     p.add_argument("--budget-s", type=float, default=450, help="seconds for everything after the install")
-    p.add_argument("--tiny", action="store_true", help="tiny model and data on the CPU: checks the script, measures nothing")
+    p.add_argument(
+        "--tiny", action="store_true", help="tiny model and data on the CPU: checks the script, measures nothing"
+    )
     p.add_argument("--data", default=None, help="JPEG folder to use or make (default OUT/data)")
-    p.add_argument("--processes", type=int, default=0, help="processes for the *_all phases (default: the device count)")
+    p.add_argument(
+        "--processes", type=int, default=0, help="processes for the *_all phases (default: the device count)"
+    )
     p.add_argument("--steps", type=int, default=0, help="timed steps per measurement (default 10; tiny 2)")
     p.add_argument("--warmup", type=int, default=0, help="untimed steps first (default 3; tiny 1)")
-    p.add_argument("--workers", type=int, default=None, help="loader workers per process (default: cores / processes - 1)")
-    p.add_argument("--phase-limit", action="append", default=[], metavar="PHASE=SECONDS", help="override a phase's time limit")
+    p.add_argument(
+        "--workers", type=int, default=None, help="loader workers per process (default: cores / processes - 1)"
+    )
+    p.add_argument(
+        "--phase-limit", action="append", default=[], metavar="PHASE=SECONDS", help="override a phase's time limit"
+    )
     p.add_argument("--install", default=None, help="JSON written by device_check.sh about the install")
     p.add_argument("--phase", default=None, help=argparse.SUPPRESS)
     p.add_argument("--result", default=None, help=argparse.SUPPRESS)

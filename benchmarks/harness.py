@@ -51,7 +51,16 @@ def free_port() -> int:
 def two_process_launcher() -> list[str]:
     """`accelerate launch` of two CPU processes (configs/accelerate/cpu_2proc.yaml) on a free port, up to `-m`."""
     config = str(REPO / "configs/accelerate/cpu_2proc.yaml")
-    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", config, "--main_process_port", str(free_port()), "-m"]
+    return [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        config,
+        "--main_process_port",
+        str(free_port()),
+        "-m",
+    ]
 
 
 def kill_marked(variable: str, marker: str) -> None:

@@ -32,11 +32,17 @@ def measure(method: str, workers: int, samples: int, persistent: bool) -> dict:
     if method == "fork":  # what the loaders did before: the default start method on Linux
         loader_module.worker_context = lambda: multiprocessing.get_context("fork")
     cfg = load_config(
-        REPO / "configs" / "demo.yaml", [f"loader.workers={workers}", f"data.max_train_samples={samples}", f"loader.persistent_workers={persistent}"]
+        REPO / "configs" / "demo.yaml",
+        [f"loader.workers={workers}", f"data.max_train_samples={samples}", f"loader.persistent_workers={persistent}"],
     )
     data = create_datasets(**cfg.data_sections(), model_name=cfg.model.name, seed=0, rank=0, world_size=1)
     loader = create_loader(
-        data.train, cfg.loader, batch_size=cfg.loader.batch_size_per_device, pin_kwargs={"pin_memory": False}, sampler=data.train_sampler, drop_last=True
+        data.train,
+        cfg.loader,
+        batch_size=cfg.loader.batch_size_per_device,
+        pin_kwargs={"pin_memory": False},
+        sampler=data.train_sampler,
+        drop_last=True,
     )
     times = {}
     start = time.perf_counter()
@@ -70,7 +76,17 @@ def main() -> None:
         for method in ("fork", "forkserver"):
             for persistent in ("1", "0"):
                 out = subprocess.run(
-                    [sys.executable, __file__, "--workers", str(args.workers), "--samples", str(args.samples), "--child", method, persistent],
+                    [
+                        sys.executable,
+                        __file__,
+                        "--workers",
+                        str(args.workers),
+                        "--samples",
+                        str(args.samples),
+                        "--child",
+                        method,
+                        persistent,
+                    ],
                     capture_output=True,
                     text=True,
                     check=True,
@@ -82,7 +98,9 @@ def main() -> None:
     for (method, persistent), runs in rows.items():
         med = {k: sorted(r[k] for r in runs)[len(runs) // 2] for k in runs[0]}
         print(
-            f"{method:<12} {('yes' if persistent == '1' else 'no'):<10} {med['first_batch_s']:>13.2f} {med['epoch_rest_s']:>15.2f} {med['next_epoch_s']:>12.2f}"
+            f"{method:<12} {('yes' if persistent == '1' else 'no'):<10} "
+            f"{med['first_batch_s']:>13.2f} {med['epoch_rest_s']:>15.2f} "
+            f"{med['next_epoch_s']:>12.2f}"
         )
 
 

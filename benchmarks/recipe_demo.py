@@ -119,7 +119,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--ema", nargs="+", default=["0.995:warmup"], help="DECAY[:warmup][:everyN], one run each")
-    parser.add_argument("--kill-at-step", type=int, default=0, help="also kill and resume the first setting's run there")
+    parser.add_argument(
+        "--kill-at-step", type=int, default=0, help="also kill and resume the first setting's run there"
+    )
     parser.add_argument("--checkpoint-every", type=int, default=10)
     parser.add_argument("--out", type=Path, default=None, help="write the results here as JSON")
     args = parser.parse_args()
@@ -134,7 +136,9 @@ def main() -> None:
             results["runs"].append({"ema": setting, "wall_s": round(wall, 1), "epochs": rows})
             last = rows[-1]
             print(
-                f"ema {setting}: top-1 raw {last['val_top1']:.4f} ema {last['val_top1_ema']:.4f}, loss raw {last['val_loss']:.4f} ema {last['val_loss_ema']:.4f}, {wall:.0f} s",
+                f"ema {setting}: top-1 raw {last['val_top1']:.4f} ema "
+                f"{last['val_top1_ema']:.4f}, loss raw {last['val_loss']:.4f} ema "
+                f"{last['val_loss_ema']:.4f}, {wall:.0f} s",
                 flush=True,
             )
 
@@ -142,11 +146,17 @@ def main() -> None:
             setting = args.ema[0]
             # NOTE: 3 kept: the kill lands within `--checkpoint-every` steps of step N, long
             # before N is pruned; every step's checkpoint kept filled 25 GB of disk.
-            overrides = [*parse_ema(setting), f"train.checkpoint_every_steps={args.checkpoint_every}", "train.keep_last_checkpoints=3"]
+            overrides = [
+                *parse_ema(setting),
+                f"train.checkpoint_every_steps={args.checkpoint_every}",
+                "train.keep_last_checkpoints=3",
+            ]
             straight_cmd = train_command(out, "straight", args.epochs, overrides)
             run(straight_cmd)
             killed = train_command(out, "killed", args.epochs, overrides)
-            killed_after = run_until_checkpoint(killed, out / "killed" / "checkpoints" / checkpoint_name(args.kill_at_step))
+            killed_after = run_until_checkpoint(
+                killed, out / "killed" / "checkpoints" / checkpoint_name(args.kill_at_step)
+            )
             run([*killed, "train.resume=auto"])
             straight, resumed = out / "straight", out / "killed"
             results["resume"] = {
@@ -161,7 +171,10 @@ def main() -> None:
 
     m = results["machine"]
     print(f"\n{m['cpu']}, {m['cores']} cores, native bf16: {m['native_bf16']}; these runs fp32")
-    print("| EMA setting | epoch | val top-1 raw | val top-1 EMA | val loss raw | val loss EMA | train top-1 | grad norm |")
+    print(
+        "| EMA setting | epoch | val top-1 raw | val top-1 EMA | val "
+        "loss raw | val loss EMA | train top-1 | grad norm |"
+    )
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in results["runs"]:
         for row in r["epochs"]:

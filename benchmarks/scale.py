@@ -22,7 +22,8 @@ import sys
 import time
 from pathlib import Path
 
-from harness import kill_marked, machine, two_process_launcher  # a sibling module: these scripts run as benchmarks/<name>.py
+# a sibling module: these scripts run as benchmarks/<name>.py
+from harness import kill_marked, machine, two_process_launcher
 
 REPO = Path(__file__).resolve().parent.parent
 CLASSES, PER_CLASS, VAL = 1000, 1281, 50_000
@@ -92,7 +93,11 @@ def drop_caches() -> bool:
 def python(code: str, *args: str, env: dict | None = None) -> dict:
     """Run `code` in a fresh interpreter (the trainer importable); it prints one JSON line."""
     out = subprocess.run(
-        [sys.executable, "-c", code, *args], capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})}, timeout=1200
+        [sys.executable, "-c", code, *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})},
+        timeout=1200,
     )
     if out.returncode:
         raise RuntimeError(out.stderr[-3000:])
@@ -116,8 +121,11 @@ reader = FolderReader(Path(sys.argv[1]), index_cache=sys.argv[2], rank=int(sys.a
 seconds = time.perf_counter() - start
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 arrays = reader._paths.nbytes + reader._labels.nbytes
-print(json.dumps({"files": len(reader), "seconds": round(seconds, 3), "peak_growth_mb": round((peak - before) / 1024, 1),
-                  "arrays_mb": round(arrays / 2**20, 1), "scandir_calls": calls[0], "from_cache": int(sys.argv[3]) != 0 or sys.argv[4] == "reuse"}))
+print(json.dumps({
+    "files": len(reader), "seconds": round(seconds, 3), "peak_growth_mb": round((peak - before) / 1024, 1),
+    "arrays_mb": round(arrays / 2**20, 1), "scandir_calls": calls[0],
+    "from_cache": int(sys.argv[3]) != 0 or sys.argv[4] == "reuse",
+}))
 """
 
 
@@ -131,7 +139,12 @@ def index_figures(root: Path, cache: Path) -> dict:
         reuse = python(INDEX, str(root / split), str(cache), "1", "reuse")
         drop_caches()
         reuse_cold = python(INDEX, str(root / split), str(cache), "0", "reuse")
-        figures[split] = {"first_index_cold": cold, "index_warm_no_cache": warm_rebuild, "reuse_other_process": reuse, "reuse_later_run_cold": reuse_cold}
+        figures[split] = {
+            "first_index_cold": cold,
+            "index_warm_no_cache": warm_rebuild,
+            "reuse_other_process": reuse,
+            "reuse_later_run_cold": reuse_cold,
+        }
     return figures
 
 
@@ -143,11 +156,19 @@ def listings_per_job(root: Path, cache: Path, processes: int = 8) -> dict:
         where = str(cache) if setting == "cache" else "off"
         env = {**os.environ, "PYTHONPATH": str(REPO)}
         procs = [
-            subprocess.Popen([sys.executable, "-c", INDEX, str(root / "train"), where, str(rank), "build"], stdout=subprocess.PIPE, text=True, env=env)
+            subprocess.Popen(
+                [sys.executable, "-c", INDEX, str(root / "train"), where, str(rank), "build"],
+                stdout=subprocess.PIPE,
+                text=True,
+                env=env,
+            )
             for rank in range(processes)
         ]
         outs = [json.loads(p.communicate(timeout=1200)[0].strip().splitlines()[-1]) for p in procs]
-        result[setting] = {"scandir_calls": sum(o["scandir_calls"] for o in outs), "slowest_s": max(o["seconds"] for o in outs)}
+        result[setting] = {
+            "scandir_calls": sum(o["scandir_calls"] for o in outs),
+            "slowest_s": max(o["seconds"] for o in outs),
+        }
     return result
 
 
@@ -180,7 +201,12 @@ def launch_to_first_step(root: Path, cache: Path, workdir: Path) -> dict:
         start = time.perf_counter()
         marker = f"{os.getpid()}-{run}"
         proc = subprocess.Popen(
-            cmd, cwd=REPO, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env={**os.environ, "PYTHONPATH": str(REPO), "SCALE_RUN": marker}
+            cmd,
+            cwd=REPO,
+            stderr=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
+            text=True,
+            env={**os.environ, "PYTHONPATH": str(REPO), "SCALE_RUN": marker},
         )
         seconds, tail = None, []
         for line in proc.stderr:
@@ -190,7 +216,11 @@ def launch_to_first_step(root: Path, cache: Path, workdir: Path) -> dict:
                 break
         kill_marked("SCALE_RUN", marker)  # torchrun starts the training processes in sessions of their own
         proc.wait()
-        results[run] = {"seconds": round(seconds, 1) if seconds else None, "cold_cache": cold, "tail": None if seconds else "".join(tail[-5:])}
+        results[run] = {
+            "seconds": round(seconds, 1) if seconds else None,
+            "cold_cache": cold,
+            "tail": None if seconds else "".join(tail[-5:]),
+        }
     return results
 
 
@@ -218,8 +248,11 @@ for batch in it:
     if n >= int(sys.argv[5]) + n0 if first else False:
         break
 last = uss()
-print(json.dumps({"samples": n - n0, "img_per_s": round((n - n0) / (time.perf_counter() - start), 1), "uss_start_mb": [round(u / 2**20, 1) for u in first],
-                  "uss_end_mb": [round(u / 2**20, 1) for u in last], "growth_mb": [round((b - a) / 2**20, 1) for a, b in zip(first, last)]}))
+print(json.dumps({
+    "samples": n - n0, "img_per_s": round((n - n0) / (time.perf_counter() - start), 1),
+    "uss_start_mb": [round(u / 2**20, 1) for u in first], "uss_end_mb": [round(u / 2**20, 1) for u in last],
+    "growth_mb": [round((b - a) / 2**20, 1) for a, b in zip(first, last)],
+}))
 """
 
 
@@ -232,7 +265,9 @@ def convert_and_shards(root: Path, workdir: Path, files: int) -> dict:
             (small / "train" / wnid(c)).mkdir(parents=True)
             (small / "val" / wnid(c)).mkdir(parents=True)
             for i in range(per_class):
-                os.link(root / "train" / wnid(c) / f"{wnid(c)}_{i}.JPEG", small / "train" / wnid(c) / f"{wnid(c)}_{i}.JPEG")
+                os.link(
+                    root / "train" / wnid(c) / f"{wnid(c)}_{i}.JPEG", small / "train" / wnid(c) / f"{wnid(c)}_{i}.JPEG"
+                )
             os.link(root / "train" / wnid(c) / f"{wnid(c)}_{per_class}.JPEG", small / "val" / wnid(c) / "v.JPEG")
     out = workdir / "shards"
     shutil.rmtree(out, ignore_errors=True)
@@ -297,10 +332,16 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--root", default="/tmp/scale", help="where the synthetic tree is built (kept for reruns)")
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "scale.json"))
-    parser.add_argument("--only", default="", help="comma-separated parts: tree,index,listings,launch,memory,convert,readers")
+    parser.add_argument(
+        "--only", default="", help="comma-separated parts: tree,index,listings,launch,memory,convert,readers"
+    )
     parser.add_argument("--convert-files", type=int, default=25_000)
     args = parser.parse_args()
-    root, parts = Path(args.root), set(filter(None, args.only.split(","))) or {"tree", "index", "listings", "launch", "memory", "convert", "readers"}
+    root, parts = (
+        Path(args.root),
+        set(filter(None, args.only.split(",")))
+        or {"tree", "index", "listings", "launch", "memory", "convert", "readers"},
+    )
     workdir, cache = root / "_work", root / "_work" / "index-cache"
     workdir.mkdir(parents=True, exist_ok=True)
     out = Path(args.out)

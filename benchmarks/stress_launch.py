@@ -23,7 +23,8 @@ import threading
 import time
 from pathlib import Path
 
-from harness import REPO, kill_marked, two_process_launcher  # a sibling module: these scripts run as benchmarks/<name>.py
+# a sibling module: these scripts run as benchmarks/<name>.py
+from harness import REPO, kill_marked, two_process_launcher
 
 
 def one_launch(index: int, out: Path, pythonpath: str, hang_s: float) -> dict:
@@ -44,10 +45,18 @@ def one_launch(index: int, out: Path, pythonpath: str, hang_s: float) -> dict:
         "output.progress=log",
     ]
     marker = f"{os.getpid()}-{index}"
-    env = {**os.environ, "PYTHONPATH": pythonpath, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "STRESS_LAUNCH": marker}
+    env = {
+        **os.environ,
+        "PYTHONPATH": pythonpath,
+        "PYTHONUNBUFFERED": "1",
+        "OMP_NUM_THREADS": "1",
+        "STRESS_LAUNCH": marker,
+    }
     start = time.perf_counter()
     first_step: list[float] = []
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
 
     def read() -> None:
         for line in proc.stderr:
@@ -63,7 +72,12 @@ def one_launch(index: int, out: Path, pythonpath: str, hang_s: float) -> dict:
         kill_marked("STRESS_LAUNCH", marker)  # torchrun starts its workers in sessions of their own
         rc, hung = proc.wait(), True
     reader.join(timeout=5)
-    return {"rc": rc, "hung": hung, "wall_s": time.perf_counter() - start, "first_step_s": first_step[0] if first_step else None}
+    return {
+        "rc": rc,
+        "hung": hung,
+        "wall_s": time.perf_counter() - start,
+        "first_step_s": first_step[0] if first_step else None,
+    }
 
 
 def main() -> None:

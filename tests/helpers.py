@@ -169,7 +169,17 @@ REPO = Path(__file__).resolve().parent.parent
 def two_process_launcher(*launch_args: str) -> list[str]:
     """`accelerate launch` of two CPU processes (configs/accelerate/cpu_2proc.yaml) on a free port, up to `-m`."""
     config = str(REPO / "configs/accelerate/cpu_2proc.yaml")
-    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", config, "--main_process_port", str(free_port()), *launch_args, "-m"]
+    return [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        config,
+        "--main_process_port",
+        str(free_port()),
+        *launch_args,
+        "-m",
+    ]
 
 
 def free_port() -> int:
@@ -182,7 +192,10 @@ def free_port() -> int:
 
 
 def kill_marked(marker: str) -> None:
-    """SIGKILL every process whose environment has TRAINER_TEST_RUN=marker (torchrun starts its workers in sessions of their own)."""
+    """SIGKILL every process whose environment has TRAINER_TEST_RUN=marker.
+
+    torchrun starts its workers in sessions of their own, so a process-group kill would miss them.
+    """
     needle = f"TRAINER_TEST_RUN={marker}".encode()
     for proc in Path("/proc").iterdir():
         try:
@@ -196,7 +209,15 @@ def create_datasets_for(cfg, num_classes: int = 0, train: bool = True):
     """`create_datasets` for one process (rank 0 of 1) from a loaded `Config`, seed 0."""
     from trainer.data.loader import create_datasets
 
-    return create_datasets(**cfg.data_sections(), model_name=cfg.model.name, seed=0, rank=0, world_size=1, num_classes=num_classes, train=train)
+    return create_datasets(
+        **cfg.data_sections(),
+        model_name=cfg.model.name,
+        seed=0,
+        rank=0,
+        world_size=1,
+        num_classes=num_classes,
+        train=train,
+    )
 
 
 def create_pipeline_for(cfg, datasets, accelerator, pin_memory: bool, channels_last: bool, train: bool = True):

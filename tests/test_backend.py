@@ -18,7 +18,9 @@ PACKAGE = Path(backend.__file__).resolve().parent.parent
 SEAM = PACKAGE / "backend"
 
 # A device type or collective backend named as a string, or a call into a device module.
-FORBIDDEN = re.compile(r"""torch\.(cuda|mlu|npu|xpu|mps)\b|\.(cuda|mlu|npu|xpu)\(|['"](cuda|mlu|npu|xpu|mps|cpu|nccl|cncl|hccl|xccl|gloo)(:\d+)?['"]""")
+FORBIDDEN = re.compile(
+    r"""torch\.(cuda|mlu|npu|xpu|mps)\b|\.(cuda|mlu|npu|xpu)\(|['"](cuda|mlu|npu|xpu|mps|cpu|nccl|cncl|hccl|xccl|gloo)(:\d+)?['"]"""
+)
 
 
 def test_no_module_outside_backend_names_a_device():
@@ -88,12 +90,21 @@ def test_auto_resolves_to_cpu_here():
 
 
 def test_missing_device_names_what_was_found():
-    with pytest.raises(BackendError, match=r"backend.device=mlu is not available here \(found: .*cpu.*torch_mlu is not installed"):
+    with pytest.raises(
+        BackendError, match=r"backend.device=mlu is not available here \(found: " r".*cpu.*torch_mlu is not installed"
+    ):
         backend.resolve_device_type("mlu")
 
 
 def test_process_group_mapping():
-    assert backend.PROCESS_GROUP_BACKENDS == {"mlu": "cncl", "cuda": "nccl", "npu": "hccl", "xpu": "xccl", "mps": "gloo", "cpu": "gloo"}
+    assert backend.PROCESS_GROUP_BACKENDS == {
+        "mlu": "cncl",
+        "cuda": "nccl",
+        "npu": "hccl",
+        "xpu": "xccl",
+        "mps": "gloo",
+        "cpu": "gloo",
+    }
 
 
 @pytest.mark.parametrize(
@@ -112,7 +123,9 @@ def test_precision_per_device(monkeypatch, requested, device, bf16, expected):
     assert resolve_precision(requested, device) == expected
 
 
-@pytest.mark.parametrize(("native_bf16", "expected"), [(False, "no"), (True, "bf16")], ids=["avx2_cpu", "amx_or_avx512_bf16_cpu"])
+@pytest.mark.parametrize(
+    ("native_bf16", "expected"), [(False, "no"), (True, "bf16")], ids=["avx2_cpu", "amx_or_avx512_bf16_cpu"]
+)
 def test_auto_on_either_cpu_kind_follows_the_bf16_probe(monkeypatch, native_bf16, expected):
     # The probe itself (oneDNN's instruction check) patched: AMD EPYC with avx2 only says
     # no, an Intel Xeon with AMX or avx512_bf16 says yes; `auto` must follow it either way.
@@ -132,7 +145,12 @@ def test_bf16_without_support_is_a_clear_error(monkeypatch):
 
 def _state(**kw):
     base = dict(
-        device_type="mlu", device=torch.device("cpu"), mixed_precision="fp16", num_processes=2, distributed_type="MULTI_CPU", process_group_backend="gloo"
+        device_type="mlu",
+        device=torch.device("cpu"),
+        mixed_precision="fp16",
+        num_processes=2,
+        distributed_type="MULTI_CPU",
+        process_group_backend="gloo",
     )
     base.update(kw)
     return Backend(**base)
@@ -155,7 +173,9 @@ def test_cuda_visible_devices_on_mlu_host_is_flagged(monkeypatch):
 
 
 def test_agreeing_state_passes():
-    check_accelerator_state(_state(device_type="cpu", distributed_type="MULTI_CPU", process_group_backend="gloo"), local_rank=1)
+    check_accelerator_state(
+        _state(device_type="cpu", distributed_type="MULTI_CPU", process_group_backend="gloo"), local_rank=1
+    )
 
 
 def test_cpu_accelerator_and_helpers():
@@ -187,7 +207,9 @@ print(sum([step() for _ in range(30)][-5:]))
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's mallopt")
 def test_retained_host_memory_is_reused_without_page_faults():
     def late_faults(mode: str) -> tuple[str, int]:
-        out = subprocess.run([sys.executable, "-c", _FAULTS_SCRIPT, mode], capture_output=True, text=True, check=True).stdout.split()
+        out = subprocess.run(
+            [sys.executable, "-c", _FAULTS_SCRIPT, mode], capture_output=True, text=True, check=True
+        ).stdout.split()
         return out[0], int(out[1])
 
     took, retained = late_faults("retain")

@@ -123,19 +123,29 @@ def write_folder(root: Path, train_files: dict[str, bytes], train_size: int, val
     return root
 
 
-def write_parquet(root: Path, spoiled: dict[int, dict], train_size: int = HF_TRAIN_SIZE, class_names: bool = True) -> Path:
+def write_parquet(
+    root: Path, spoiled: dict[int, dict], train_size: int = HF_TRAIN_SIZE, class_names: bool = True
+) -> Path:
     """data/{train,validation}-*.parquet with HF's Image struct; ClassLabel names a, b unless told."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     image_type = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
-    features = {"image": {"_type": "Image"}, "label": {"names": ["a", "b"], "_type": "ClassLabel"} if class_names else {"dtype": "int64", "_type": "Value"}}
+    features = {
+        "image": {"_type": "Image"},
+        "label": {"names": ["a", "b"], "_type": "ClassLabel"} if class_names else {"dtype": "int64", "_type": "Value"},
+    }
     (root / "data").mkdir(parents=True, exist_ok=True)
     for split, size in (("train", train_size), ("validation", 4)):
         rows = [{"image": {"bytes": jpeg(300 + i), "path": f"r{i}.jpg"}, "label": i % 2} for i in range(size)]
         for index, change in spoiled.items() if split == "train" else ():
             rows[index].update(change)
-        table = pa.table({"image": pa.array([r["image"] for r in rows], image_type), "label": pa.array([r["label"] for r in rows], pa.int64())})
+        table = pa.table(
+            {
+                "image": pa.array([r["image"] for r in rows], image_type),
+                "label": pa.array([r["label"] for r in rows], pa.int64()),
+            }
+        )
         metadata = {b"huggingface": json.dumps({"info": {"features": features}}).encode()}
         pq.write_table(table.replace_schema_metadata(metadata), root / "data" / f"{split}-00000-of-00001.parquet")
     return root
@@ -144,7 +154,12 @@ def write_parquet(root: Path, spoiled: dict[int, dict], train_size: int = HF_TRA
 def write_config(tmp: Path, root: Path, source: str = "folder") -> Path:
     config = {
         "model": {"name": "test_resnet"},
-        "data": {"source": source, "root": str(root), "val_split": "val" if source == "folder" else "validation", "hf_cache_dir": str(tmp / "hf_cache")},
+        "data": {
+            "source": source,
+            "root": str(root),
+            "val_split": "val" if source == "folder" else "validation",
+            "hf_cache_dir": str(tmp / "hf_cache"),
+        },
         "loader": {"batch_size_per_device": BATCH, "workers": 0},
         "input": {"img_size": 32},
         "train": {"epochs": 1, "precision": "fp32", "channels_last": False, "seed": 0},
@@ -158,7 +173,12 @@ def write_config(tmp: Path, root: Path, source: str = "folder") -> Path:
 def run_cli(command: str, config: Path, *overrides: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HOME": str(config.parent / "hf_home")}
     return subprocess.run(
-        [sys.executable, "-m", "trainer", command, "--config", str(config), *overrides], capture_output=True, text=True, env=env, cwd=config.parent, timeout=300
+        [sys.executable, "-m", "trainer", command, "--config", str(config), *overrides],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=config.parent,
+        timeout=300,
     )
 
 
@@ -190,7 +210,10 @@ def hf_run(tmp_path_factory: pytest.TempPathFactory) -> SkipRun:
 
 def raise_in_loader(tmp: Path, root: Path, source: str, workers: int) -> str:
     """Iterate the training loader with on_error=raise; the message of the error it raises."""
-    cfg = load_config(write_config(tmp, root, source), ["data.on_error=raise", f"loader.workers={workers}", "loader.persistent_workers=false"])
+    cfg = load_config(
+        write_config(tmp, root, source),
+        ["data.on_error=raise", f"loader.workers={workers}", "loader.persistent_workers=false"],
+    )
     datasets = helpers.create_datasets_for(cfg)
     loader = create_loader(datasets.train, cfg.loader, batch_size=BATCH, pin_kwargs={}, sampler=datasets.train_sampler)
     with pytest.raises(DecodeError) as caught:
@@ -327,10 +350,18 @@ def test_check_data_hf_rows(tmp_path: Path, capsys: pytest.CaptureFixture) -> No
     spoiled = {index: change for index, change, _ in HF_SKIPPED.values()} | {10: {"label": None}}
     config = write_config(tmp_path, write_parquet(tmp_path / "data", spoiled), "hf")
     for workers in (0, 2):  # in this process, then in worker processes (pickled readers, from the fork server)
-        assert check_data_command(load_config(config, [f"loader.workers={workers}"]), Namespace(limit=0, examples=5)) == 1
+        assert (
+            check_data_command(load_config(config, [f"loader.workers={workers}"]), Namespace(limit=0, examples=5)) == 1
+        )
         out = capsys.readouterr().out
-        assert "unreadable files: 2\n" in out and "train[3]: row has no image" in out and "train[6]: not an image" in out
-        assert "label problems: 2\n" in out and "train[9]: label 5" in out and "label missing (-1): 1\n    train[10]" in out
+        assert (
+            "unreadable files: 2\n" in out and "train[3]: row has no image" in out and "train[6]: not an image" in out
+        )
+        assert (
+            "label problems: 2\n" in out
+            and "train[9]: label 5" in out
+            and "label missing (-1): 1\n    train[10]" in out
+        )
         assert "class mismatches: 0" in out
 
 

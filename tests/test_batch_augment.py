@@ -40,9 +40,12 @@ def test_same_place_same_draws_whatever_came_before():
     random.random(), np.random.rand(), torch.rand(3)  # other consumers move the global generators
     b = aug(x.clone(), y, epoch=1, batch_index=5)
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
-    c = aug(x.clone(), y, epoch=1, batch_index=6)  # the next micro-batch: another process's, or the next accumulated one
+    # the next micro-batch: another process's, or the next accumulated one
+    c = aug(x.clone(), y, epoch=1, batch_index=6)
     assert not torch.equal(a[0], c[0])
-    d = augment(MixupConfig(mixup_alpha=0.2, cutmix_alpha=1.0), AugConfig(re_prob=1.0), seed=1)(x.clone(), y, epoch=1, batch_index=5)
+    d = augment(MixupConfig(mixup_alpha=0.2, cutmix_alpha=1.0), AugConfig(re_prob=1.0), seed=1)(
+        x.clone(), y, epoch=1, batch_index=5
+    )
     assert not torch.equal(a[0], d[0])
 
 
@@ -50,7 +53,11 @@ def test_the_callers_generators_are_left_as_they_were():
     state = (random.getstate(), np.random.get_state()[1].copy(), torch.random.get_rng_state())
     with seeded_rngs(123):
         random.random(), np.random.rand(), torch.rand(1)
-    assert random.getstate() == state[0] and np.array_equal(np.random.get_state()[1], state[1]) and torch.equal(torch.random.get_rng_state(), state[2])
+    assert (
+        random.getstate() == state[0]
+        and np.array_equal(np.random.get_state()[1], state[1])
+        and torch.equal(torch.random.get_rng_state(), state[2])
+    )
 
 
 def test_mixup_targets_are_smoothed_probabilities_of_two_classes():

@@ -76,4 +76,6 @@ def test_bench_measures_at_the_scheduled_size_of_an_epoch(tmp_path: Path) -> Non
 def test_bad_step_counts_exit_2_with_one_line(tmp_path: Path, flag: str, value: str) -> None:
     proc = bench(tmp_path, 0, flag, value)
     assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines() == [f"trainer: error: {flag} must be >= {1 if flag == '--steps' else 0}, got {value}"]
+    assert proc.stderr.strip().splitlines() == [
+        f"trainer: error: {flag} must be >= {1 if flag == '--steps' else 0}, got {value}"
+    ]

@@ -42,7 +42,9 @@ def train_steps(run, n: int) -> None:
 
 
 def save(manager: CheckpointManager, run, step: int, best: str = "") -> Path:
-    return manager.save(TrainState(epoch=step // 4, batches_done=step % 4, global_step=step, best_checkpoint=best), run[3])
+    return manager.save(
+        TrainState(epoch=step // 4, batches_done=step % 4, global_step=step, best_checkpoint=best), run[3]
+    )
 
 
 def test_save_writes_a_step_directory_with_trainer_state(run, tmp_path):
@@ -51,7 +53,12 @@ def test_save_writes_a_step_directory_with_trainer_state(run, tmp_path):
     path = manager.save(TrainState(epoch=0, batches_done=3, global_step=3, best_val_top1=0.25), run[3])
     assert path == tmp_path / "checkpoints" / "step_00000003"
     state = json.loads((path / STATE_FILE).read_text())
-    assert state["epoch"] == 0 and state["batches_done"] == 3 and state["global_step"] == 3 and state["best_val_top1"] == 0.25
+    assert (
+        state["epoch"] == 0
+        and state["batches_done"] == 3
+        and state["global_step"] == 3
+        and state["best_val_top1"] == 0.25
+    )
     assert state["scheduler"]["last_epoch"] == 3  # the scheduler's state rides along
     names = {p.name for p in path.iterdir()}
     assert "model.safetensors" in names and any(n.startswith("optimizer") for n in names)

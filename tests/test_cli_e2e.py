@@ -40,7 +40,9 @@ def tiny_config(tmp_path: Path, data: dict, **sections: dict) -> Path:
     return path
 
 
-def run_cli(*args: str, launcher: list[str] | None = None, check: bool = True, timeout: float = 600) -> subprocess.CompletedProcess:
+def run_cli(
+    *args: str, launcher: list[str] | None = None, check: bool = True, timeout: float = 600
+) -> subprocess.CompletedProcess:
     cmd = (launcher or [sys.executable, "-m"]) + ["trainer", *args]
     marker = f"{os.getpid()}-{time.monotonic_ns()}"
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "TRAINER_TEST_RUN": marker}
@@ -74,7 +76,18 @@ def test_train_on_image_folder_writes_the_run_directory(tmp_path):
     run_dir = tmp_path / "runs" / "tiny"
     records = read_metrics(run_dir)
     assert [r["epoch"] for r in records] == [0, 1]
-    for key in ("epoch", "step", "train_loss", "train_top1", "val_loss", "val_top1", "val_top5", "lr", "img_per_s", "epoch_time_s"):
+    for key in (
+        "epoch",
+        "step",
+        "train_loss",
+        "train_top1",
+        "val_loss",
+        "val_top1",
+        "val_top5",
+        "lr",
+        "img_per_s",
+        "epoch_time_s",
+    ):
         assert records[-1][key] is not None, key
     assert records[-1]["step"] == 8 and records[-1]["val_samples"] == 9  # 18 train images // 4 per step, x 2 epochs
     saved = yaml.safe_load((run_dir / "config.yaml").read_text())
@@ -85,7 +98,9 @@ def test_train_on_image_folder_writes_the_run_directory(tmp_path):
     # The exported weights load through timm's own local-file path. NOTE: timm re-initialises
     # the classifier unless the overlay says the file's class count (its default is 1000).
     weights = str(run_dir / "model.safetensors")
-    model = timm.create_model("test_resnet", pretrained=True, pretrained_cfg_overlay=dict(file=weights, num_classes=3), num_classes=3)
+    model = timm.create_model(
+        "test_resnet", pretrained=True, pretrained_cfg_overlay=dict(file=weights, num_classes=3), num_classes=3
+    )
     exported = load_file(weights)
     assert all(torch.equal(value, exported[key]) for key, value in model.state_dict().items())
 
@@ -139,7 +154,9 @@ def test_two_processes_stream_uneven_shards_in_step(tmp_path):
     splits["train"].select(range(12, 16)).to_parquet(str(root / "data" / "train-00001-of-00002.parquet"))
     splits["validation"].to_parquet(str(root / "data" / "validation-00000-of-00001.parquet"))
     data = {"source": "hf", "root": str(root), "streaming": True}
-    config = tiny_config(tmp_path, data, loader={"batch_size_per_device": 2}, train={"epochs": 1, "max_steps_per_epoch": 40})
+    config = tiny_config(
+        tmp_path, data, loader={"batch_size_per_device": 2}, train={"epochs": 1, "max_steps_per_epoch": 40}
+    )
     proc = run_cli("train", "--config", str(config), launcher=two_process_launcher(), timeout=240)
     (record,) = read_metrics(tmp_path / "runs" / "tiny")
     assert record["step"] == 7 and record["train_samples"] == 16 and record["val_samples"] == 9
@@ -149,14 +166,23 @@ def test_two_processes_stream_uneven_shards_in_step(tmp_path):
 
 def test_resume_mid_epoch_matches_uninterrupted_run_bit_for_bit(tmp_path):
     root = helpers.make_image_folder(tmp_path / "imagenet")
-    config = tiny_config(tmp_path, {"root": str(root)}, train={"checkpoint_every_steps": 3, "keep_last_checkpoints": 100})
+    config = tiny_config(
+        tmp_path, {"root": str(root)}, train={"checkpoint_every_steps": 3, "keep_last_checkpoints": 100}
+    )
     run_cli("train", "--config", str(config))
     full = tmp_path / "runs" / "tiny"
     # step 3 is inside epoch 1, step 6 inside epoch 2: both resume at an exact batch.
     for step in (3, 6):
         name = f"resumed_{step}"
         # NOTE: two loader workers on resume, none before: augmentation is keyed by sample, not by worker.
-        run_cli("train", "--config", str(config), f"output.run_name={name}", f"train.resume={full / 'checkpoints' / f'step_{step:08d}'}", "loader.workers=2")
+        run_cli(
+            "train",
+            "--config",
+            str(config),
+            f"output.run_name={name}",
+            f"train.resume={full / 'checkpoints' / f'step_{step:08d}'}",
+            "loader.workers=2",
+        )
         assert_same_weights(full / "model.safetensors", tmp_path / "runs" / name / "model.safetensors")
         assert read_metrics(tmp_path / "runs" / name)[-1]["val_top1"] == read_metrics(full)[-1]["val_top1"]
 
@@ -198,7 +224,9 @@ def test_a_batch_skipped_whole_on_one_process_keeps_the_processes_in_step(tmp_pa
     (record,) = read_metrics(tmp_path / "runs" / "tiny")
     assert record["step"] == 11 and record["train_samples"] == 21 and record["skipped"] == 1
     assert record["val_samples"] == 9 and record["val_skipped"] == 1
-    listed = sorted(line.split("\t")[0] for line in (tmp_path / "runs" / "tiny" / "skipped.txt").read_text().splitlines())
+    listed = sorted(
+        line.split("\t")[0] for line in (tmp_path / "runs" / "tiny" / "skipped.txt").read_text().splitlines()
+    )
     assert listed == [str(root / "train" / classes[0] / "empty.JPEG"), str(root / "val" / classes[1] / "empty.JPEG")]
 
 
@@ -210,13 +238,26 @@ def test_eval_of_weights_that_do_not_fit_is_one_line(tmp_path):
     proc = run_cli("eval", "--config", str(config), "--checkpoint", str(weights), check=False)
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
-    assert lines[-1].startswith(f"trainer: error: --checkpoint: {weights} cannot be loaded into test_resnet with 3 classes: ") and "size mismatch" in lines[-1]
+    assert (
+        lines[-1].startswith(
+            f"trainer: error: --checkpoint: {weights} cannot be loaded into test_resnet with 3 classes: "
+        )
+        and "size mismatch" in lines[-1]
+    )
 
 
 def test_help_lists_options_and_config_sections():
     for command in ("train", "eval", "bench", "check-data"):
         out = run_cli(command, "--help").stdout
-        for section in ("model.name", "data.root", "optim.lr", "schedule.name", "train.epochs", "backend.device", "output.dir"):
+        for section in (
+            "model.name",
+            "data.root",
+            "optim.lr",
+            "schedule.name",
+            "train.epochs",
+            "backend.device",
+            "output.dir",
+        ):
             assert section in out, (command, section)
 
 

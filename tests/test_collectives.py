@@ -11,8 +11,13 @@ from trainer.collectives import WAITS, CollectiveError, is_collective_failure, n
 
 PACKAGE = Path(__file__).resolve().parent.parent / "trainer"
 
-GLOO_TIMEOUT = "[../third_party/gloo/gloo/transport/tcp/unbound_buffer.cc:78] Timed out waiting 300000ms for recv operation to complete"
-GLOO_PEER = "[../third_party/gloo/gloo/transport/tcp/pair.cc:545] Read error [127.0.0.1]:27776: Connection reset by peer."
+GLOO_TIMEOUT = (
+    "[../third_party/gloo/gloo/transport/tcp/unbound_buffer.cc:78] "
+    "Timed out waiting 300000ms for recv operation to complete"
+)
+GLOO_PEER = (
+    "[../third_party/gloo/gloo/transport/tcp/pair.cc:545] Read error [127.0.0.1]:27776: Connection reset by peer."
+)
 
 
 def epoch_over(message: str) -> None:
@@ -26,12 +31,22 @@ def train_step(message: str) -> None:
 @pytest.mark.parametrize(
     ("where", "message", "expected"),
     [
-        (epoch_over, GLOO_TIMEOUT, "process 1: step 42: timed out after backend.collective_timeout_s=300 s waiting in the stop agreement"),
-        (train_step, GLOO_PEER, "process 1: step 42: lost another process during the gradient all-reduce (DDP backward)"),
+        (
+            epoch_over,
+            GLOO_TIMEOUT,
+            "process 1: step 42: timed out after backend.collective_timeout_s=300 s waiting in the stop agreement",
+        ),
+        (
+            train_step,
+            GLOO_PEER,
+            "process 1: step 42: lost another process during the gradient all-reduce (DDP backward)",
+        ),
         (
             train_step,
             "DataLoader timed out after 300 seconds",
-            "process 1: step 42: timed out after backend.collective_timeout_s=300 s waiting for a batch from the data loader's workers",
+            "process 1: step 42: timed out after "
+            "backend.collective_timeout_s=300 s waiting for a batch from the "
+            "data loader's workers",
         ),
     ],
 )

@@ -35,7 +35,13 @@ def test_defaults_are_the_reference_recipe():
     assert cfg.model.name == "resnet50" and cfg.model.num_classes == 0
     assert cfg.data.source == "folder" and cfg.loader.batch_size_per_device == 128
     assert cfg.aug.scale == [0.08, 1.0] and cfg.aug.hflip == 0.5 and cfg.data.on_error == "skip"
-    assert (cfg.optim.name, cfg.optim.lr, cfg.optim.momentum, cfg.optim.weight_decay, cfg.optim.nesterov) == ("sgd", 0.1, 0.9, 1e-4, False)
+    assert (cfg.optim.name, cfg.optim.lr, cfg.optim.momentum, cfg.optim.weight_decay, cfg.optim.nesterov) == (
+        "sgd",
+        0.1,
+        0.9,
+        1e-4,
+        False,
+    )
     assert (cfg.schedule.name, cfg.schedule.step_epochs, cfg.schedule.gamma) == ("step", 30, 0.1)
     assert cfg.train.epochs == 90 and cfg.train.keep_last_checkpoints == 2
     assert cfg.source == "<defaults>"
@@ -325,8 +331,16 @@ def test_values_outside_choices_are_rejected(override, key):
 
 
 def test_choices_accept_their_values():
-    cfg = load_config(None, ROOT + ["data.source=hf", "schedule.name=cosine", "input.interpolation=bicubic", "data.create_if_missing="])
-    assert (cfg.data.source, cfg.schedule.name, cfg.input.interpolation, cfg.data.create_if_missing) == ("hf", "cosine", "bicubic", "")
+    cfg = load_config(
+        None,
+        ROOT + ["data.source=hf", "schedule.name=cosine", "input.interpolation=bicubic", "data.create_if_missing="],
+    )
+    assert (cfg.data.source, cfg.schedule.name, cfg.input.interpolation, cfg.data.create_if_missing) == (
+        "hf",
+        "cosine",
+        "bicubic",
+        "",
+    )
 
 
 # --- save, load, describe ----------------------------------------------------------------
@@ -375,10 +389,15 @@ def test_describe_sections_lists_every_field_with_help_and_choices():
                 assert (choice or '""') in line
     assert "  input.interpolation = ''" in text and '[""|bilinear|bicubic|nearest]' in text
     assert "  aug.scale = [0.08, 1.0]" in text
-    assert len([text_line for text_line in lines if text_line.startswith("  ")]) == sum(len(dataclasses.fields(t)) for t in SECTIONS.values())
+    assert len([text_line for text_line in lines if text_line.startswith("  ")]) == sum(
+        len(dataclasses.fields(t)) for t in SECTIONS.values()
+    )
 
 
-@pytest.mark.parametrize(("old", "new"), [("data.hflip", "aug.hflip"), ("data.workers", "loader.workers"), ("data.img_size", "input.img_size")])
+@pytest.mark.parametrize(
+    ("old", "new"),
+    [("data.hflip", "aug.hflip"), ("data.workers", "loader.workers"), ("data.img_size", "input.img_size")],
+)
 def test_a_key_from_before_the_section_split_names_its_new_place(tmp_path, old, new):
     section, name = old.split(".")
     path = write_yaml(tmp_path, f"{section}:\n  {name}: 1\n")

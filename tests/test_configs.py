@@ -149,7 +149,15 @@ def test_recipe_normalization_is_imagenet_mean_std(recipe, input_cfg):
 # --- Accelerate launch configs (Accelerate's format, not ours) ----------------------------
 
 
-ACCELERATE_KEYS = ("compute_environment", "distributed_type", "num_processes", "num_machines", "machine_rank", "mixed_precision", "use_cpu")
+ACCELERATE_KEYS = (
+    "compute_environment",
+    "distributed_type",
+    "num_processes",
+    "num_machines",
+    "machine_rank",
+    "mixed_precision",
+    "use_cpu",
+)
 
 
 @pytest.mark.parametrize("path", ACCELERATE_CONFIGS, ids=lambda p: p.name)

@@ -180,7 +180,10 @@ def test_val_transform_gives_normalized_floats(image_folder):
 
 def test_the_image_carries_its_class_colour(image_folder):
     """The fixture's classes are learnable: the mean colour of a val crop names the class."""
-    ds = dataset(FolderReader(image_folder / "val"), create_transform(input_size=(3, SIZE, SIZE), is_training=False, use_prefetcher=True))
+    ds = dataset(
+        FolderReader(image_folder / "val"),
+        create_transform(input_size=(3, SIZE, SIZE), is_training=False, use_prefetcher=True),
+    )
     for i in range(len(ds)):
         image, label = ds[i]
         mean_rgb = image.float().mean(dim=(1, 2))
@@ -210,7 +213,9 @@ def test_broken_files_are_skipped_with_name_and_reason(broken_folder):
     assert sum(not isinstance(item, Skipped) for item in items) == 18
     batch = collate(items)
     assert batch["images"].shape == (18, 3, SIZE, SIZE) and batch["labels"].shape == (18,)
-    assert sorted(batch["skipped"]) == sorted(f"{broken_folder / 'train' / 'n00000001' / name}\t{reason}" for name, reason in skipped.items())
+    assert sorted(batch["skipped"]) == sorted(
+        f"{broken_folder / 'train' / 'n00000001' / name}\t{reason}" for name, reason in skipped.items()
+    )
 
 
 @pytest.mark.parametrize("name, reason", [("empty.JPEG", "empty file"), ("truncated.JPEG", "truncated JPEG")])
@@ -352,7 +357,9 @@ def test_repeated_copies_are_augmented_differently(tmp_path: Path):
     transform = create_transform(SIZE, is_training=True, use_prefetcher=True)
     dataset = ImageDataset(FolderReader(root / "train"), _SampleDecoder(transform, 1, None, "raise", seed=0))
     copies = [dataset[(0, 1, c)][0] for c in range(3)]
-    assert not np.array_equal(np.asarray(copies[0]), np.asarray(copies[1])) and not np.array_equal(np.asarray(copies[1]), np.asarray(copies[2]))
+    assert not np.array_equal(np.asarray(copies[0]), np.asarray(copies[1])) and not np.array_equal(
+        np.asarray(copies[1]), np.asarray(copies[2])
+    )
     assert np.array_equal(np.asarray(dataset[(0, 1, 0)][0]), np.asarray(dataset[(0, 1)][0]))  # copy 0 is the plain key
 
 

@@ -22,7 +22,17 @@ def test_shell_wrapper_parses():
 def test_tiny_device_check_writes_every_phase_and_survives_a_phase_that_runs_out_of_time(tmp_path):
     out = tmp_path / "dc"
     # Two CPU processes stand in for two devices; compile gets 2 s, which it cannot make.
-    cmd = [sys.executable, str(REPO / "benchmarks" / "device_check.py"), "--tiny", "--out", str(out), "--processes", "2", "--phase-limit", "compiled=2"]
+    cmd = [
+        sys.executable,
+        str(REPO / "benchmarks" / "device_check.py"),
+        "--tiny",
+        "--out",
+        str(out),
+        "--processes",
+        "2",
+        "--phase-limit",
+        "compiled=2",
+    ]
     env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"}
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -43,7 +53,14 @@ def test_tiny_device_check_writes_every_phase_and_survives_a_phase_that_runs_out
     assert set(summary["fast_all_scaling_efficiency"]) == {"model_step", "end_to_end"}
     assert summary["end_to_end_vs_model_step"] > 0 and "recipe_fp32_end_to_end_img_per_s" in summary
     table = (out / "table.txt").read_text()
-    for line in ("fast ", "recipe ", "fast_all", "compiled    timed out", "scaling efficiency", "end to end / model step"):
+    for line in (
+        "fast ",
+        "recipe ",
+        "fast_all",
+        "compiled    timed out",
+        "scaling efficiency",
+        "end to end / model step",
+    ):
         assert line in table, (line, table)
     assert table in proc.stdout
 

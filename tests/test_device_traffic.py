@@ -157,7 +157,21 @@ def test_trainer_bench_reports_the_traffic_per_step(tmp_path):
     }
     (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(cfg))
     out = tmp_path / "bench.json"
-    run_emulated(["-m", "trainer", "bench", "--config", str(tmp_path / "tiny.yaml"), "--steps", "2", "--warmup", "1", "--json", str(out)])
+    run_emulated(
+        [
+            "-m",
+            "trainer",
+            "bench",
+            "--config",
+            str(tmp_path / "tiny.yaml"),
+            "--steps",
+            "2",
+            "--warmup",
+            "1",
+            "--json",
+            str(out),
+        ]
+    )
     per_step = json.loads(out.read_text())["traffic_per_step"]
     assert per_step["h2d_copies"] == 2 and per_step["h2d_bytes"] == BATCH * (3 * IMG_SIZE * IMG_SIZE + LABEL_BYTES)
     assert per_step["syncs"] == per_step["d2h_copies"] == per_step["h2d_blocking"] == 0
@@ -184,7 +198,9 @@ def test_two_processes_wait_only_at_log_points(tmp_path):
         "--main_process_port",
         str(helpers.free_port()),
     ]
-    result = json.loads(run_emulated([*launch, str(PROBE), str(tmp_path / "tiny.yaml"), json.dumps({"two": ["output.run_name=two"]})]))["two"]
+    result = json.loads(
+        run_emulated([*launch, str(PROBE), str(tmp_path / "tiny.yaml"), json.dumps({"two": ["output.run_name=two"]})])
+    )["two"]
     intervals = result["intervals"]
     # NOTE: DDP rebuilds its gradient buckets once, in the second iteration's forward: the
     # bucket indices go to the device, are broadcast and read back (2 blocking copies). It

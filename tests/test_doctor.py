@@ -38,14 +38,23 @@ def setup(tmp_path: Path, device: str) -> Path:
     return path
 
 
-def doctor(tmp_path: Path, device: str, config: Path, hide_root_from_rank: int | None = None) -> subprocess.CompletedProcess:
+def doctor(
+    tmp_path: Path, device: str, config: Path, hide_root_from_rank: int | None = None
+) -> subprocess.CompletedProcess:
     """Two processes of `trainer doctor`; one may run where data.root does not exist (a node without the data)."""
     env = {k: v for k, v in os.environ.items() if k not in ("MLU_VISIBLE_DEVICES", "CN_VISIBLE_DEVICES")}
     paths = [str(REPO)] + ([str(EMULATED)] if device == "mlu" else [])
     env.update(PYTHONPATH=os.pathsep.join(paths), PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
     (tmp_path / "elsewhere").mkdir(exist_ok=True)
-    hide = f'if [ "$LOCAL_RANK" = {hide_root_from_rank} ]; then cd {shlex.quote(str(tmp_path / "elsewhere"))}; fi; ' if hide_root_from_rank is not None else ""
-    script = f"{hide}exec {shlex.quote(sys.executable)} -m trainer doctor --config {shlex.quote(str(config))} --bandwidth-mb 4"
+    hide = (
+        (f'if [ "$LOCAL_RANK" = {hide_root_from_rank} ]; then cd {shlex.quote(str(tmp_path / "elsewhere"))}; fi; ')
+        if hide_root_from_rank is not None
+        else ""
+    )
+    script = (
+        f"{hide}exec {shlex.quote(sys.executable)} -m trainer doctor "
+        f"--config {shlex.quote(str(config))} --bandwidth-mb 4"
+    )
     cmd = [
         sys.executable,
         "-m",
@@ -68,7 +77,8 @@ def test_doctor_passes_and_prints_one_row_per_process(tmp_path, device):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     out = proc.stdout
     assert "trainer doctor: OK" in out and "2 process(es) checked, 0 problem(s)" in out
-    assert "batch: 4/device x 2 processes x 2 accumulation = global 16 (loader.global_batch_size)" in out  # derived for 2 processes
+    # derived for 2 processes
+    assert ("batch: 4/device x 2 processes x 2 accumulation = global 16 (loader.global_batch_size)") in out
     rows = [line.split() for line in out.splitlines() if line[:1] in ("0", "1") and len(line.split()) >= 9]
     assert [r[0] for r in rows] == ["0", "1"], out
     devices = [r[2] for r in rows]
@@ -100,5 +110,9 @@ def test_doctor_names_the_process_that_cannot_see_data_root(tmp_path, device):
     assert proc.returncode != 0, proc.stdout[-3000:]
     fails = [line for line in proc.stdout.splitlines() if line.startswith("trainer doctor: FAIL:")]
     assert fails and all(line == fails[0] for line in fails), proc.stdout
-    assert fails[0].startswith("trainer doctor: FAIL: process 1 (") and "data.root: " in fails[0] and "does not exist" in fails[0], fails[0]
+    assert (
+        fails[0].startswith("trainer doctor: FAIL: process 1 (")
+        and "data.root: " in fails[0]
+        and "does not exist" in fails[0]
+    ), fails[0]
     assert "trainer/doctor.py" not in proc.stdout + proc.stderr  # no traceback from the trainer's processes

@@ -28,7 +28,11 @@ _SCRUBBED_NAMES = {"LOCAL_RANK", "RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PO
 
 
 def _clean_env() -> dict[str, str]:
-    env = {key: value for key, value in os.environ.items() if not key.startswith(_SCRUBBED_PREFIXES) and key not in _SCRUBBED_NAMES}
+    env = {
+        key: value
+        for key, value in os.environ.items()
+        if not key.startswith(_SCRUBBED_PREFIXES) and key not in _SCRUBBED_NAMES
+    }
     env["PYTHONPATH"] = os.pathsep.join([str(EMULATED_MLU_DIR), *filter(None, [os.environ.get("PYTHONPATH")])])
     # Two processes on two cores: one thread each avoids oversubscription.
     env["OMP_NUM_THREADS"] = "1"
@@ -56,7 +60,9 @@ def run_python(
         timeout=timeout,
     )
     if proc.returncode != 0:
-        pytest.fail(f"subprocess exited with {proc.returncode}\n--- stdout\n{proc.stdout}\n--- stderr\n{proc.stderr[-6000:]}")
+        pytest.fail(
+            f"subprocess exited with {proc.returncode}\n--- stdout\n{proc.stdout}\n--- stderr\n{proc.stderr[-6000:]}"
+        )
     return proc.stdout
 
 

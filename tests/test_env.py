@@ -7,7 +7,16 @@ from trainer.env import environment_report, format_environment, package_version
 
 def test_environment_report_has_the_picture():
     report = environment_report("cpu", "fp32")
-    for key in ("device_type", "device_count", "visible_devices", "process_group_backend", "distributed_type", "precision", "versions", "warnings"):
+    for key in (
+        "device_type",
+        "device_count",
+        "visible_devices",
+        "process_group_backend",
+        "distributed_type",
+        "precision",
+        "versions",
+        "warnings",
+    ):
         assert key in report
     assert report["process_group_backend"] == "gloo" and report["precision"] == "fp32"
     assert set(report["versions"]) >= {"torch", "torch_mlu", "accelerate", "timm", "datasets"}

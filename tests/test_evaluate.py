@@ -31,7 +31,14 @@ def test_evaluate_sums_every_image_and_counts_skips():
         {"images": torch.zeros(1, 3, 4, 4), "labels": torch.tensor([2]), "skipped": []},
     ]
     skipped = []
-    result = evaluate(acc, Constant(), batches, lambda x: x, lambda lines: skipped.extend(lines) or len(lines), num_classes_for_confusion=3)
+    result = evaluate(
+        acc,
+        Constant(),
+        batches,
+        lambda x: x,
+        lambda lines: skipped.extend(lines) or len(lines),
+        num_classes_for_confusion=3,
+    )
     assert result["val_samples"] == 3 and result["val_skipped"] == 1 and skipped == ["a.JPEG\tbroken"]
     assert result["val_top1"] == pytest.approx(1 / 3) and result["val_top5"] == 1.0
     assert result["confusion"][:, 0].tolist() == [1, 1, 1]
@@ -41,7 +48,9 @@ def test_a_stop_leaves_validation_at_the_next_batch_and_says_so():
     acc, _ = create_accelerator("cpu", "fp32")
     batch = {"images": torch.zeros(2, 3, 4, 4), "labels": torch.tensor([0, 1]), "skipped": []}
     asked = []
-    result = evaluate(acc, Constant(), [batch] * 3, lambda x: x, len, stop_requested=lambda: len(asked.append(0) or asked) > 1)
+    result = evaluate(
+        acc, Constant(), [batch] * 3, lambda x: x, len, stop_requested=lambda: len(asked.append(0) or asked) > 1
+    )
     assert result["stopped"] == 1 and result["val_samples"] == 2  # one batch, then the stop
     assert evaluate(acc, Constant(), [batch] * 3, lambda x: x, len, stop_requested=lambda: False)["stopped"] == 0
     assert "stopped" not in evaluate(acc, Constant(), [batch], lambda x: x, len)  # `trainer eval` has no stop
@@ -77,7 +86,9 @@ def test_eval_of_weights_that_do_not_fit_is_one_line(tmp_path, image_folder, kin
         export_weights(timm.create_model("test_resnet", num_classes=5), weights)
     else:
         weights.write_bytes(b"not a weights file")
-    cfg = load_config(None, [f"data.root={image_folder}", "model.name=test_resnet", "loader.workers=0", "train.precision=fp32"])
+    cfg = load_config(
+        None, [f"data.root={image_folder}", "model.name=test_resnet", "loader.workers=0", "train.precision=fp32"]
+    )
     with pytest.raises(ConfigError, match=r"cannot be loaded into test_resnet with 3 classes") as err:
         eval_command(cfg, str(weights), str(tmp_path / "out"), confusion=False)
     assert "\n" not in str(err.value) and str(weights) in str(err.value)

@@ -52,7 +52,8 @@ def args(model, **kwargs) -> argparse.Namespace:
     return argparse.Namespace(model=str(model), **{**base, **kwargs})
 
 
-@pytest.mark.parametrize("exporter", ["torchscript", pytest.param("dynamo", marks=pytest.mark.slow)])  # torch.export: ~5-30 s
+# torch.export: ~5-30 s
+@pytest.mark.parametrize("exporter", ["torchscript", pytest.param("dynamo", marks=pytest.mark.slow)])
 def test_onnx_export_writes_the_contract_and_matches_pytorch_on_the_val_split(run, tmp_path, exporter, capsys):
     if exporter == "dynamo":
         pytest.importorskip("onnxscript")

@@ -75,7 +75,11 @@ def start(config: Path, log: Path, *overrides: str) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     with open(log, "ab") as out:
         return subprocess.Popen(
-            [sys.executable, "-m", "trainer", "train", "--config", str(config), *overrides], stdout=out, stderr=out, env=env, cwd=config.parent
+            [sys.executable, "-m", "trainer", "train", "--config", str(config), *overrides],
+            stdout=out,
+            stderr=out,
+            env=env,
+            cwd=config.parent,
         )
 
 
@@ -111,7 +115,9 @@ def one_error_line(output: str) -> str:
 
 def epochs_logged(run_dir: Path) -> list[int]:
     path = run_dir / "metrics.jsonl"
-    return [json.loads(line)["epoch"] for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    return (
+        [json.loads(line)["epoch"] for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    )
 
 
 @pytest.fixture(scope="module")
@@ -138,7 +144,9 @@ def name(step: int) -> str:
     return f"step_{step:08d}"
 
 
-def kill_when(proc: subprocess.Popen, checkpoints: Path, trigger: Callable[[list[str]], str | None], timeout_s: float = 300) -> str | None:
+def kill_when(
+    proc: subprocess.Popen, checkpoints: Path, trigger: Callable[[list[str]], str | None], timeout_s: float = 300
+) -> str | None:
     """Poll the checkpoints dir every millisecond; SIGKILL the run once `trigger` names a moment."""
     deadline = time.monotonic() + timeout_s
     while proc.poll() is None and time.monotonic() < deadline:
@@ -161,7 +169,11 @@ def during_save(step: int) -> Callable[[list[str]], str | None]:
     def trigger(names: list[str]) -> str | None:
         if f".tmp-{name(step)}" in names:
             return f"while .tmp-{name(step)} was being written"
-        return f"just after {name(step)} was renamed into place (its .tmp- phase was missed)" if name(step) in names else None
+        return (
+            (f"just after {name(step)} was renamed into place (its .tmp- phase was missed)")
+            if name(step) in names
+            else None
+        )
 
     return trigger
 
@@ -172,7 +184,9 @@ def after(step: int, delay_s: float) -> Callable[[list[str]], str | None]:
     def trigger(names: list[str]) -> str | None:
         if name(step) in names and not seen:
             seen.append(time.monotonic())
-        return f"{delay_s:.3f} s after {name(step)} appeared" if seen and time.monotonic() - seen[0] >= delay_s else None
+        return (
+            f"{delay_s:.3f} s after {name(step)} appeared" if seen and time.monotonic() - seen[0] >= delay_s else None
+        )
 
     return trigger
 
@@ -193,7 +207,9 @@ def killed_run(data: Path, reference: Path) -> dict:
     for trigger in plan:
         proc = start(config, log)
         moment = kill_when(proc, run_dir / "checkpoints", trigger)
-        assert moment is not None and proc.returncode == -signal.SIGKILL, f"run ended ({proc.returncode}) before the kill: {log.read_text()[-2000:]}"
+        assert moment is not None and proc.returncode == -signal.SIGKILL, (
+            f"run ended ({proc.returncode}) before the kill: {log.read_text()[-2000:]}"
+        )
         kills.append(moment)
     status, output = run(config, log)
     assert status == 0, output[-3000:]
@@ -271,7 +287,9 @@ def test_corrupt_newest_checkpoint_falls_back_to_previous(
     assert_bit_identical(tmp_path / "runs" / "corrupt" / "model.safetensors", reference_weights)
 
 
-def test_no_loadable_checkpoint_never_trains_on_half_loaded_weights(data: Path, reference: Path, reference_weights: dict, tmp_path: Path) -> None:
+def test_no_loadable_checkpoint_never_trains_on_half_loaded_weights(
+    data: Path, reference: Path, reference_weights: dict, tmp_path: Path
+) -> None:
     # Only the epoch-1 checkpoint is left, and it is broken: the run must either refuse with
     # one line, or start truly fresh (and so match the uninterrupted run).
     run_dir = tmp_path / "runs" / "broken"
@@ -301,7 +319,9 @@ def test_non_finite_loss_stops_with_one_line_and_no_nan_checkpoint(data: Path, t
         assert all(torch.isfinite(t).all() for t in tensors if t.is_floating_point()), f"{path} holds non-finite values"
 
 
-def test_non_finite_weights_after_a_finite_loss_are_not_checkpointed(data: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_non_finite_weights_after_a_finite_loss_are_not_checkpointed(
+    data: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     # An update can overflow weights while the loss it came from was finite; the loss
     # check alone would checkpoint them, and resume=auto would then start from inf.
     from trainer.config import load_config
@@ -322,7 +342,9 @@ def test_non_finite_weights_after_a_finite_loss_are_not_checkpointed(data: Path,
 
 
 # -- (e) output that cannot be written ----------------------------------------------------
-def test_a_full_disk_is_one_line_and_keeps_earlier_checkpoints(data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_full_disk_is_one_line_and_keeps_earlier_checkpoints(
+    data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     # safetensors reports a failed write as its own SafetensorError, not an OSError
     from safetensors import SafetensorError
 
@@ -340,14 +362,21 @@ def test_a_full_disk_is_one_line_and_keeps_earlier_checkpoints(data: Path, tmp_p
     trainer.state.global_step = 1
     monkeypatch.setattr(trainer.accelerator, "save_state", disk_full)
     with pytest.raises(
-        CheckpointError, match=r"\.tmp-step_00000001: checkpoint write failed \(No space left on device \(os error 28\)\); earlier checkpoints are intact"
+        CheckpointError,
+        match=r"\.tmp-step_00000001: checkpoint write failed \(No space left on "
+        r"device \(os error 28\)\); earlier checkpoints are intact",
     ):
         trainer._save_checkpoint()
     assert [p.name for p in trainer.checkpoints.directory.iterdir()] == ["step_00000000"]
     monkeypatch.setattr(checkpoint_module, "save_file", disk_full)
-    with pytest.raises(CheckpointError, match=r"model: writing the final weights failed \(No space left on device .*train.resume=auto writes them again"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"model: writing the final weights failed \(No space left on "
+        r"device .*train.resume=auto writes them again",
+    ):
         trainer.run.export(trainer.model, classes=trainer.data.classes, input_config=trainer.data.data_config)
-    assert not (trainer.run.path / "model").exists() and not list(trainer.run.path.glob(".tmp-*"))  # nothing part-written left
+    # nothing part-written left
+    assert not (trainer.run.path / "model").exists() and not list(trainer.run.path.glob(".tmp-*"))
     trainer.close()
 
 

@@ -75,7 +75,11 @@ def test_only_labels_without_images(tmp_path):
     root, _ = make_flat(tmp_path / "imagenet")
     (root / "val" / "ILSVRC2012_val_00000002.JPEG").unlink()
     train = create_reader(DataConfig(root=str(root)), "train")
-    with pytest.raises(DataError, match=r"0 of 5 images have no label .* and 1 of its 6 labels have no image \(e.g. no image for ILSVRC2012_val_00000002\)"):
+    with pytest.raises(
+        DataError,
+        match=r"0 of 5 images have no label .* and 1 of its 6 labels have no "
+        r"image \(e.g. no image for ILSVRC2012_val_00000002\)",
+    ):
         create_reader(DataConfig(root=str(root)), "val", classes=train.classes)
 
 

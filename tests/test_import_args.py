@@ -1,4 +1,5 @@
-"""`trainer import-args`: every flag of pytorch/examples imagenet/main.py maps to a key, a launch flag, or a named reason."""
+"""`trainer import-args`: every flag of pytorch/examples imagenet/main.py maps to a key, a launch flag,
+or a named reason."""
 
 from __future__ import annotations
 
@@ -37,7 +38,11 @@ def test_the_migration_guide_command(tmp_path):
     assert cfg.loader.batch_size_per_device == 16  # main.py divides -b by the devices of the machine
     assert cfg.loader.workers == 5  # and -j, rounded up
     assert cfg.optim.lr == 0.1 and cfg.train.epochs == 90 and cfg.optim.name == "sgd"
-    assert out.command == ("accelerate launch --config_file configs/accelerate/mlu_8card.yaml --main_process_port 65501 -m trainer train --config recipe.yaml")
+    assert out.command == (
+        "accelerate launch --config_file "
+        "configs/accelerate/mlu_8card.yaml --main_process_port 65501 -m "
+        "trainer train --config recipe.yaml"
+    )
     assert out.unmapped == []
     # The rest is the guide's recipe file: transforms, schedule, fp32.
     base = load_config(REPO / "configs" / "resnet50_imagenet.yaml")
@@ -50,8 +55,15 @@ def test_defaults_are_main_pys(tmp_path):
     out = run(["python", "main.py"], device="cpu")
     cfg = loads(out, tmp_path)
     assert cfg.model.name == "resnet18" and cfg.data.root == "imagenet" and cfg.loader.batch_size_per_device == 256
-    assert cfg.loader.workers == 4 and cfg.optim.momentum == 0.9 and cfg.optim.weight_decay == 1e-4 and cfg.train.log_every_steps == 10
-    assert out.command == "accelerate launch --config_file configs/accelerate/cpu_1proc.yaml -m trainer train --config recipe.yaml"
+    assert (
+        cfg.loader.workers == 4
+        and cfg.optim.momentum == 0.9
+        and cfg.optim.weight_decay == 1e-4
+        and cfg.train.log_every_steps == 10
+    )
+    assert out.command == (
+        "accelerate launch --config_file configs/accelerate/cpu_1proc.yaml -m trainer train --config recipe.yaml"
+    )
 
 
 @pytest.mark.parametrize(
@@ -108,7 +120,9 @@ def test_start_epoch_zero_and_rank_zero_need_no_mention():
 
 def test_evaluate_gives_an_eval_command():
     out = run(["main.py", "-e", "--gpu", "0", "--dist-backend", "cncl"])
-    assert out.command.startswith("MLU_VISIBLE_DEVICES=0 accelerate launch --config_file configs/accelerate/mlu_1card.yaml ")
+    assert out.command.startswith(
+        "MLU_VISIBLE_DEVICES=0 accelerate launch --config_file configs/accelerate/mlu_1card.yaml "
+    )
     assert "-m trainer eval --config recipe.yaml --checkpoint " in out.command
 
 
@@ -129,12 +143,26 @@ def test_device_follows_the_backend(flags, device, config):
 
 def test_gpu_pins_one_visible_device():
     out = run(["main.py", "--gpu", "3", "--dist-backend", "nccl", "-b", "100"])
-    assert out.command.startswith("CUDA_VISIBLE_DEVICES=3 accelerate launch --config_file configs/accelerate/cuda_1gpu.yaml")
+    assert out.command.startswith(
+        "CUDA_VISIBLE_DEVICES=3 accelerate launch --config_file configs/accelerate/cuda_1gpu.yaml"
+    )
     assert out.recipe["loader"]["batch_size_per_device"] == 100
 
 
 def test_multiprocessing_distributed_counts_without_a_shipped_file():
-    out = run(["main.py", "--multiprocessing-distributed", "--dist-backend", "cncl", "-b", "256", "--dist-url", "tcp://h:1234"], devices_per_machine=4)
+    out = run(
+        [
+            "main.py",
+            "--multiprocessing-distributed",
+            "--dist-backend",
+            "cncl",
+            "-b",
+            "256",
+            "--dist-url",
+            "tcp://h:1234",
+        ],
+        devices_per_machine=4,
+    )
     assert "--config_file configs/accelerate/mlu_8card.yaml --num_processes 4" in out.command
     assert "--main_process_port 1234" in out.command and out.recipe["loader"]["batch_size_per_device"] == 64
     assert any("assumed" in n for n in run(["main.py", "--multiprocessing-distributed"]).notes)
@@ -163,17 +191,24 @@ def test_several_machines():
         "--main_process_ip 10.0.0.1 --main_process_port 23456 -m trainer train"
     )
     assert out.unmapped == []
-    out = run(["main.py", "--multiprocessing-distributed", "--world-size", "4", "--dist-backend", "cncl"], devices_per_machine=8)
+    out = run(
+        ["main.py", "--multiprocessing-distributed", "--world-size", "4", "--dist-backend", "cncl"],
+        devices_per_machine=8,
+    )
     assert "--num_processes 32 --num_machines 4" in out.command
 
 
 def test_batch_not_divisible_is_noted():
-    out = run(["main.py", "--multiprocessing-distributed", "-b", "100", "--dist-backend", "cncl"], devices_per_machine=8)
+    out = run(
+        ["main.py", "--multiprocessing-distributed", "-b", "100", "--dist-backend", "cncl"], devices_per_machine=8
+    )
     assert out.recipe["loader"]["batch_size_per_device"] == 12 and any("rounds" in n for n in out.notes)
 
 
 def test_bad_values_are_one_line_errors():
-    with pytest.raises(ConfigError, match=r"import-args: main.py command line: argument -b/--batch-size: invalid int value: 'x'"):
+    with pytest.raises(
+        ConfigError, match=r"import-args: main.py command line: argument -b/--batch-size: " r"invalid int value: 'x'"
+    ):
         run(["main.py", "-b", "x"])
 
 
@@ -185,10 +220,16 @@ def test_cli_prints_yaml_and_names_what_it_cannot_map(tmp_path):
     assert "# launch with:\n#   accelerate launch --config_file configs/accelerate/mlu_8card.yaml" in proc.stdout
     assert "trainer: not mapped: --pretrained" in proc.stderr
     out = tmp_path / "r.yaml"
-    proc = subprocess.run([*cmd[:4], "--output", str(out), *cmd[4:]], capture_output=True, text=True, cwd=REPO, timeout=120)
+    proc = subprocess.run(
+        [*cmd[:4], "--output", str(out), *cmd[4:]], capture_output=True, text=True, cwd=REPO, timeout=120
+    )
     assert proc.stdout.splitlines()[-1].endswith(f"-m trainer train --config {out}")
     assert load_config(out).model.name == "resnet50"
     proc = subprocess.run(
-        [sys.executable, "-m", "trainer", "import-args", "--", "main.py", "--epochs", "ten"], capture_output=True, text=True, cwd=REPO, timeout=120
+        [sys.executable, "-m", "trainer", "import-args", "--", "main.py", "--epochs", "ten"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=120,
     )
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "--epochs" in proc.stderr

@@ -36,7 +36,13 @@ print(json.dumps({"scans": len(scans), "n": len(reader), "labels": [int(l) for l
 
 def probe(split_dir: Path, cache: str, rank: int) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    return subprocess.Popen([sys.executable, "-c", PROBE, str(split_dir), cache, str(rank)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    return subprocess.Popen(
+        [sys.executable, "-c", PROBE, str(split_dir), cache, str(rank)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
 
 
 def result(process: subprocess.Popen) -> dict:
@@ -107,7 +113,10 @@ def test_unwritable_cache_location_is_a_warning_and_every_process_scans(tmp_path
 
 def test_waiting_process_times_out_naming_process_0_and_the_file(tmp_path):
     root = helpers.make_image_folder(tmp_path / "data", classes=2, train_per_class=2)
-    with pytest.raises(DataError, match=r"process 3 waited 0 s for the folder index of .*which process 0 writes to .*data.index_wait_s"):
+    with pytest.raises(
+        DataError,
+        match=r"process 3 waited 0 s for the folder index of .*which process 0 " r"writes to .*data.index_wait_s",
+    ):
         FolderReader(root / "train", index_cache=str(tmp_path / "cache"), rank=3, index_wait_s=0.3)
 
 

@@ -22,7 +22,9 @@ def ruff() -> str:
 
 
 def test_ruff_check_is_clean():
-    proc = subprocess.run([ruff(), "check", "--output-format", "concise", *PATHS], cwd=REPO, capture_output=True, text=True)
+    proc = subprocess.run(
+        [ruff(), "check", "--output-format", "concise", *PATHS], cwd=REPO, capture_output=True, text=True
+    )
     assert proc.returncode == 0, proc.stdout[-5000:] + proc.stderr[-2000:]
 
 

@@ -1,4 +1,5 @@
-"""Tests for trainer/loop/: the step boundary and its hooks, lockstep padding, the non-finite guard, the stop agreement."""
+"""Tests for trainer/loop/: the step boundary and its hooks, lockstep padding, the non-finite guard,
+the stop agreement."""
 
 from __future__ import annotations
 
@@ -101,7 +102,11 @@ def test_lockstep_pads_only_when_asked(caplog):
 def test_stand_in_is_the_last_batch_or_blank_images():
     stand_in = StandIn((3, 8, 8), torch.device("cpu"))
     first = stand_in.batch()
-    assert first["images"].shape == (2, 3, 8, 8) and first["images"].dtype == torch.float32 and first["labels"].tolist() == [0, 0]
+    assert (
+        first["images"].shape == (2, 3, 8, 8)
+        and first["images"].dtype == torch.float32
+        and first["labels"].tolist() == [0, 0]
+    )
     batch = {"images": torch.ones(1, 3, 8, 8), "labels": torch.tensor([1])}
     stand_in.remember(batch)
     assert stand_in.batch() is batch
@@ -120,14 +125,23 @@ def test_guard_stops_after_the_limit_and_vetoes_bad_checkpoints(tmp_path: Path):
     assert not guard.safe_to_save(model, step=3)  # the weights overflowed
     guard.observe(torch.tensor(float("inf")))
     guard.observe(torch.tensor(float("nan")))
-    with pytest.raises(TrainingStopped, match=r"non-finite for 2 consecutive steps, up to step 5 .*max_non_finite_steps=2"):
+    with pytest.raises(
+        TrainingStopped, match=r"non-finite for 2 consecutive steps, up to step 5 " r".*max_non_finite_steps=2"
+    ):
         guard.check(step=5)
 
 
 def test_guard_decides_with_every_process(tmp_path: Path):
     """A NaN on another process spares this one's checkpoint and stops it too: the decisions are taken together."""
-    other = torch.tensor([0, 0, 0])  # what another process reports: its longest streak, latest loss non-finite, weights non-finite
-    guard = NonFiniteGuard(torch.device("cpu"), limit=3, loss_scaler=False, checkpoints=tmp_path, agree=lambda mine: torch.maximum(mine, other))
+    # what another process reports: its longest streak, latest loss non-finite, weights non-finite
+    other = torch.tensor([0, 0, 0])
+    guard = NonFiniteGuard(
+        torch.device("cpu"),
+        limit=3,
+        loss_scaler=False,
+        checkpoints=tmp_path,
+        agree=lambda mine: torch.maximum(mine, other),
+    )
     model = torch.nn.Linear(2, 2)
     guard.observe(torch.tensor(1.0))
     assert guard.safe_to_save(model, step=1)
@@ -261,7 +275,9 @@ def test_tally_resumed_mid_epoch_reports_the_whole_epoch():
 
     same = ("train_loss", "train_top1", "train_samples", "skipped", "grad_norm")
     assert (
-        {k: rest[k] for k in same} == {k: whole[k] for k in same} == {"train_loss": 2.0, "train_top1": 0.5, "train_samples": 4, "skipped": 1, "grad_norm": 3.0}
+        {k: rest[k] for k in same}
+        == {k: whole[k] for k in same}
+        == {"train_loss": 2.0, "train_top1": 0.5, "train_samples": 4, "skipped": 1, "grad_norm": 3.0}
     )
     assert (whole["img_per_s"], rest["img_per_s"]) == (2.0, 0.5)  # only the images this run trained on are timed
     resumed.start({})

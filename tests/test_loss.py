@@ -29,7 +29,9 @@ def test_bce_smooths_index_targets_and_applies_the_threshold():
     loss = create_loss("bce", 0.1, 0.2, soft_targets=False)
     assert isinstance(loss, BinaryCrossEntropy) and loss.target_threshold == 0.2 and loss.smoothing == 0.1
     # Smoothed one-hot (0.9 + 0.1/3 on, 0.1/3 off), then thresholded at 0.2: exactly one-hot.
-    expected = torch.nn.functional.binary_cross_entropy_with_logits(LOGITS, torch.nn.functional.one_hot(LABELS, 3).float())
+    expected = torch.nn.functional.binary_cross_entropy_with_logits(
+        LOGITS, torch.nn.functional.one_hot(LABELS, 3).float()
+    )
     assert torch.allclose(loss(LOGITS, LABELS), expected)
 
 

@@ -104,7 +104,8 @@ from trainer.metrics import RunningSums
 trainer.train_step(batch, RunningSums(trainer.accelerator.device, ('loss', 'top1', 'n')))
 seen['params'] = sorted({{p.device.type for p in trainer.model.parameters()}})
 seen['grads'] = sorted({{p.grad.device.type for p in trainer.model.parameters() if p.grad is not None}} or {{'none'}})
-seen['optimizer'] = sorted({{s['momentum_buffer'].device.type for s in trainer.optimizer.state.values() if 'momentum_buffer' in s}} or {{'none'}})
+buffers = [s['momentum_buffer'] for s in trainer.optimizer.state.values() if 'momentum_buffer' in s]
+seen['optimizer'] = sorted({{b.device.type for b in buffers}} or {{'none'}})
 seen['scaler'] = type(trainer.accelerator.scaler).__module__ + '.' + type(trainer.accelerator.scaler).__name__
 seen['device'] = str(trainer.accelerator.device)
 print(seen)
@@ -172,7 +173,12 @@ def test_resume_mid_epoch_with_random_erasing_is_bit_exact_on_the_mlu(tiny):
     # the uninterrupted one drew. fp32: fp16's loss scale would be one more state to compare.
     config = str(tiny / "tiny.yaml")
     base = [sys.executable, "-m", "trainer", "train", "--config", config, "train.precision=fp32", "train.epochs=2"]
-    erasing = ["aug.re_prob=0.5", "aug.re_mode=pixel", "train.checkpoint_every_steps=3", "train.keep_last_checkpoints=100"]
+    erasing = [
+        "aug.re_prob=0.5",
+        "aug.re_mode=pixel",
+        "train.checkpoint_every_steps=3",
+        "train.keep_last_checkpoints=100",
+    ]
     run(base + erasing + ["output.run_name=erase_straight"], mlu=True)
     checkpoint = tiny / "runs" / "erase_straight" / "checkpoints" / "step_00000003"  # inside epoch 1
     run(base + erasing + ["output.run_name=erase_resumed", f"train.resume={checkpoint}"], mlu=True)

@@ -111,5 +111,7 @@ def test_exported_file_is_plain_timm_weights(exported):
     plain = timm.create_model(NAME, pretrained=True, pretrained_cfg_overlay=dict(file=str(path)), num_classes=3)
     # timm keeps the file's classifier only when told the file's head size; the backbone always loads.
     assert_same_weights(model, plain, skip="fc.")
-    with_head = timm.create_model(NAME, pretrained=True, pretrained_cfg_overlay=dict(file=str(path), num_classes=3), num_classes=3)
+    with_head = timm.create_model(
+        NAME, pretrained=True, pretrained_cfg_overlay=dict(file=str(path), num_classes=3), num_classes=3
+    )
     assert_same_weights(model, with_head)

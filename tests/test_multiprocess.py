@@ -49,9 +49,17 @@ class Launch:
         """`hold`: a moment the training processes wait at for a signal (`trainer.loop.stop.hold_for_test`)."""
         self.marker = f"{os.getpid()}-{time.monotonic_ns()}"
         cmd = [*helpers.two_process_launcher(*launch_args), "trainer", "train", "--config", str(config), *overrides]
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "TRAINER_TEST_RUN": self.marker, "TRAINER_TEST_HOLD": hold}
+        env = {
+            **os.environ,
+            "PYTHONUNBUFFERED": "1",
+            "OMP_NUM_THREADS": "1",
+            "TRAINER_TEST_RUN": self.marker,
+            "TRAINER_TEST_HOLD": hold,
+        }
         # NOTE: a session of its own, as a terminal gives a foreground job: Ctrl-C is a SIGINT to its group
-        self.proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        self.proc = subprocess.Popen(
+            cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+        )
         self.lines: list[str] = []
         self.reader = threading.Thread(target=lambda: self.lines.extend(self.proc.stdout), daemon=True)
         self.reader.start()
@@ -63,7 +71,9 @@ class Launch:
     def wait_for(self, needle: str, timeout_s: float = 300) -> None:
         end = time.monotonic() + timeout_s
         while needle not in self.text:
-            assert self.proc.poll() is None or needle in self.text, f"exited {self.proc.returncode} before {needle!r}:\n{self.text[-3000:]}"
+            assert self.proc.poll() is None or needle in self.text, (
+                f"exited {self.proc.returncode} before {needle!r}:\n{self.text[-3000:]}"
+            )
             assert time.monotonic() < end, f"no {needle!r} after {timeout_s} s:\n{self.text[-3000:]}"
             time.sleep(0.05)
 
@@ -136,7 +146,10 @@ def test_a_stuck_process_times_out_and_every_process_stops_with_one_line(tmp_pat
     text = launch.text
     assert rc != 0
     line = next(line for line in text.splitlines() if "process 0: step" in line)
-    assert line.startswith("trainer: error: process 0: step ") and "timed out after backend.collective_timeout_s=4 s waiting in" in line, line
+    assert (
+        line.startswith("trainer: error: process 0: step ")
+        and "timed out after backend.collective_timeout_s=4 s waiting in" in line
+    ), line
     assert "train.resume=auto" in line
     assert "Traceback" not in text.split("process 0: step")[0]  # no trainer traceback before the line
 
@@ -169,7 +182,10 @@ def test_a_killed_process_is_survived_with_max_restarts_and_ends_bit_for_bit(tmp
     assert rc == 0, launch.text[-6000:]
     assert "resumed from" in launch.text, launch.text[-3000:]
     runs = tmp_path / "runs"
-    a, b = load_file(str(runs / "straight" / "model.safetensors")), load_file(str(runs / "restarted" / "model.safetensors"))
+    a, b = (
+        load_file(str(runs / "straight" / "model.safetensors")),
+        load_file(str(runs / "restarted" / "model.safetensors")),
+    )
     different = [k for k in a if not torch.equal(a[k], b[k])]
     assert not different, different[:3]
 
@@ -178,7 +194,15 @@ def test_the_recipe_features_on_two_processes_survive_a_kill_mid_epoch_bit_for_b
     """Repeated augmentation (copies dealt to both processes), progressive resizing, mixup/cutmix,
     BCE, RandAugment, random erasing, clipping and the EMA: a worker killed mid-epoch after the
     size change, both restarted, and the run ends as the uninterrupted one, EMA and metrics included."""
-    config = tiny(tmp_path, epochs=3, resume="auto", checkpoint_every_steps=1, keep_last_checkpoints=100, loss="bce", grad_clip_norm=0.5)
+    config = tiny(
+        tmp_path,
+        epochs=3,
+        resume="auto",
+        checkpoint_every_steps=1,
+        keep_last_checkpoints=100,
+        loss="bce",
+        grad_clip_norm=0.5,
+    )
     recipe = (
         "loader.batch_size_per_device=2",  # 24 images x 3 copies, 12 per process per epoch: 6 steps
         "aug.repeated_aug=3",
@@ -283,7 +307,10 @@ def test_ctrl_c_in_each_moment_of_a_run_stops_every_process_at_once_and_resume_e
     final = Launch(config, "output.run_name=stopped")
     assert final.finish() == 0, final.text[-3000:]
     runs = tmp_path / "runs"
-    a, b = load_file(str(runs / "straight" / "model.safetensors")), load_file(str(runs / "stopped" / "model.safetensors"))
+    a, b = (
+        load_file(str(runs / "straight" / "model.safetensors")),
+        load_file(str(runs / "stopped" / "model.safetensors")),
+    )
     assert not [k for k in a if not torch.equal(a[k], b[k])]
     timed = ("img_per_s", "epoch_time_s")
     records = [{k: v for k, v in r.items() if k not in timed} for r in read_metrics(runs / "stopped")]

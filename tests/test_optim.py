@@ -147,7 +147,9 @@ def test_sgd_is_plain_momentum_not_nesterov_by_default():
 
 def test_sgd_hyperparameters_follow_the_config():
     opt = create_optimizer(linear_model(), OptimConfig(lr=0.3, momentum=0.5, weight_decay=5e-5, nesterov=True))
-    assert {(g["lr"], g["momentum"], g["weight_decay"], g["nesterov"]) for g in opt.param_groups} == {(0.3, 0.5, 5e-5, True)}
+    assert {(g["lr"], g["momentum"], g["weight_decay"], g["nesterov"]) for g in opt.param_groups} == {
+        (0.3, 0.5, 5e-5, True)
+    }
 
 
 def test_weight_decay_applies_to_every_parameter_like_the_reference():
@@ -217,7 +219,9 @@ def test_adamw_takes_lr_and_weight_decay_without_sgd_arguments():
 # --- timm optimizers for the modern recipes ---------------------------------------------------
 
 
-@pytest.mark.parametrize(("name", "cls"), [("sgd", "SGD"), ("adamw", "AdamW"), ("lamb", "Lamb"), ("lars", "Lars"), ("nlars", "Lars")])
+@pytest.mark.parametrize(
+    ("name", "cls"), [("sgd", "SGD"), ("adamw", "AdamW"), ("lamb", "Lamb"), ("lars", "Lars"), ("nlars", "Lars")]
+)
 def test_recipe_optimizers_come_from_timm(name, cls):
     optimizer = create_optimizer(linear_model(), OptimConfig(name=name, lr=0.01, momentum=0.875))
     assert type(optimizer).__name__ == cls
@@ -228,7 +232,9 @@ def test_recipe_optimizers_come_from_timm(name, cls):
 
 
 def test_no_decay_norm_bias_spares_norm_weights_and_biases():
-    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Flatten(), torch.nn.Linear(4, 2))
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Flatten(), torch.nn.Linear(4, 2)
+    )
     optimizer = create_optimizer(model, OptimConfig(name="sgd", weight_decay=3e-5, no_decay_norm_bias=True))
     by_decay = {g["weight_decay"]: {id(p) for p in g["params"]} for g in optimizer.param_groups}
     decayed = {id(model[0].weight), id(model[3].weight)}

@@ -32,7 +32,11 @@ def _record(epoch: int, with_val: bool = True) -> dict:
         "epoch_time_s": 440.0,
     }
     if with_val:
-        record.update(val_loss=record["train_loss"] - 0.2, val_top1=record["train_top1"] + 0.03, val_top5=min(1.0, record["train_top1"] + 0.2))
+        record.update(
+            val_loss=record["train_loss"] - 0.2,
+            val_top1=record["train_top1"] + 0.03,
+            val_top5=min(1.0, record["train_top1"] + 0.2),
+        )
     return record
 
 
@@ -137,7 +141,9 @@ def test_per_class_csv_matches_hand_built_confusion(tmp_path: Path) -> None:
 
 def test_confusion_matrix_png_from_tensor(tmp_path: Path) -> None:
     torch = pytest.importorskip("torch")
-    path = plots.write_confusion_matrix(torch.tensor(HAND_CONFUSION), ["cat", "dog", "emu"], tmp_path / "sub" / "confusion.png")
+    path = plots.write_confusion_matrix(
+        torch.tensor(HAND_CONFUSION), ["cat", "dog", "emu"], tmp_path / "sub" / "confusion.png"
+    )
     side_px = int(plots.CONFUSION_FIG_IN * plots.FIG_DPI)
     _assert_png(path, (side_px, side_px))
 

@@ -61,7 +61,9 @@ def test_missing_tracker_is_one_clear_line(monkeypatch):
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
-    with pytest.raises(ConfigError, match=r"cfg.yaml: output.log_with: 'wandb' needs the wandb package: pip install wandb"):
+    with pytest.raises(
+        ConfigError, match=r"cfg.yaml: output.log_with: 'wandb' needs the wandb package: pip " r"install wandb"
+    ):
         check_trackers(["wandb"], "cfg.yaml")
     with pytest.raises(ConfigError, match="unknown tracker 'neptune'"):
         check_trackers(["neptune"], "cfg.yaml")

@@ -303,7 +303,9 @@ def test_stream_reader_ranks_are_disjoint_and_complete(hf_parquet_dir, shuffle):
 
 
 def test_stream_reader_shuffle_changes_with_epoch(hf_parquet_dir):
-    reader = create_stream_reader(hf_cfg(hf_parquet_dir, streaming=True), "train", rank=0, world_size=1, seed=3, shuffle=True)
+    reader = create_stream_reader(
+        hf_cfg(hf_parquet_dir, streaming=True), "train", rank=0, world_size=1, seed=3, shuffle=True
+    )
     epoch0 = [s.data for s in reader.iter_samples(0)]
     assert [s.data for s in reader.iter_samples(0)] == epoch0  # reproducible
     epoch1 = [s.data for s in reader.iter_samples(1)]

@@ -52,7 +52,12 @@ def test_an_unusable_schedule_is_a_one_line_error_naming_key_and_value(tmp_path,
     with pytest.raises(ConfigError) as err:
         load_config(write_config(tmp_path / "bad.yaml", {"train_size_schedule": value}))
     message = str(err.value)
-    assert "\n" not in message and "bad.yaml: input.train_size_schedule" in message and why in message and repr(value) in message
+    assert (
+        "\n" not in message
+        and "bad.yaml: input.train_size_schedule" in message
+        and why in message
+        and repr(value) in message
+    )
 
 
 def test_a_size_change_restarts_persistent_workers_at_the_new_size(image_folder):
@@ -87,7 +92,14 @@ TINY = {
     "input": {"img_size": 32, "test_img_size": 32, "train_size_schedule": [[0, 24], [1, 32]]},
     "optim": {"lr": 0.05},
     "schedule": {"name": "cosine"},
-    "train": {"epochs": 2, "precision": "fp32", "grad_accum_steps": 2, "log_every_steps": 1, "checkpoint_every_steps": 1, "keep_last_checkpoints": 100},
+    "train": {
+        "epochs": 2,
+        "precision": "fp32",
+        "grad_accum_steps": 2,
+        "log_every_steps": 1,
+        "checkpoint_every_steps": 1,
+        "keep_last_checkpoints": 100,
+    },
 }
 
 
@@ -127,7 +139,9 @@ def test_a_run_trains_at_each_scheduled_size_and_resumes_mid_epoch_bit_exact_acr
     # step 4 is one step into epoch 2 (at 32 px): the resumed run is built at epoch 1's 24 px
     # and must rebuild at 32 before skipping the two micro-batches already done.
     name = "resumed"
-    resumed, seen = fit_recording_sizes(config, f"output.run_name={name}", f"train.resume={full / 'checkpoints' / 'step_00000004'}")
+    resumed, seen = fit_recording_sizes(
+        config, f"output.run_name={name}", f"train.resume={full / 'checkpoints' / 'step_00000004'}"
+    )
     assert seen == [(1, (32, 32))] * 4
     assert same_tensors(full / "model.safetensors", tmp_path / "runs" / name / "model.safetensors")
     assert resumed["val_loss"] == record["val_loss"] and resumed["val_top1"] == record["val_top1"]

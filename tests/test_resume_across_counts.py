@@ -71,12 +71,16 @@ def write_config(tmp_path: Path) -> Path:
 
 def train(config: Path, run_name: str, processes: int) -> str:
     """`trainer train` on `processes` CPU processes (1: plain python, as a user resuming without the launcher)."""
-    launcher = helpers.two_process_launcher("--num_processes", str(processes)) if processes > 1 else [sys.executable, "-m"]
+    launcher = (
+        helpers.two_process_launcher("--num_processes", str(processes)) if processes > 1 else [sys.executable, "-m"]
+    )
     marker = f"{os.getpid()}-{run_name}"
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "TRAINER_TEST_RUN": marker}
     cmd = [*launcher, "trainer", "train", "--config", str(config), f"output.run_name={run_name}"]
     try:
-        done = subprocess.run(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=300)
+        done = subprocess.run(
+            cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=300
+        )
     finally:
         helpers.kill_marked(marker)  # torchrun starts its workers in sessions of their own
     assert done.returncode == 0, done.stdout[-4000:]
@@ -86,7 +90,8 @@ def train(config: Path, run_name: str, processes: int) -> str:
 def killed_copy(runs: Path, source: str, name: str, step: int = 0) -> None:
     """`runs/name`: a copy of `runs/source`, cut back (when `step`) as a kill right after that checkpoint leaves it."""
     shutil.copytree(runs / source, runs / name)
-    for checkpoint in (runs / name / "checkpoints").glob("step_*"):  # a killed save's .tmp-step_* stays, as the kill left it
+    # a killed save's .tmp-step_* stays, as the kill left it
+    for checkpoint in (runs / name / "checkpoints").glob("step_*"):
         if step and int(checkpoint.name.removeprefix("step_")) > step:
             shutil.rmtree(checkpoint)
     for weights in (runs / name).glob("*.safetensors"):
@@ -99,7 +104,9 @@ def kill_mid_epoch(config: Path, run_name: str) -> None:
     launch.wait_for("epoch 1/2 step 2/4")
     helpers.kill_marked(launch.marker)
     launch.finish(timeout_s=60)
-    steps = [int(p.name.removeprefix("step_")) for p in (config.parent / "runs" / run_name / "checkpoints").glob("step_*")]
+    steps = [
+        int(p.name.removeprefix("step_")) for p in (config.parent / "runs" / run_name / "checkpoints").glob("step_*")
+    ]
     assert 1 in steps and max(steps) < 4, steps  # mid-epoch 1
 
 
@@ -117,7 +124,9 @@ def test_moved_between_process_counts_mid_epoch_same_samples_same_lr_close_weigh
     runs = tmp_path / "runs"
     train(config, "straight", 2)
     straight_epochs, straight_steps = read_metrics(runs / "straight"), read_steps(runs / "straight")
-    assert [r["train_samples"] for r in straight_epochs] == [48, 48] and [s["step"] for s in straight_steps] == list(range(1, 9))
+    assert [r["train_samples"] for r in straight_epochs] == [48, 48] and [s["step"] for s in straight_steps] == list(
+        range(1, 9)
+    )
 
     kill_mid_epoch(config, "killed")
     report = []
@@ -127,14 +136,20 @@ def test_moved_between_process_counts_mid_epoch_same_samples_same_lr_close_weigh
         killed_copy(runs, source, name, step)
         text = train(config, name, processes)
         then = 1 if source == "to1" else 2
-        assert f"resumed on {processes} process" in text and f"where the checkpoint had {then}: the global batch stays 12" in text, text[-3000:]
+        assert (
+            f"resumed on {processes} process" in text
+            and f"where the checkpoint had {then}: the global batch stays 12" in text
+        ), text[-3000:]
         assert f"checkpoint: {then} process" in text and f"this run: {processes} process" in text  # the start summary
         epochs, steps = read_metrics(runs / name), read_steps(runs / name)
         assert [r["train_samples"] for r in epochs] == [48, 48], [r["train_samples"] for r in epochs]
         assert [(s["step"], s["lr"]) for s in steps] == [(s["step"], s["lr"]) for s in straight_steps]
         gap = parameter_gap(runs, "straight", name)
         losses = [abs(a["train_loss"] - b["train_loss"]) for a, b in zip(epochs, straight_epochs)]
-        report.append(f"{then} -> {processes} processes from step {step}: max |weight difference| {gap:.3g}, train_loss differences {losses}")
+        report.append(
+            f"{then} -> {processes} processes from step {step}: max |weight "
+            f"difference| {gap:.3g}, train_loss differences {losses}"
+        )
         print(report[-1])
         for mine, theirs in zip(epochs, straight_epochs):  # the epoch's sums carried over the resume
             assert mine["train_loss"] == pytest.approx(theirs["train_loss"], rel=1e-4, abs=1e-5)

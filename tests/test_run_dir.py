@@ -23,7 +23,9 @@ from trainer.summary import end_summary, processes
 
 
 def run_directory(tmp_path: Path) -> RunDirectory:
-    cfg = load_config(None, [f"data.root={tmp_path}", f"output.dir={tmp_path / 'runs'}", "output.run_name=r", "output.plots=false"])
+    cfg = load_config(
+        None, [f"data.root={tmp_path}", f"output.dir={tmp_path / 'runs'}", "output.run_name=r", "output.plots=false"]
+    )
     acc, _ = create_accelerator("cpu", "fp32")
     return RunDirectory(cfg, acc)
 
@@ -53,10 +55,21 @@ def test_export_is_readable_by_others(tmp_path: Path):
 
     run = run_directory(tmp_path)
     run.prepare()
-    input_config = {"input_size": (3, 16, 16), "interpolation": "bilinear", "mean": (0.5,) * 3, "std": (0.5,) * 3, "crop_pct": 1.0}
+    input_config = {
+        "input_size": (3, 16, 16),
+        "interpolation": "bilinear",
+        "mean": (0.5,) * 3,
+        "std": (0.5,) * 3,
+        "crop_pct": 1.0,
+    }
     folder = run.export(timm.create_model("test_resnet", num_classes=2), classes=["a", "b"], input_config=input_config)
     assert folder == run.path / "model"
-    for path in (folder / "model.safetensors", folder / "config.json", folder / "README.md", run.path / "model.safetensors"):
+    for path in (
+        folder / "model.safetensors",
+        folder / "config.json",
+        folder / "README.md",
+        run.path / "model.safetensors",
+    ):
         assert path.stat().st_mode & 0o044 == 0o044, path  # group and others may read, as config.yaml
     assert (run.path / "model.safetensors").samefile(folder / "model.safetensors")  # the earlier path, the same file
 
@@ -86,7 +99,9 @@ def test_describe_run_names_finished_and_last_step(tmp_path):
     (tmp_path / "checkpoints" / "step_00000012").mkdir(parents=True)
     (tmp_path / "checkpoints" / "step_00000012" / "trainer_state.json").write_text("{}")
     (tmp_path / "checkpoints" / "step_00000020").mkdir()  # incomplete: no trainer_state.json
-    (tmp_path / "metrics.jsonl").write_text(json.dumps({"epoch": 0, "step": 6}) + "\n" + json.dumps({"epoch": 1, "step": 12}) + '\n{"epo')
+    (tmp_path / "metrics.jsonl").write_text(
+        json.dumps({"epoch": 0, "step": 6}) + "\n" + json.dumps({"epoch": 1, "step": 12}) + '\n{"epo'
+    )
     assert describe_run(tmp_path) == "not finished, last step 12, 2 epoch(s) recorded"
     (tmp_path / "model.safetensors").write_bytes(b"")
     assert describe_run(tmp_path).startswith("finished, last step 12")
@@ -94,7 +109,11 @@ def test_describe_run_names_finished_and_last_step(tmp_path):
 
 def train(config: Path, *overrides: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "trainer", "train", "--config", str(config), *overrides], cwd=REPO, capture_output=True, text=True, timeout=600
+        [sys.executable, "-m", "trainer", "train", "--config", str(config), *overrides],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
 
 

@@ -60,16 +60,21 @@ def test_resumed_on_another_count_every_sample_exactly_once(before, after, repea
     seen = [key for step in first + later for batch in step for key in batch]
     assert sorted(seen) == sorted(whole.order()) and len(seen) == len(set(seen)) == whole.epoch_samples
     # and the same steps as the uninterrupted run
-    assert [sorted(sum(s, [])) for s in first + later] == [sorted(sum(s, [])) for s in steps(whole, before, 6 // before)]
+    assert [sorted(sum(s, [])) for s in first + later] == [
+        sorted(sum(s, [])) for s in steps(whole, before, 6 // before)
+    ]
 
 
 def test_epoch_length_is_whole_global_batches_and_independent_of_processes():
     assert EpochOrderSampler(100, seed=0, epoch_unit=24, batch_size=4).epoch_samples == 96
     assert EpochOrderSampler(100, seed=0, epoch_unit=24, batch_size=4, repeats=3).epoch_samples == 96
-    assert EpochOrderSampler(600, seed=0, epoch_unit=24, batch_size=4, repeats=3).epoch_samples == 504  # timm: 512 of 600 images
+    # timm: 512 of 600 images
+    assert EpochOrderSampler(600, seed=0, epoch_unit=24, batch_size=4, repeats=3).epoch_samples == 504
 
 
-@pytest.mark.parametrize(("n", "repeats", "world", "batch"), [(21, 3, 1, 4), (600, 3, 2, 8), (300, 2, 4, 5), (50, 3, 3, 2)])
+@pytest.mark.parametrize(
+    ("n", "repeats", "world", "batch"), [(21, 3, 1, 4), (600, 3, 2, 8), (300, 2, 4, 5), (50, 3, 3, 2)]
+)
 def test_without_accumulation_each_process_gets_timms_share(n, repeats, world, batch):
     """timm deals the repeated list round-robin (`indices[rank::world]`): the same here, in whole batches."""
     sampler = EpochOrderSampler(n, seed=7, epoch_unit=batch * world, batch_size=batch, repeats=repeats)

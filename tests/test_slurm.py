@@ -88,16 +88,33 @@ def test_batch_script_saves_and_requeues_before_the_time_limit_then_resumes(tmp_
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     # srun: this one machine's task; scontrol: the head node's name, and a record of the requeue.
-    (bin_dir / "srun").write_text('#!/bin/bash\nwhile [[ "$1" == --* ]]; do shift; done\nexport SLURM_NODEID=0\nexec "$@"\n')
-    (bin_dir / "scontrol").write_text(f'#!/bin/bash\nif [ "$1" = show ]; then echo 127.0.0.1; else echo "$@" >> {tmp_path / "scontrol.log"}; fi\n')
+    (bin_dir / "srun").write_text(
+        '#!/bin/bash\nwhile [[ "$1" == --* ]]; do shift; done\nexport SLURM_NODEID=0\nexec "$@"\n'
+    )
+    (bin_dir / "scontrol").write_text(
+        f'#!/bin/bash\nif [ "$1" = show ]; then echo 127.0.0.1; else echo "$@" >> {tmp_path / "scontrol.log"}; fi\n'
+    )
     for tool in bin_dir.iterdir():
         tool.chmod(0o755)
-    env = slurm_env(tmp_path, config, SLURM_JOB_ID="4242", SLURM_JOB_NUM_NODES="1", SLURM_JOB_NODELIST="localhost", DEVICES_PER_NODE="2")
+    env = slurm_env(
+        tmp_path,
+        config,
+        SLURM_JOB_ID="4242",
+        SLURM_JOB_NUM_NODES="1",
+        SLURM_JOB_NODELIST="localhost",
+        DEVICES_PER_NODE="2",
+    )
     env["PATH"] = f"{bin_dir}{os.pathsep}{env['PATH']}"
     env.pop("MAIN_ADDR")
     log = tmp_path / "job.out"
     with open(log, "w") as out:
-        job = subprocess.Popen(["bash", str(SLURM / "train.sbatch"), "output.run_name=job"], cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
+        job = subprocess.Popen(
+            ["bash", str(SLURM / "train.sbatch"), "output.run_name=job"],
+            cwd=REPO,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
         end = time.monotonic() + 300
         while "epoch 2/300 step 1/" not in log.read_text():
             assert job.poll() is None and time.monotonic() < end, log.read_text()[-3000:]

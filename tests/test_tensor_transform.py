@@ -25,7 +25,14 @@ def photo(size: tuple[int, int] = (200, 150)) -> Image.Image:
 
 def train(**kwargs):
     """timm's training transform as the trainer builds it (no colour jitter unless asked)."""
-    kwargs = {"input_size": (3, 64, 64), "is_training": True, "use_prefetcher": True, "hflip": 0.5, "color_jitter": None, **kwargs}
+    kwargs = {
+        "input_size": (3, 64, 64),
+        "is_training": True,
+        "use_prefetcher": True,
+        "hflip": 0.5,
+        "color_jitter": None,
+        **kwargs,
+    }
     return create_transform(**kwargs)
 
 
@@ -96,7 +103,9 @@ def test_plan_pickles_for_spawned_loader_workers() -> None:
     plan = tensor_plan(train(interpolation="random", vflip=0.5))
     copy = pickle.loads(pickle.dumps(plan))
     tensor_in = torch.from_numpy(np.array(photo())).permute(2, 0, 1)
-    assert torch.equal(seeded(lambda x: run_plan(copy, x), tensor_in, 5), seeded(lambda x: run_plan(plan, x), tensor_in, 5))
+    assert torch.equal(
+        seeded(lambda x: run_plan(copy, x), tensor_in, 5), seeded(lambda x: run_plan(plan, x), tensor_in, 5)
+    )
 
 
 def test_spawned_loader_workers_give_the_same_batches(tmp_path) -> None:
@@ -112,7 +121,9 @@ def test_spawned_loader_workers_give_the_same_batches(tmp_path) -> None:
     assert dataset.decoder.plan is not None
 
     def batches(**kwargs):
-        loader = DataLoader(dataset, batch_size=4, sampler=EpochSampler(len(dataset), True, 0), collate_fn=collate, **kwargs)
+        loader = DataLoader(
+            dataset, batch_size=4, sampler=EpochSampler(len(dataset), True, 0), collate_fn=collate, **kwargs
+        )
         return [batch["images"] for batch in loader]
 
     spawned = batches(num_workers=1, multiprocessing_context="spawn")

@@ -77,21 +77,34 @@ def test_a_global_batch_derives_the_accumulation_on_one_process(tmp_path: Path, 
     trainer, record = fit(tiny_config(tmp_path, "loader.global_batch_size=8", "train.epochs=1"))
     assert trainer.plan.accumulation == 2 and trainer.accelerator.gradient_accumulation_steps == 2
     assert trainer.steps_per_epoch == 2 and record["step"] == 2 and record["train_samples"] == 16
-    assert "batch: 4/device x 1 process x 2 accumulation = global 8 (loader.global_batch_size), 2 steps/epoch" in caplog.text
+    assert (
+        "batch: 4/device x 1 process x 2 accumulation = global 8 (loader.global_batch_size), 2 steps/epoch"
+    ) in caplog.text
 
 
 def test_resumed_with_another_global_batch_the_schedule_ends_where_configured(tmp_path: Path, caplog):
-    """Epoch 1 at global batch 8 (2 steps), then global batch 4 (4 steps an epoch): epoch 2 gets the lr of a run at 4 throughout."""
+    """Epoch 1 at global batch 8 (2 steps), then global batch 4 (4 steps an epoch): epoch 2 gets the lr of
+    a run at 4 throughout."""
     cosine = ["schedule.name=cosine", "schedule.warmup_epochs=0.5", "train.log_every_steps=1"]
     fit(tiny_config(tmp_path, *cosine, "loader.global_batch_size=4", "output.run_name=at4"))
     fit(tiny_config(tmp_path, *cosine, "loader.global_batch_size=8", "train.epochs=1", "output.run_name=moved"))
     caplog.set_level("INFO", logger="trainer")
-    trainer, record = fit(tiny_config(tmp_path, *cosine, "loader.global_batch_size=4", "train.resume=auto", "output.run_name=moved"))
-    assert "resumed with global batch 4" in caplog.text and "where the checkpoint had 8 on 1 process: 4 steps per epoch instead of 2" in caplog.text
+    trainer, record = fit(
+        tiny_config(tmp_path, *cosine, "loader.global_batch_size=4", "train.resume=auto", "output.run_name=moved")
+    )
+    assert (
+        "resumed with global batch 4" in caplog.text
+        and ("where the checkpoint had 8 on 1 process: 4 steps per epoch instead of 2") in caplog.text
+    )
     assert "resumed from: checkpoint: 1 process, global batch 8; this run: 1 process, global batch 4" in caplog.text
-    steps = {name: [json.loads(line) for line in (tmp_path / "runs" / name / "steps.jsonl").read_text().splitlines()] for name in ("at4", "moved")}
+    steps = {
+        name: [json.loads(line) for line in (tmp_path / "runs" / name / "steps.jsonl").read_text().splitlines()]
+        for name in ("at4", "moved")
+    }
     assert [s["step"] for s in steps["moved"]] == [1, 2, 3, 4, 5, 6] and record["train_samples"] == 16
-    assert [s["lr"] for s in steps["moved"][2:]] == [s["lr"] for s in steps["at4"][4:]] and steps["moved"][-1]["lr"] == 0.0
+    assert [s["lr"] for s in steps["moved"][2:]] == [s["lr"] for s in steps["at4"][4:]] and steps["moved"][-1][
+        "lr"
+    ] == 0.0
 
 
 def test_an_unsafe_or_truncated_checkpoint_is_named_and_the_older_one_resumes(tmp_path: Path, caplog):
@@ -118,7 +131,9 @@ def test_an_unsafe_or_truncated_checkpoint_is_named_and_the_older_one_resumes(tm
     with caplog.at_level("INFO", logger="trainer"):
         _, record = fit(tiny_config(tmp_path, *cfg, "train.resume=auto"))
     skipped = [r.getMessage() for r in caplog.records if r.getMessage().startswith("skipping checkpoint")]
-    assert len(skipped) == 1 and f"{newest / 'optimizer.bin'}: it would import posix.system when loaded" in skipped[0], skipped
+    assert (
+        len(skipped) == 1 and (f"{newest / 'optimizer.bin'}: it would import posix.system when loaded") in skipped[0]
+    ), skipped
     assert any(f"resumed from {checkpoints / 'step_00000002'}" in r.getMessage() for r in caplog.records)
     full, cut = (load_file(str(tmp_path / "runs" / name / "model.safetensors")) for name in ("full", "cut"))
     assert record["step"] == 8 and all(torch.equal(full[k], cut[k]) for k in full)
@@ -128,7 +143,9 @@ def test_an_unsafe_or_truncated_checkpoint_is_named_and_the_older_one_resumes(tm
     caplog.clear()
     with caplog.at_level("WARNING", logger="trainer"), pytest.raises(CheckpointError) as err:
         fit(tiny_config(tmp_path, *cfg[1:], "output.run_name=broken", "train.resume=auto"))
-    assert str(err.value) == (f"train.resume=auto: none of the 2 checkpoints in {broken} could be loaded; move them away to start fresh")
+    assert str(err.value) == (
+        f"train.resume=auto: none of the 2 checkpoints in {broken} could be loaded; move them away to start fresh"
+    )
     skipped = [r.getMessage() for r in caplog.records if r.getMessage().startswith("skipping checkpoint")]
     assert len(skipped) == 2 and f"{older}: not a complete safetensors file" in skipped[1], skipped
     assert not marker.exists()

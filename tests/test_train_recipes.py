@@ -79,19 +79,24 @@ def test_resume_mid_epoch_with_every_feature_on_is_bit_exact(tmp_path, data):
     assert {"val_top1_ema", "val_loss_ema", "val_top5_ema", "grad_norm"} <= full_record.keys()
     checkpoints = sorted((full / "checkpoints").glob("step_*"))
     assert all((c / "model_ema.safetensors").is_file() for c in checkpoints)
-    # 21 images x 3 repeats, 21 per epoch: 7 batches of 3 -> 4 steps of up to 2 micro-batches; steps 2 and 6 are mid-epoch.
+    # 21 images x 3 repeats, 21 per epoch: 7 batches of 3 -> 4 steps of up to 2 micro-batches; steps 2 and 6 are
+    # mid-epoch.
     for step in (2, 6):
         name = f"resumed_{step}"
         # NOTE: two loader workers on the second resume, none before: nothing is keyed by worker.
         workers = "loader.workers=2" if step == 6 else "loader.workers=0"
-        record = fit(config, f"output.run_name={name}", f"train.resume={full / 'checkpoints' / f'step_{step:08d}'}", workers)
+        record = fit(
+            config, f"output.run_name={name}", f"train.resume={full / 'checkpoints' / f'step_{step:08d}'}", workers
+        )
         for weights in ("model.safetensors", "model_ema.safetensors"):
             assert same_tensors(full / weights, tmp_path / "runs" / name / weights), (step, weights)
         assert record["val_top1_ema"] == full_record["val_top1_ema"] and record["val_loss"] == full_record["val_loss"]
         # the resumed epoch's train figures are the whole epoch's, as in the uninterrupted run
         train = ("train_loss", "train_top1", "train_samples", "skipped", "grad_norm")
         resumed_epochs = {r["epoch"]: {k: r[k] for k in train} for r in read_metrics(tmp_path / "runs" / name)}
-        assert resumed_epochs == {r["epoch"]: {k: r[k] for k in train} for r in read_metrics(full) if r["epoch"] in resumed_epochs}, step
+        assert resumed_epochs == {
+            r["epoch"]: {k: r[k] for k in train} for r in read_metrics(full) if r["epoch"] in resumed_epochs
+        }, step
 
 
 def test_clipping_bounds_the_update_at_the_accumulation_boundary(tmp_path, data):
@@ -125,7 +130,20 @@ def test_eval_takes_the_raw_or_the_ema_weights(tmp_path, data):
     for extra in ([], ["--ema"]):
         out = tmp_path / f"eval{len(extra)}"
         proc = subprocess.run(
-            [sys.executable, "-m", "trainer", "eval", "--config", str(config), "--checkpoint", str(run), "--output", str(out), "--no-confusion", *extra],
+            [
+                sys.executable,
+                "-m",
+                "trainer",
+                "eval",
+                "--config",
+                str(config),
+                "--checkpoint",
+                str(run),
+                "--output",
+                str(out),
+                "--no-confusion",
+                *extra,
+            ],
             cwd=REPO,
             capture_output=True,
             text=True,
@@ -133,6 +151,10 @@ def test_eval_takes_the_raw_or_the_ema_weights(tmp_path, data):
         )
         assert proc.returncode == 0, proc.stderr[-2000:]
         results[bool(extra)] = json.loads((out / "eval.json").read_text())
-    assert results[False]["checkpoint"].endswith("model.safetensors") and results[True]["checkpoint"].endswith("model_ema.safetensors")
-    assert math.isclose(results[False]["val_top1"], record["val_top1"]) and math.isclose(results[True]["val_top1"], record["val_top1_ema"])
+    assert results[False]["checkpoint"].endswith("model.safetensors") and results[True]["checkpoint"].endswith(
+        "model_ema.safetensors"
+    )
+    assert math.isclose(results[False]["val_top1"], record["val_top1"]) and math.isclose(
+        results[True]["val_top1"], record["val_top1_ema"]
+    )
     assert math.isclose(results[True]["val_loss"], record["val_loss_ema"], rel_tol=1e-6)

@@ -26,7 +26,9 @@ def write_shard(path: Path, members: list[tuple[str, bytes]]) -> None:
             tar.addfile(info, io.BytesIO(data))
 
 
-def make_shards(root: Path, samples: int, per_shard: int, split: str = "train", classes: int = 3) -> list[tuple[str, int]]:
+def make_shards(
+    root: Path, samples: int, per_shard: int, split: str = "train", classes: int = 3
+) -> list[tuple[str, int]]:
     """timm-layout shards of `samples` tiny JPEGs; returns [(key, label)] in shard order."""
     root.mkdir(parents=True, exist_ok=True)
     written = []
@@ -63,18 +65,33 @@ def test_bad_samples_are_read_as_skippable_and_named(tmp_path):
     good = helpers.jpeg_bytes(1, 1)
     write_shard(
         root / "x-train-0000.tar",
-        [("a.jpg", good), ("a.cls", b"1"), ("b.cls", b"2"), ("c.jpg", good), ("c.cls", b"cat"), ("d.jpg", b"not a jpeg"), ("d.cls", b"0")],
+        [
+            ("a.jpg", good),
+            ("a.cls", b"1"),
+            ("b.cls", b"2"),
+            ("c.jpg", good),
+            ("c.cls", b"cat"),
+            ("d.jpg", b"not a jpeg"),
+            ("d.cls", b"0"),
+        ],
     )
     reader = TarShardReader(root, "train")
     samples = [reader.read(i) for i in range(len(reader))]
-    assert [(key_of(s.name), s.data is not None, s.label) for s in samples] == [("a", True, 1), ("b", False, 2), ("c", True, -1), ("d", True, 0)]
+    assert [(key_of(s.name), s.data is not None, s.label) for s in samples] == [
+        ("a", True, 1),
+        ("b", False, 2),
+        ("c", True, -1),
+        ("d", True, 0),
+    ]
     assert samples[0].name == f"{root / 'x-train-0000.tar'}:a"
     # The dataset skips them with a reason, as for any source.
     from timm.data import create_transform
 
     from trainer.data.dataset import ImageDataset, Skipped, _SampleDecoder
 
-    ds = ImageDataset(reader, _SampleDecoder(create_transform(16, is_training=False, use_prefetcher=True), 3, None, "skip", 0))
+    ds = ImageDataset(
+        reader, _SampleDecoder(create_transform(16, is_training=False, use_prefetcher=True), 3, None, "skip", 0)
+    )
     reasons = [ds[i].reason for i in range(4) if isinstance(ds[i], Skipped)]
     assert len(reasons) == 3 and "row has no image" in reasons[0] and "label -1 out of range" in reasons[1]
 
@@ -104,7 +121,11 @@ def stream_keys(root: Path, rank: int, world: int, workers: int, epoch: int, shu
 
 def write_info(root: Path, per_shard: list[int]) -> None:
     names = sorted(p.name for p in root.glob("*-train-*.tar"))
-    (root / "_info.json").write_text(json.dumps({"splits": {"train": {"num_samples": sum(per_shard), "filenames": names, "shard_lengths": per_shard}}}))
+    (root / "_info.json").write_text(
+        json.dumps(
+            {"splits": {"train": {"num_samples": sum(per_shard), "filenames": names, "shard_lengths": per_shard}}}
+        )
+    )
 
 
 # 12 shards: enough to deal out whole; 2: fewer than the consumers; with sizes: balanced ranges.
@@ -151,7 +172,9 @@ def test_convert_folder_to_wds_and_parquet_holds_the_same_samples(tmp_path, caps
     labels = [shards.read(i).label for i in range(4)]
     assert len(set(labels)) > 1  # the training split is shuffled across shards
 
-    assert main(["convert", "--config", str(config), "--to", "parquet", str(tmp_path / "pq"), "--shard-size", "10"]) == 0
+    assert (
+        main(["convert", "--config", str(config), "--to", "parquet", str(tmp_path / "pq"), "--shard-size", "10"]) == 0
+    )
     parquet = create_reader(DataConfig(source="hf", root=str(tmp_path / "pq")), "train")
     assert parquet.classes == folder.classes and as_pairs(parquet) == as_pairs(folder)
     assert main(["convert", "--config", str(config), "--to", "wds", str(tmp_path / "wds")]) == 2  # not empty: one line

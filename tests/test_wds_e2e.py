@@ -1,4 +1,5 @@
-"""End to end through the real CLI: folder -> tar shards -> training, random and streamed, on 2 processes, and exact resume."""
+"""End to end through the real CLI: folder -> tar shards -> training, random and streamed, on 2 processes,
+and exact resume."""
 
 from __future__ import annotations
 
@@ -31,10 +32,21 @@ def test_convert_then_train_from_shards_on_2_processes_sees_every_sample(tmp_pat
 
 def test_resume_mid_epoch_from_shards_matches_uninterrupted_run_bit_for_bit(tmp_path):
     shards = converted(tmp_path, train_per_class=6)
-    config = tiny_config(tmp_path, {"source": "wds", "root": str(shards)}, train={"checkpoint_every_steps": 3, "keep_last_checkpoints": 100})
+    config = tiny_config(
+        tmp_path,
+        {"source": "wds", "root": str(shards)},
+        train={"checkpoint_every_steps": 3, "keep_last_checkpoints": 100},
+    )
     run_cli("train", "--config", str(config))
     full = tmp_path / "runs" / "tiny"
     for step in (3, 6):  # inside epoch 1 and inside epoch 2
         name = f"resumed_{step}"
-        run_cli("train", "--config", str(config), f"output.run_name={name}", f"train.resume={full / 'checkpoints' / f'step_{step:08d}'}", "loader.workers=2")
+        run_cli(
+            "train",
+            "--config",
+            str(config),
+            f"output.run_name={name}",
+            f"train.resume={full / 'checkpoints' / f'step_{step:08d}'}",
+            "loader.workers=2",
+        )
         assert_same_weights(full / "model.safetensors", tmp_path / "runs" / name / "model.safetensors")

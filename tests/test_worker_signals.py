@@ -40,7 +40,9 @@ def wait_gone(pid: int, timeout_s: float = 10) -> bool:
 
 def test_sigint_and_sigterm_reach_neither_the_workers_nor_their_fork_server():
     """What a terminal's Ctrl-C or torchrun's killpg sends: the epoch goes on from the same worker."""
-    loader = DataLoader(Pids(), batch_size=1, num_workers=1, multiprocessing_context=worker_context(), worker_init_fn=init_worker)
+    loader = DataLoader(
+        Pids(), batch_size=1, num_workers=1, multiprocessing_context=worker_context(), worker_init_fn=init_worker
+    )
     batches = iter(loader)
     worker = int(next(batches))
     server = multiprocessing.forkserver._forkserver._forkserver_pid
@@ -52,14 +54,23 @@ def test_sigint_and_sigterm_reach_neither_the_workers_nor_their_fork_server():
     assert alive(worker) and alive(server)
     assert [int(b) for b in batches] == [worker] * 5
     # The server still forks workers for the next loader.
-    again = DataLoader(Pids(), batch_size=6, num_workers=1, multiprocessing_context=worker_context(), worker_init_fn=init_worker)
+    again = DataLoader(
+        Pids(), batch_size=6, num_workers=1, multiprocessing_context=worker_context(), worker_init_fn=init_worker
+    )
     pids = next(iter(again)).tolist()
     assert len(set(pids)) == 1 and pids[0] != worker
 
 
 def test_a_worker_dies_with_its_fork_server():
     """torch's SIGTERM no longer ends a stuck worker; the fork server's exit (the trainer's) does."""
-    loader = DataLoader(Pids(), batch_size=1, num_workers=1, multiprocessing_context=worker_context(), worker_init_fn=init_worker, persistent_workers=True)
+    loader = DataLoader(
+        Pids(),
+        batch_size=1,
+        num_workers=1,
+        multiprocessing_context=worker_context(),
+        worker_init_fn=init_worker,
+        persistent_workers=True,
+    )
     batches = iter(loader)
     worker = int(next(batches))
     os.kill(multiprocessing.forkserver._forkserver._forkserver_pid, signal.SIGKILL)

@@ -19,8 +19,15 @@ DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml
 
 
 def _config_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", default=None, help=f"recipe YAML (default: {DEFAULT_CONFIG.name} from the source checkout)")
-    parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides, e.g. train.epochs=1 data.root=/data/imagenet")
+    parser.add_argument(
+        "--config", default=None, help=f"recipe YAML (default: {DEFAULT_CONFIG.name} from the source checkout)"
+    )
+    parser.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="key.sub=value",
+        help="config overrides, e.g. train.epochs=1 data.root=/data/imagenet",
+    )
     parser.add_argument("--debug", action="store_true", help="log from every process, at debug level")
 
 
@@ -42,7 +49,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     trainer = Trainer(cfg)
     setup_logging(trainer.accelerator.is_main_process, args.debug)
     try:
-        with named_collective_failures(trainer.accelerator.process_index, lambda: trainer.state.global_step, cfg.backend.collective_timeout_s):
+        with named_collective_failures(
+            trainer.accelerator.process_index, lambda: trainer.state.global_step, cfg.backend.collective_timeout_s
+        ):
             record = trainer.fit()
     except CollectiveError as err:
         print(f"trainer: error: {err}", file=sys.stderr)
@@ -135,7 +144,9 @@ def cmd_import_args(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="trainer", description="Train timm image classifiers on MLU, CUDA or CPU through Accelerate.")
+    parser = argparse.ArgumentParser(
+        prog="trainer", description="Train timm image classifiers on MLU, CUDA or CPU through Accelerate."
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     sections = "config sections and keys (override any as key.sub=value):\n" + describe_sections()
     fmt = argparse.RawDescriptionHelpFormatter
@@ -144,12 +155,24 @@ def build_parser() -> argparse.ArgumentParser:
     _config_args(p)
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("eval", help="evaluate a checkpoint on the val split (the reference's -e)", epilog=sections, formatter_class=fmt)
+    p = sub.add_parser(
+        "eval", help="evaluate a checkpoint on the val split (the reference's -e)", epilog=sections, formatter_class=fmt
+    )
     _config_args(p)
-    p.add_argument("--checkpoint", required=True, help="checkpoint or run directory, or a .safetensors file (model.safetensors, model_ema.safetensors)")
-    p.add_argument("--ema", action="store_true", help="with a directory: evaluate its EMA weights (model_ema.safetensors) instead of the raw ones")
+    p.add_argument(
+        "--checkpoint",
+        required=True,
+        help="checkpoint or run directory, or a .safetensors file (model.safetensors, model_ema.safetensors)",
+    )
+    p.add_argument(
+        "--ema",
+        action="store_true",
+        help="with a directory: evaluate its EMA weights (model_ema.safetensors) instead of the raw ones",
+    )
     p.add_argument("--output", default=None, help="directory for eval.json and plots (default: RUN_DIR/eval)")
-    p.add_argument("--no-confusion", dest="confusion", action="store_false", help="skip the confusion matrix and per-class CSV")
+    p.add_argument(
+        "--no-confusion", dest="confusion", action="store_false", help="skip the confusion matrix and per-class CSV"
+    )
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("predict", help="top-k classes of images (files, folders, globs), with names and probabilities")
@@ -163,7 +186,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=32, help="images per batch on the device")
     p.add_argument("--workers", type=int, default=0, help="loader worker processes to decode images (0: this process)")
     p.add_argument("--device", default="auto", help="backend.device to run on")
-    p.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16", "auto"), help="train.precision to run at")
+    p.add_argument(
+        "--precision", default="fp32", choices=("fp32", "bf16", "fp16", "auto"), help="train.precision to run at"
+    )
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("export", help="the val-time model as ONNX or TorchScript, with its input contract, checked")
@@ -184,16 +209,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_env)
 
-    p = sub.add_parser("bench", help="measure model step, input pipeline and end to end; say which bounds training", epilog=sections, formatter_class=fmt)
+    p = sub.add_parser(
+        "bench",
+        help="measure model step, input pipeline and end to end; say which bounds training",
+        epilog=sections,
+        formatter_class=fmt,
+    )
     _config_args(p)
     p.add_argument("--steps", type=int, default=20, help="timed steps per measurement, after warm-up")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first")
-    p.add_argument("--epoch", type=int, default=0, help="measure at this epoch's train size under input.train_size_schedule (epochs from 0)")
-    p.add_argument("--json", default=None, help="also write the figures to this JSON file (default: RUN_DIR/bench.json)")
+    p.add_argument(
+        "--epoch",
+        type=int,
+        default=0,
+        help="measure at this epoch's train size under input.train_size_schedule (epochs from 0)",
+    )
+    p.add_argument(
+        "--json", default=None, help="also write the figures to this JSON file (default: RUN_DIR/bench.json)"
+    )
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser(
-        "check-data", help="scan a dataset for unreadable files, label and class problems before a long run", epilog=sections, formatter_class=fmt
+        "check-data",
+        help="scan a dataset for unreadable files, label and class problems before a long run",
+        epilog=sections,
+        formatter_class=fmt,
     )
     _config_args(p)
     p.add_argument("--limit", type=int, default=0, help="check only the first N images of each split (0: all)")
@@ -202,25 +242,50 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "doctor",
-        help="launch preflight under accelerate launch: devices, process group, all-reduce, data and output on every process",
+        help="launch preflight under accelerate launch: devices, process "
+        "group, all-reduce, data and output on every process",
         epilog=sections,
         formatter_class=fmt,
     )
     _config_args(p)
-    p.add_argument("--bandwidth-mb", type=int, default=100, help="all-reduce size per process for the bandwidth figure (0: skip)")
+    p.add_argument(
+        "--bandwidth-mb", type=int, default=100, help="all-reduce size per process for the bandwidth figure (0: skip)"
+    )
     p.set_defaults(func=cmd_doctor)
 
-    p = sub.add_parser("convert", help="write the configured data as tar shards (wds) or parquet shards, and verify them", epilog=sections, formatter_class=fmt)
-    p.add_argument("out", help="output directory (new or empty)")  # NOTE: before the overrides, which take the positionals after it
+    p = sub.add_parser(
+        "convert",
+        help="write the configured data as tar shards (wds) or parquet shards, and verify them",
+        epilog=sections,
+        formatter_class=fmt,
+    )
+    # NOTE: before the overrides, which take the positionals after it
+    p.add_argument("out", help="output directory (new or empty)")
     _config_args(p)
-    p.add_argument("--to", required=True, choices=("wds", "parquet"), help="output format: WebDataset tar shards or HF parquet shards")
+    p.add_argument(
+        "--to",
+        required=True,
+        choices=("wds", "parquet"),
+        help="output format: WebDataset tar shards or HF parquet shards",
+    )
     p.add_argument("--shard-size", type=int, default=1250, help="samples per shard")
     p.set_defaults(func=cmd_convert)
 
-    p = sub.add_parser("import-args", help="turn a `python main.py ...` (pytorch/examples imagenet) command line into a recipe and a launch command")
-    p.add_argument("--device", default="auto", help="device to launch on; auto reads it from main.py's --dist-backend / --no-accel")
-    p.add_argument("--devices", type=int, default=0, help="devices per machine under --multiprocessing-distributed (0: assume 8)")
-    p.add_argument("--output", default=None, help="write the recipe here and print the launch command (default: the recipe to stdout)")
+    p = sub.add_parser(
+        "import-args",
+        help="turn a `python main.py ...` (pytorch/examples imagenet) command line into a recipe and a launch command",
+    )
+    p.add_argument(
+        "--device", default="auto", help="device to launch on; auto reads it from main.py's --dist-backend / --no-accel"
+    )
+    p.add_argument(
+        "--devices", type=int, default=0, help="devices per machine under --multiprocessing-distributed (0: assume 8)"
+    )
+    p.add_argument(
+        "--output",
+        default=None,
+        help="write the recipe here and print the launch command (default: the recipe to stdout)",
+    )
     p.add_argument("main_py", nargs=argparse.REMAINDER, help="-- python main.py DIR -a resnet50 -b 128 ...")
     p.set_defaults(func=cmd_import_args)
 

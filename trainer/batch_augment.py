@@ -75,7 +75,9 @@ class BatchAugment:
     def soft_targets(self) -> bool:
         return self.mix is not None
 
-    def __call__(self, images: torch.Tensor, labels: torch.Tensor, epoch: int, batch_index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(
+        self, images: torch.Tensor, labels: torch.Tensor, epoch: int, batch_index: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         seed = sample_seed(self.seed, epoch, batch_index)
         with seeded_rngs(seed), seeded_device_rng(images.device, seed):
             if self.erase is not None:

@@ -3,8 +3,8 @@
 Three measurements on the configured device, data and switches, all through the objects
 `Trainer(cfg)` builds (Accelerator, prepared model, optimizer and train loader):
 
-1. model step: `Trainer.train_step` (forward, backward, the optimizer-step boundary) on a synthetic batch already on the device, shaped
-   and typed as the loader's (uint8 with `loader.normalize_on_device`), so forward,
+1. model step: `Trainer.train_step` (forward, backward, the optimizer-step boundary) on a synthetic
+   batch already on the device, shaped and typed as the loader's (uint8 with `loader.normalize_on_device`), so forward,
    backward and the optimizer step run with the config's precision, channels_last and
    compile, and nothing waits for data;
 2. input pipeline: the real train loader alone (read, decode, augment, collate, place
@@ -110,26 +110,49 @@ def verdict(model: float, pipeline: float, end_to_end: float, trainer: Trainer, 
     workers = cfg.loader.workers
     if pipeline < model:
         need = math.ceil(max(workers, 1) * model / pipeline)
-        text = f"input-bound: the pipeline gives {pipeline:.1f} img/s with {_workers(workers)}, the model takes {model:.1f} img/s: use loader.workers={need}"
+        text = (
+            f"input-bound: the pipeline gives {pipeline:.1f} img/s with "
+            f"{_workers(workers)}, the model takes {model:.1f} img/s: use "
+            f"loader.workers={need}"
+        )
         if need > cores:
-            text += f" (more than the {cores} cores here: keep loader.normalize_on_device and loader.draft_decode on, `pip install simplejpeg`, or add cores)"
+            text += (
+                f" (more than the {cores} cores here: keep "
+                "loader.normalize_on_device and loader.draft_decode on, `pip "
+                "install simplejpeg`, or add cores)"
+            )
         bound = "input"
     else:
         hints = []
         if backend.mixed_precision == "no" and resolve_precision("auto", backend.device_type) != "no":
-            hints.append(f"train.precision=auto ({resolve_precision('auto', backend.device_type)} on this {backend.device_type})")
+            hints.append(
+                f"train.precision=auto ({resolve_precision('auto', backend.device_type)} on this {backend.device_type})"
+            )
         if not cfg.train.channels_last:
             hints.append("train.channels_last=true")
         if not cfg.train.compile:
             hints.append("train.compile=true")
-        text = f"device-bound: the model takes {model:.1f} img/s, the pipeline gives {pipeline:.1f} img/s with {_workers(workers)}: " + (
-            "enable " + ", ".join(hints) if hints else "every speed switch is on; only a faster device or more devices help"
+        text = (
+            f"device-bound: the model takes {model:.1f} img/s, the pipeline "
+            f"gives {pipeline:.1f} img/s with {_workers(workers)}: "
+        ) + (
+            "enable " + ", ".join(hints)
+            if hints
+            else "every speed switch is on; only a faster device or more devices help"
         )
-        if backend.mixed_precision == "no" and backend.on_host and resolve_precision("auto", backend.device_type) == "no":
+        if (
+            backend.mixed_precision == "no"
+            and backend.on_host
+            and resolve_precision("auto", backend.device_type) == "no"
+        ):
             text += " (this CPU has no native bf16, so fp32 is its fast precision)"
         bound = "device"
     if end_to_end < 0.8 * min(model, pipeline):
-        why = f"the loader workers and the model share the {cores} cores" if backend.on_host else "the loop waits between steps (host syncs or copies)"
+        why = (
+            f"the loader workers and the model share the {cores} cores"
+            if backend.on_host
+            else "the loop waits between steps (host syncs or copies)"
+        )
         text += f"; end to end reaches only {end_to_end / min(model, pipeline):.0%} of the slower side: {why}"
     return bound, text
 
@@ -225,20 +248,31 @@ def format_table(figures: dict[str, Any]) -> str:
         (
             "model step",
             figures["model_step"],
-            f"synthetic batch on {s['device']}, {s['precision']}" + (", channels_last" if s["channels_last"] else "") + (", compiled" if s["compile"] else ""),
+            f"synthetic batch on {s['device']}, {s['precision']}"
+            + (", channels_last" if s["channels_last"] else "")
+            + (", compiled" if s["compile"] else ""),
         ),
-        ("input pipeline", pipe, f"{_workers(s['workers'])}: {pipe['img_per_s_per_worker']:.1f} img/s per worker, {pipe['img_per_s_per_core']:.1f} per core"),
+        (
+            "input pipeline",
+            pipe,
+            f"{_workers(s['workers'])}: {pipe['img_per_s_per_worker']:.1f} "
+            f"img/s per worker, {pipe['img_per_s_per_core']:.1f} per core",
+        ),
         ("end to end", figures["end_to_end"], "train_step over the real loader"),
     ]
     scheduled = f" (epoch {s['epoch']} of input.train_size_schedule)" if s.get("scheduled") else ""
     lines = [
-        f"{s['model']} {s['img_size']}px{scheduled}, batch {s['batch_size_per_device']}/device, median of {s['steps']} steps after {s['warmup']} warm-up",
+        f"{s['model']} {s['img_size']}px{scheduled}, batch "
+        f"{s['batch_size_per_device']}/device, median of {s['steps']} "
+        f"steps after {s['warmup']} warm-up",
         f"{'measurement':<16}{'img/s':>10}{'ms/step':>10}  notes",
     ]
     lines += [f"{name:<16}{f['img_per_s']:>10.1f}{f['step_s_median'] * 1e3:>10.1f}  {note}" for name, f, note in rows]
     if figures.get("peak_memory_mib") is not None:
         lines.append(f"peak device memory: {figures['peak_memory_mib']:.0f} MiB")
     if figures.get("traffic_per_step"):
-        lines.append(f"device traffic per step (train_step over the loader): {format_traffic(figures['traffic_per_step'])}")
+        lines.append(
+            f"device traffic per step (train_step over the loader): {format_traffic(figures['traffic_per_step'])}"
+        )
     lines.append(f"bound: {figures['bound']}: {figures['verdict']}")
     return "\n".join(lines)

@@ -104,10 +104,14 @@ def build_training(cfg: Config) -> TrainingParts:
     scheduler = create_lr_scheduler(optimizer, cfg.schedule, steps, t.epochs)
     # Recipe components, each None when its keys leave it off: random erasing and
     # mixup/cutmix on the device batch, and the loss for the targets they give.
-    batch_augment = create_batch_augment(mixup=cfg.mixup, aug=cfg.aug, num_classes=num_classes, label_smoothing=t.label_smoothing, seed=t.seed)
+    batch_augment = create_batch_augment(
+        mixup=cfg.mixup, aug=cfg.aug, num_classes=num_classes, label_smoothing=t.label_smoothing, seed=t.seed
+    )
     soft_targets = batch_augment is not None and batch_augment.soft_targets
     criterion = create_loss(t.loss, t.label_smoothing, t.bce_target_threshold, soft_targets)
-    return TrainingParts(acc, backend, plan, data, pipeline, model, optimizer, scheduler, steps, batch_augment, criterion)
+    return TrainingParts(
+        acc, backend, plan, data, pipeline, model, optimizer, scheduler, steps, batch_augment, criterion
+    )
 
 
 def epoch_samples(data: Datasets, plan: BatchPlan) -> int:
@@ -124,6 +128,8 @@ def steps_per_epoch(cfg: Config, data: Datasets, plan: BatchPlan) -> int:
     if data.streamed and not samples and not t.max_steps_per_epoch:
         raise TrainingStopped("data.streaming: the split size is unknown; set train.max_steps_per_epoch")
     if not samples and not data.streamed:
-        raise TrainingStopped(f"{cfg.data.root}: {data.train_size} training images give no full batch of {plan.describe()}")
+        raise TrainingStopped(
+            f"{cfg.data.root}: {data.train_size} training images give no full batch of {plan.describe()}"
+        )
     steps = math.ceil(samples / plan.global_batch) if samples else t.max_steps_per_epoch
     return min(steps, t.max_steps_per_epoch) if t.max_steps_per_epoch else steps

@@ -79,7 +79,9 @@ def _inspect(index: int) -> tuple[str, int, str | None, tuple[str, ...]]:
     return sample.name, sample.label, info.problem, info.conversions
 
 
-def _scan(reader: Reader, split: str, count: int, workers: int, num_classes: int | None, findings: Findings) -> set[int]:
+def _scan(
+    reader: Reader, split: str, count: int, workers: int, num_classes: int | None, findings: Findings
+) -> set[int]:
     """Inspect the first `count` samples; returns the labels seen. `num_classes` None: no label check."""
     seen: set[int] = set()
     start = time.perf_counter()
@@ -133,7 +135,11 @@ def check_data_command(cfg: Config, args: Namespace) -> int:
     val, empty_val = _open_split(source, d, val_split, train.classes)
     num_classes = effective_num_classes(cfg.model.num_classes, train.classes)
     if by_folder and num_classes < len(train.classes):
-        findings.add("label problems", "model.num_classes below the class folders", f"model.num_classes={num_classes} < {len(train.classes)} classes")
+        findings.add(
+            "label problems",
+            "model.num_classes below the class folders",
+            f"model.num_classes={num_classes} < {len(train.classes)} classes",
+        )
     counts, seen = {}, {}
     for split, reader, empty in ((d.train_split, train, empty_train), (val_split, val, empty_val)):
         for name in empty:
@@ -143,7 +149,10 @@ def check_data_command(cfg: Config, args: Namespace) -> int:
     if by_folder:  # a class is its folder name, whatever the labels
         names = {d.train_split: set(train.classes) - set(empty_train), val_split: set(val.classes) - set(empty_val)}
     else:
-        names = {split: {train.classes[i] if i < len(train.classes) else str(i) for i in labels} for split, labels in seen.items()}
+        names = {
+            split: {train.classes[i] if i < len(train.classes) else str(i) for i in labels}
+            for split, labels in seen.items()
+        }
     complete = by_folder or all(done == total for done, total in counts.values())
     if complete:  # a partial HF scan sees only some labels: no mismatch can be told from it
         for a, b in ((val_split, d.train_split), (d.train_split, val_split)):

@@ -71,10 +71,19 @@ class CheckpointManager:
         """Complete checkpoints, oldest first."""
         if not self.directory.is_dir():
             return []
-        found = [p for p in self.directory.iterdir() if p.name.startswith(PREFIX) and p.name[len(PREFIX) :].isdigit() and (p / STATE_FILE).is_file()]
+        found = [
+            p
+            for p in self.directory.iterdir()
+            if p.name.startswith(PREFIX) and p.name[len(PREFIX) :].isdigit() and (p / STATE_FILE).is_file()
+        ]
         return sorted(found, key=lambda p: int(p.name[len(PREFIX) :]))
 
-    def save(self, state: TrainState, scheduler: torch.optim.lr_scheduler.LRScheduler, extra_weights: dict[str, torch.nn.Module] | None = None) -> Path:
+    def save(
+        self,
+        state: TrainState,
+        scheduler: torch.optim.lr_scheduler.LRScheduler,
+        extra_weights: dict[str, torch.nn.Module] | None = None,
+    ) -> Path:
         """Write a checkpoint of the current step atomically; every process must call it.
 
         `extra_weights` maps file names to models saved beside Accelerate's state as plain
@@ -108,7 +117,9 @@ class CheckpointManager:
         except (OSError, SafetensorError) as err:
             if acc.is_main_process:
                 shutil.rmtree(tmp, ignore_errors=True)
-            raise CheckpointError(f"{tmp}: checkpoint write failed ({write_failure(err)}); earlier checkpoints are intact") from None
+            raise CheckpointError(
+                f"{tmp}: checkpoint write failed ({write_failure(err)}); earlier checkpoints are intact"
+            ) from None
         acc.wait_for_everyone()
         return final
 

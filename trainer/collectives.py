@@ -36,7 +36,15 @@ WAITS = (
     ("resume", "the checkpoint load"),
 )
 _TIMEOUT_WORDS = ("timed out", "timeout", "watchdog")
-_PEER_WORDS = ("connection reset", "connection closed", "broken pipe", "connection refused", "peer", "socket", "remoteerror")
+_PEER_WORDS = (
+    "connection reset",
+    "connection closed",
+    "broken pipe",
+    "connection refused",
+    "peer",
+    "socket",
+    "remoteerror",
+)
 
 
 class CollectiveError(RuntimeError):
@@ -70,15 +78,24 @@ def describe(err: BaseException, rank: int, step: int, timeout_s: float) -> str:
     text = str(err).lower()
     wait = what_was_awaited(err)
     if "dataloader" in text:
-        cause = f"timed out after backend.collective_timeout_s={timeout_s:g} s waiting for a batch from the data loader's workers"
+        cause = (
+            f"timed out after backend.collective_timeout_s={timeout_s:g} s "
+            "waiting for a batch from the data loader's workers"
+        )
     elif any(w in text for w in _TIMEOUT_WORDS):
-        cause = f"timed out after backend.collective_timeout_s={timeout_s:g} s waiting in {wait}: another process is stuck or much slower"
+        cause = (
+            f"timed out after backend.collective_timeout_s={timeout_s:g} s "
+            f"waiting in {wait}: another process is stuck or much slower"
+        )
     elif any(w in text for w in _PEER_WORDS):
         cause = f"lost another process during {wait}: it exited or was killed (see its own log)"
     else:
         first = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
         cause = f"failed in {wait}: {first}"
-    return f"process {rank}: step {step}: {cause}; checkpoints up to the last one are intact, resume with train.resume=auto"
+    return (
+        f"process {rank}: step {step}: {cause}; checkpoints up to the "
+        "last one are intact, resume with train.resume=auto"
+    )
 
 
 @contextlib.contextmanager

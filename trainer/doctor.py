@@ -49,7 +49,12 @@ def _data_check(cfg: Config) -> dict[str, Any]:
     """This process's view of data.root: class count and a digest of the class list."""
     root = Path(cfg.data.root).expanduser()
     if cfg.data.source == "folder" and not root.exists() and cfg.data.create_if_missing:
-        return {"ok": True, "classes": 0, "digest": "", "note": f"{root} absent: the run writes {cfg.data.create_if_missing} there"}
+        return {
+            "ok": True,
+            "classes": 0,
+            "digest": "",
+            "note": f"{root} absent: the run writes {cfg.data.create_if_missing} there",
+        }
     try:
         reader = create_reader(cfg.data, cfg.data.train_split)
         classes = list(reader.classes)
@@ -97,7 +102,9 @@ def run_checks(cfg: Config, bandwidth_mb: int) -> tuple[list[dict[str, Any]], li
     from accelerate.utils import broadcast_object_list, gather_object
 
     start = time.perf_counter()
-    acc, backend = create_accelerator(cfg.backend.device, cfg.train.precision, "release", cfg.backend.collective_timeout_s)
+    acc, backend = create_accelerator(
+        cfg.backend.device, cfg.train.precision, "release", cfg.backend.collective_timeout_s
+    )
     row: dict[str, Any] = {
         "rank": acc.process_index,
         "host": socket.gethostname(),
@@ -125,14 +132,22 @@ def run_checks(cfg: Config, bandwidth_mb: int) -> tuple[list[dict[str, Any]], li
     row["class_digest"] = data.get("digest", "")
     if not data["ok"]:
         row["problems"].append(data["error"])
-    token = broadcast_object_list([uuid.uuid4().hex if acc.is_main_process else None], from_process=0)[0] if n > 1 else uuid.uuid4().hex
+    token = (
+        broadcast_object_list([uuid.uuid4().hex if acc.is_main_process else None], from_process=0)[0]
+        if n > 1
+        else uuid.uuid4().hex
+    )
     out = _output_probe(cfg, token)
     marker = Path(cfg.output.dir).expanduser() / f".doctor-{token}"
     if out["ok"] and acc.is_main_process:
         marker.write_text("")
     acc.wait_for_everyone()
     if out["ok"] and not acc.is_main_process and not marker.exists():
-        out = {"ok": False, "error": f"output.dir: {cfg.output.dir} is not the directory process 0 writes to (a node-local path?); use a shared filesystem"}
+        out = {
+            "ok": False,
+            "error": f"output.dir: {cfg.output.dir} is not the directory process 0 "
+            "writes to (a node-local path?); use a shared filesystem",
+        }
     acc.wait_for_everyone()
     if acc.is_main_process:
         marker.unlink(missing_ok=True)
@@ -144,7 +159,11 @@ def run_checks(cfg: Config, bandwidth_mb: int) -> tuple[list[dict[str, Any]], li
     failures = [f"process {r['rank']} ({r['host']}): {p}" for r in rows for p in r["problems"]]
     digests = {r["class_digest"] for r in rows if r["class_digest"]}
     if len(digests) > 1:
-        failures.append("data.root: the processes see different class lists (" + ", ".join(f"process {r['rank']}: {r['classes']} classes" for r in rows) + ")")
+        failures.append(
+            "data.root: the processes see different class lists ("
+            + ", ".join(f"process {r['rank']}: {r['classes']} classes" for r in rows)
+            + ")"
+        )
     acc.end_training()
     return rows, failures, acc.is_main_process
 
@@ -165,7 +184,18 @@ def batch_check(cfg: Config, processes: int) -> tuple[str, str]:
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
-    columns = ("rank", "host", "device", "count", "visible", "precision", "group_s", "allreduce_GBps", "classes", "output_dir")
+    columns = (
+        "rank",
+        "host",
+        "device",
+        "count",
+        "visible",
+        "precision",
+        "group_s",
+        "allreduce_GBps",
+        "classes",
+        "output_dir",
+    )
     cells = [[c for c in columns]] + [[_cell(r.get(c, "-")) for c in columns] for r in rows]
     widths = [max(len(row[i]) for row in cells) for i in range(len(columns))]
     return "\n".join("  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip() for row in cells)

@@ -64,7 +64,9 @@ def environment_report(device: str = "auto", precision: str = "auto") -> dict[st
     except BackendError as err:
         device_type = device
         report["error"] = str(err)
-    report["versions"] = {name: package_version(name) for name in ("torch", "torch_mlu", "accelerate", "timm", "datasets", "torchvision")}
+    report["versions"] = {
+        name: package_version(name) for name in ("torch", "torch_mlu", "accelerate", "timm", "datasets", "torchvision")
+    }
     report["warnings"] = pitfalls(device_type) + [f"import {k} failed: {v}" for k, v in plugin_errors.items()]
     return report
 
@@ -80,7 +82,10 @@ def format_environment(report: dict[str, Any]) -> str:
         world = report["processes"]
         rows += [
             ("device", f"{report['device_type']} x {report['device_count']} (visible-device variables: {visible})"),
-            ("processes", "1 process, not distributed" if world == 1 else f"{world} processes, {report['distributed_type']}"),
+            (
+                "processes",
+                "1 process, not distributed" if world == 1 else f"{world} processes, {report['distributed_type']}",
+            ),
             ("process group", report["process_group_backend"] or "none"),
             ("precision", f"{report['precision']} (native bf16: {yes_no[report['bf16_supported']]})"),
         ]

@@ -49,7 +49,9 @@ class DecodeError(ValueError):
             # last line is "...DecodeError: name: reason"; keep that line so the CLI still
             # prints one line naming the file rather than a wall of traceback.
             last = name.rstrip().rsplit("\n", 1)[-1]
-            name, _, reason = last.partition("DecodeError: ")[2].partition(": ") if "DecodeError: " in last else ("", "", last)
+            name, _, reason = (
+                last.partition("DecodeError: ")[2].partition(": ") if "DecodeError: " in last else ("", "", last)
+            )
         super().__init__(f"{name}: {reason}")
         self.name = name
         self.reason = reason

@@ -91,7 +91,8 @@ def evaluate(
 
 
 def load_weights(model: torch.nn.Module, checkpoint: str, description: str, ema: bool = False) -> Path:
-    """Load a checkpoint directory's model.safetensors (model_ema.safetensors with `ema`), or a .safetensors file, into `model`; returns the file.
+    """Load a checkpoint directory's model.safetensors (model_ema.safetensors with `ema`), or a
+    .safetensors file, into `model`; returns the file.
 
     Raises:
         ConfigError: when the file is missing or does not fit `model` (`description` names the model).
@@ -108,14 +109,19 @@ def load_weights(model: torch.nn.Module, checkpoint: str, description: str, ema:
         raise ConfigError(f"--checkpoint: {weights} not found (give a checkpoint directory or a .safetensors file)")
     try:
         model.load_state_dict(load_file(str(weights)))
-    except (RuntimeError, OSError, SafetensorError) as err:  # another architecture or class count, or not a weights file
-        detail = " ".join(line.strip() for line in str(err).strip().splitlines()[:2]) or type(err).__name__  # torch's second line names the tensor
+    # another architecture or class count, or not a weights file
+    except (RuntimeError, OSError, SafetensorError) as err:
+        # torch's second line names the tensor
+        detail = " ".join(line.strip() for line in str(err).strip().splitlines()[:2]) or type(err).__name__
         raise ConfigError(f"--checkpoint: {weights} cannot be loaded into {description}: {detail}") from None
     return weights
 
 
-def eval_command(cfg: Any, checkpoint: str, output: str | None, confusion: bool, debug: bool = False, ema: bool = False) -> dict[str, Any] | None:
-    """`trainer eval`: evaluate `checkpoint` (its EMA weights with `ema`) on the val split; write eval.json (and plots) and say where.
+def eval_command(
+    cfg: Any, checkpoint: str, output: str | None, confusion: bool, debug: bool = False, ema: bool = False
+) -> dict[str, Any] | None:
+    """`trainer eval`: evaluate `checkpoint` (its EMA weights with `ema`) on the val split; write
+    eval.json (and plots) and say where.
 
     Returns the metrics on the main process, None on the others.
     """
@@ -129,7 +135,10 @@ def eval_command(cfg: Any, checkpoint: str, output: str | None, confusion: bool,
     from trainer.run_dir import RunDirectory
 
     acc, backend = create_accelerator(
-        cfg.backend.device, cfg.train.precision, cfg.backend.host_memory, dataloader_config=DataLoaderConfiguration(non_blocking=True)
+        cfg.backend.device,
+        cfg.train.precision,
+        cfg.backend.host_memory,
+        dataloader_config=DataLoaderConfiguration(non_blocking=True),
     )
     setup_logging(acc.is_main_process, debug)
     set_seed(cfg.train.seed)
@@ -173,7 +182,10 @@ def eval_command(cfg: Any, checkpoint: str, output: str | None, confusion: bool,
         if matrix is not None:
             from trainer.plots import write_confusion_matrix, write_per_class_csv
 
-            written += [write_confusion_matrix(matrix, classes, out / "confusion.png"), write_per_class_csv(matrix, classes, out / "per_class.csv")]
+            written += [
+                write_confusion_matrix(matrix, classes, out / "confusion.png"),
+                write_per_class_csv(matrix, classes, out / "per_class.csv"),
+            ]
         log.info("wrote %s", ", ".join(str(p) for p in written))
     acc.end_training()
     return result if acc.is_main_process else None

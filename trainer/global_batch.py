@@ -76,8 +76,12 @@ def plan_batch(
     if global_batch_size % unit:
         counts = [n for n in range(1, global_batch_size // per_device + 1) if global_batch_size % (per_device * n) == 0]
         raise ConfigError(
-            f"{where}loader.global_batch_size={global_batch_size} is not a multiple of loader.batch_size_per_device={per_device} x {processes} processes = {unit}; "
-            f"launch {', '.join(map(str, counts[:12]))}{' ...' if len(counts) > 12 else ''} processes, or change either key"
+            f"{where}loader.global_batch_size={global_batch_size} is not a "
+            f"multiple of loader.batch_size_per_device={per_device} x "
+            f"{processes} processes = {unit}; "
+            "launch "
+            f"{', '.join(map(str, counts[:12]))}{' ...' if len(counts) > 12 else ''} "
+            "processes, or change either key"
         )
     return BatchPlan(per_device, processes, global_batch_size // unit, fixed=True)
 
@@ -146,19 +150,31 @@ def continue_epoch(
         schedule_step = round(position * steps_per_epoch)
         steps_then = math.ceil(then / state.global_batch) if then else 0
         lines.append(
-            f"resumed with global batch {plan.global_batch} ({plan.describe()}) where the checkpoint had {state.global_batch} "
-            f"on {processes_text(state.processes)}: {steps_per_epoch} steps per epoch instead of {steps_then}, lr as given (optim.lr, not rescaled); "
-            f"the schedule goes on from epoch {position:.2f} (its step {schedule_step} of {steps_per_epoch * epochs}) and still ends at epoch {epochs}; {where}"
+            f"resumed with global batch {plan.global_batch} "
+            f"({plan.describe()}) where the checkpoint had "
+            f"{state.global_batch} "
+            f"on {processes_text(state.processes)}: {steps_per_epoch} steps "
+            f"per epoch instead of {steps_then}, lr as given (optim.lr, not "
+            "rescaled); "
+            f"the schedule goes on from epoch {position:.2f} (its step "
+            f"{schedule_step} of {steps_per_epoch * epochs}) and still ends "
+            f"at epoch {epochs}; {where}"
         )
     elif change.processes_changed:
         lines.append(
             f"resumed on {processes_text(plan.processes)} where the checkpoint had {state.processes}: "
-            f"the global batch stays {plan.global_batch} ({plan.describe()}), {steps_per_epoch} steps per epoch and the lr schedule unchanged; {where}"
+            f"the global batch stays {plan.global_batch} ({plan.describe()}), "
+            f"{steps_per_epoch} steps per epoch and the lr schedule "
+            f"unchanged; {where}"
         )
     if streamed and change.processes_changed and done:
         lines.append(
-            f"data.streaming: the stream's shards are dealt anew over {processes_text(plan.processes)}, so the rest of epoch {state.epoch + 1} skips "
-            f"about {done} samples in all, not the same ones: some images of this epoch may be seen twice or not at all (exact again from the next epoch)"
+            "data.streaming: the stream's shards are dealt anew over "
+            f"{processes_text(plan.processes)}, so the rest of epoch "
+            f"{state.epoch + 1} skips "
+            f"about {done} samples in all, not the same ones: some images of "
+            "this epoch may be seen twice or not at all (exact again from "
+            "the next epoch)"
         )
     state.batches_done = done // plan.round_size  # this run's micro-batches per process
     return Continuation(change, schedule_step, lines)

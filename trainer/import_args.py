@@ -144,7 +144,9 @@ def _launch_config(device: str, processes: int, machines: int) -> tuple[Path | N
     return path, extra
 
 
-def import_main_py_args(argv: list[str], device: str = "auto", devices_per_machine: int = 0, recipe_path: str = "recipe.yaml") -> Imported:
+def import_main_py_args(
+    argv: list[str], device: str = "auto", devices_per_machine: int = 0, recipe_path: str = "recipe.yaml"
+) -> Imported:
     """Map a `python main.py ...` command line to a recipe and an `accelerate launch` command.
 
     Args:
@@ -169,10 +171,16 @@ def import_main_py_args(argv: list[str], device: str = "auto", devices_per_machi
     if device == "auto":
         device = HOST_DEVICE_TYPE if a["no_accel"] else device_for_process_group(a["dist_backend"]) or ""
         if not device:
-            unmapped.append(f"--dist-backend {a['dist_backend']}: no device uses this process group here; pass import-args --device")
+            unmapped.append(
+                f"--dist-backend {a['dist_backend']}: no device uses this process group here; pass import-args --device"
+            )
             device = HOST_DEVICE_TYPE
     elif "dist_backend" in given and device_for_process_group(given["dist_backend"]) not in (device, None):
-        notes.append(f"--dist-backend {given['dist_backend']}: replaced by {PROCESS_GROUP_BACKENDS[device]}, the process group of --device {device}")
+        notes.append(
+            f"--dist-backend {given['dist_backend']}: replaced by "
+            f"{PROCESS_GROUP_BACKENDS[device]}, the process group of --device "
+            f"{device}"
+        )
     env: list[str] = []
     distributed = a["multiprocessing_distributed"]
     if a["gpu"] is not None and not distributed:
@@ -184,7 +192,9 @@ def import_main_py_args(argv: list[str], device: str = "auto", devices_per_machi
         processes = devices_per_machine or DEFAULT_DEVICES_PER_MACHINE
         if not devices_per_machine:
             notes.append(
-                f"--multiprocessing-distributed: main.py launches one process per device it finds; assumed {processes} per machine (set import-args --devices)"
+                "--multiprocessing-distributed: main.py launches one process per "
+                f"device it finds; assumed {processes} per machine (set "
+                "import-args --devices)"
             )
         if a["gpu"] is not None:
             unmapped.append(f"--gpu {a['gpu']}: ignored under --multiprocessing-distributed, as main.py ignores it")
@@ -195,7 +205,10 @@ def import_main_py_args(argv: list[str], device: str = "auto", devices_per_machi
     machines = max(a["world_size"], 1) if distributed else 1
     if not distributed and a["world_size"] > 1:
         unmapped.append(
-            f"--world-size {a['world_size']} without --multiprocessing-distributed: one process per machine, each over all its devices, has no equivalent; use --multiprocessing-distributed"
+            f"--world-size {a['world_size']} without "
+            "--multiprocessing-distributed: one process per machine, each "
+            "over all its devices, has no equivalent; use "
+            "--multiprocessing-distributed"
         )
     if device == HOST_DEVICE_TYPE:
         processes = processes if distributed else 1
@@ -204,11 +217,17 @@ def import_main_py_args(argv: list[str], device: str = "auto", devices_per_machi
     data["root"] = a["data"]
     if a["batch_size"] % processes:
         notes.append(
-            f"-b {a['batch_size']} is not divisible by {processes} processes: main.py rounds each process's share down to {a['batch_size'] // processes}"
+            f"-b {a['batch_size']} is not divisible by {processes} processes: "
+            "main.py rounds each process's share down to "
+            f"{a['batch_size'] // processes}"
         )
     loader["batch_size_per_device"] = max(a["batch_size"] // processes, 1)
     if processes > 1:
-        notes.append(f"-b {a['batch_size']} is main.py's batch per machine: {loader['batch_size_per_device']} per device over {processes} devices")
+        notes.append(
+            f"-b {a['batch_size']} is main.py's batch per machine: "
+            f"{loader['batch_size_per_device']} per device over {processes} "
+            "devices"
+        )
     loader.pop("val_batch_size_per_device", None)
     loader["workers"] = math.ceil(a["workers"] / processes) if processes > 1 else a["workers"]
     import timm
@@ -223,7 +242,10 @@ def import_main_py_args(argv: list[str], device: str = "auto", devices_per_machi
     if a["seed"] is not None:
         train["seed"] = a["seed"]
     if a["start_epoch"]:
-        unmapped.append(f"--start-epoch {a['start_epoch']}: the epoch to start at comes from the checkpoint (train.resume=auto), never by hand")
+        unmapped.append(
+            f"--start-epoch {a['start_epoch']}: the epoch to start at comes "
+            "from the checkpoint (train.resume=auto), never by hand"
+        )
     if a["resume"]:
         recipe["model"]["pretrained"] = a["resume"]
         unmapped.append(
@@ -248,12 +270,16 @@ def import_main_py_args(argv: list[str], device: str = "auto", devices_per_machi
         if port.isdigit():
             launch.append(f"--main_process_port {port}")
     elif "dist_url" in given and not url.startswith("tcp://"):
-        unmapped.append(f"--dist-url {url}: only tcp://host:port maps to accelerate launch's --main_process_ip/--main_process_port")
+        unmapped.append(
+            f"--dist-url {url}: only tcp://host:port maps to accelerate launch's --main_process_ip/--main_process_port"
+        )
     if machines == 1 and a["rank"] > 0:
         unmapped.append(f"--rank {a['rank']}: a single machine has rank 0")
     if a["evaluate"]:
         action = f"-m trainer eval --config {recipe_path} --checkpoint RUN_DIR/model.safetensors"
-        notes.append("-e: `trainer eval` validates weights this trainer wrote (a checkpoint directory or a .safetensors file)")
+        notes.append(
+            "-e: `trainer eval` validates weights this trainer wrote (a checkpoint directory or a .safetensors file)"
+        )
     else:
         action = f"-m trainer train --config {recipe_path}"
     command = " ".join(env + launch + [action])
@@ -269,7 +295,11 @@ def render(imported: Imported, argv: list[str]) -> str:
     ]
     lines += [f"# note: {n}" for n in imported.notes]
     lines += [f"# NOT MAPPED: {u}" for u in imported.unmapped]
-    lines += ["# launch with:", f"#   {imported.command}", yaml.safe_dump(imported.recipe, sort_keys=False, default_flow_style=None).rstrip()]
+    lines += [
+        "# launch with:",
+        f"#   {imported.command}",
+        yaml.safe_dump(imported.recipe, sort_keys=False, default_flow_style=None).rstrip(),
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -278,7 +308,10 @@ def import_args_command(args: argparse.Namespace) -> int:
     if argv and argv[0] == "--":
         argv = argv[1:]
     if not argv:
-        raise ConfigError("import-args: give main.py's command line after --, e.g. trainer import-args -- python main.py /data/imagenet -a resnet50")
+        raise ConfigError(
+            "import-args: give main.py's command line after --, e.g. trainer "
+            "import-args -- python main.py /data/imagenet -a resnet50"
+        )
     if args.device not in ("auto", *DEVICE_TYPES):
         raise ConfigError(f"import-args: --device {args.device!r} is not one of auto, {', '.join(DEVICE_TYPES)}")
     if args.devices < 0:

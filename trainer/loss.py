@@ -21,7 +21,9 @@ def create_loss(name: str, label_smoothing: float, bce_target_threshold: float, 
     """
     if name == "bce":
         # NOTE: timm's BinaryCrossEntropy smooths only index targets; dense ones pass as they are.
-        return BinaryCrossEntropy(smoothing=0.0 if soft_targets else label_smoothing, target_threshold=bce_target_threshold or None)
+        return BinaryCrossEntropy(
+            smoothing=0.0 if soft_targets else label_smoothing, target_threshold=bce_target_threshold or None
+        )
     if soft_targets:
         return SoftTargetCrossEntropy()
     return torch.nn.CrossEntropyLoss(label_smoothing=label_smoothing)

@@ -30,7 +30,9 @@ def create_model(cfg: ModelConfig, num_classes: int) -> torch.nn.Module:
         base = cfg.name.split(".")[0]
         # Substring matches catch a shortened name; difflib catches a typo (resnet5o).
         close = timm.list_models(f"*{base[:8]}*")[:5] or difflib.get_close_matches(base, timm.list_models(), n=5)
-        raise ModelError(f"model.name: unknown timm model '{cfg.name}'" + (f" (similar: {', '.join(close)})" if close else ""))
+        raise ModelError(
+            f"model.name: unknown timm model '{cfg.name}'" + (f" (similar: {', '.join(close)})" if close else "")
+        )
     kwargs = dict(num_classes=num_classes, drop_rate=cfg.drop_rate)
     if cfg.drop_path_rate:
         kwargs["drop_path_rate"] = cfg.drop_path_rate

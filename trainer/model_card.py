@@ -38,7 +38,10 @@ def _batch(cfg: Config) -> str:
     """The batch as configured: a fixed global batch (loader.global_batch_size), or per device and accumulation."""
     ld = cfg.loader
     if ld.global_batch_size:
-        return f"global {ld.global_batch_size} ({ld.batch_size_per_device} per device, accumulation derived from the process count)"
+        return (
+            f"global {ld.global_batch_size} ({ld.batch_size_per_device} per "
+            "device, accumulation derived from the process count)"
+        )
     return f"{ld.batch_size_per_device} per device, gradient accumulation {cfg.train.grad_accum_steps}"
 
 

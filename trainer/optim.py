@@ -106,9 +106,13 @@ def lr_factor(step: int, cfg: ScheduleConfig, steps_per_epoch: int, epochs: int)
     return 1.0
 
 
-def create_lr_scheduler(optimizer: torch.optim.Optimizer, cfg: ScheduleConfig, steps_per_epoch: int, epochs: int) -> torch.optim.lr_scheduler.LambdaLR:
+def create_lr_scheduler(
+    optimizer: torch.optim.Optimizer, cfg: ScheduleConfig, steps_per_epoch: int, epochs: int
+) -> torch.optim.lr_scheduler.LambdaLR:
     """A per-optimizer-step LambdaLR over `lr_factor`."""
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, partial(lr_factor, cfg=cfg, steps_per_epoch=max(steps_per_epoch, 1), epochs=epochs))
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, partial(lr_factor, cfg=cfg, steps_per_epoch=max(steps_per_epoch, 1), epochs=epochs)
+    )
 
 
 def move_schedule(scheduler: torch.optim.lr_scheduler.LambdaLR, step: int) -> None:

@@ -22,7 +22,15 @@ import numpy as np
 
 from trainer.metrics import METRICS_FILENAME, MetricsFileError, read_metrics, read_steps
 
-__all__ = ["METRICS_FILENAME", "MetricsFileError", "read_metrics", "write_plots", "write_confusion_matrix", "write_per_class_csv", "plot_command"]
+__all__ = [
+    "METRICS_FILENAME",
+    "MetricsFileError",
+    "read_metrics",
+    "write_plots",
+    "write_confusion_matrix",
+    "write_per_class_csv",
+    "plot_command",
+]
 
 PLOTS_DIRNAME = "plots"
 FIG_WIDTH_IN = 8.0
@@ -50,7 +58,10 @@ class _FigureSpec:
 
 _FIGURES = (
     _FigureSpec(
-        "loss.png", "Loss", "cross-entropy loss", (("train_loss", "train", TRAIN_COLOR), ("val_loss", "val", VAL_COLOR), ("val_loss_ema", "val EMA", EMA_COLOR))
+        "loss.png",
+        "Loss",
+        "cross-entropy loss",
+        (("train_loss", "train", TRAIN_COLOR), ("val_loss", "val", VAL_COLOR), ("val_loss_ema", "val EMA", EMA_COLOR)),
     ),
     _FigureSpec(
         "top1.png",
@@ -59,9 +70,21 @@ _FIGURES = (
         (("train_top1", "train", TRAIN_COLOR), ("val_top1", "val", VAL_COLOR), ("val_top1_ema", "val EMA", EMA_COLOR)),
         percent=True,
     ),
-    _FigureSpec("top5.png", "Top-5 accuracy", "top-5 accuracy (%)", (("val_top5", "val", VAL_COLOR), ("val_top5_ema", "val EMA", EMA_COLOR)), percent=True),
+    _FigureSpec(
+        "top5.png",
+        "Top-5 accuracy",
+        "top-5 accuracy (%)",
+        (("val_top5", "val", VAL_COLOR), ("val_top5_ema", "val EMA", EMA_COLOR)),
+        percent=True,
+    ),
     _FigureSpec("lr.png", "Learning rate", "learning rate", (("lr", "lr", "tab:green"),)),
-    _FigureSpec("throughput.png", "Training throughput", "throughput (img/s)", (("img_per_s", "train", TRAIN_COLOR),), y_from_zero=True),
+    _FigureSpec(
+        "throughput.png",
+        "Training throughput",
+        "throughput (img/s)",
+        (("img_per_s", "train", TRAIN_COLOR),),
+        y_from_zero=True,
+    ),
 )
 
 
@@ -194,7 +217,11 @@ def write_plots(run_dir: Path) -> list[Path]:
     for spec in _FIGURES:
         # The lr per logged step where the run logged steps: a warmup shows, as it does not per epoch.
         by_step = spec.filename == "lr.png" and any(r.get("lr") is not None for r in steps)
-        fig = _draw_metric(spec, steps, run_dir.resolve().name, "step") if by_step else _draw_metric(spec, records, run_dir.resolve().name)
+        fig = (
+            _draw_metric(spec, steps, run_dir.resolve().name, "step")
+            if by_step
+            else _draw_metric(spec, records, run_dir.resolve().name)
+        )
         if fig is not None:
             written.append(_save_png(fig, run_dir / PLOTS_DIRNAME / spec.filename))
     return written
@@ -208,7 +235,9 @@ def _as_confusion(confusion: Any, class_names: Sequence[str]) -> np.ndarray:
     if matrix.ndim != 2 or matrix.shape[0] != matrix.shape[1]:
         raise ValueError(f"confusion matrix must be square, got shape {matrix.shape}")
     if matrix.shape[0] != len(class_names):
-        raise ValueError(f"confusion matrix has {matrix.shape[0]} classes but {len(class_names)} class names were given")
+        raise ValueError(
+            f"confusion matrix has {matrix.shape[0]} classes but {len(class_names)} class names were given"
+        )
     if (matrix < 0).any():
         raise ValueError("confusion matrix holds negative counts")
     return matrix.astype(np.int64)
@@ -231,7 +260,10 @@ def write_confusion_matrix(confusion: Any, class_names: Sequence[str], path: Pat
     """
     num_classes = len(class_names)
     if num_classes > MAX_CONFUSION_CLASSES:
-        raise ValueError(f"refusing to draw a confusion matrix for {num_classes} classes (max {MAX_CONFUSION_CLASSES}); use write_per_class_csv instead")
+        raise ValueError(
+            f"refusing to draw a confusion matrix for {num_classes} classes "
+            f"(max {MAX_CONFUSION_CLASSES}); use write_per_class_csv instead"
+        )
     counts = _as_confusion(confusion, class_names)
     row_sums = counts.sum(axis=1, keepdims=True)
     # Classes absent from the eval set get an all-zero row instead of 0/0 = NaN.
@@ -252,7 +284,15 @@ def write_confusion_matrix(confusion: Any, class_names: Sequence[str], path: Pat
     if num_classes <= MAX_ANNOTATED_CLASSES:
         for true_idx, pred_idx in np.ndindex(counts.shape):
             dark = normalised[true_idx, pred_idx] > 0.5  # white text on dark cells
-            ax.text(pred_idx, true_idx, str(counts[true_idx, pred_idx]), ha="center", va="center", fontsize=9, color="white" if dark else "black")
+            ax.text(
+                pred_idx,
+                true_idx,
+                str(counts[true_idx, pred_idx]),
+                ha="center",
+                va="center",
+                fontsize=9,
+                color="white" if dark else "black",
+            )
     accuracy = np.trace(counts) / max(int(counts.sum()), 1)
     ax.set_title(f"Confusion matrix (row-normalised), accuracy {accuracy:.2%}")
     ax.set_xlabel("predicted class" + axis_suffix)

@@ -56,7 +56,9 @@ def resolve_pretrained(spec: str, cache_dir: str | None = None) -> PretrainedSou
         return _from_folder(path, str(path))
     if not text.startswith(LOCAL_DIR) and _HUB_ID.match(text):
         return _from_hub_cache(text, cache_dir)
-    raise ModelError(f"{KEY}: {path} does not exist (give a model folder, run directory, weights file or cached hub id)")
+    raise ModelError(
+        f"{KEY}: {path} does not exist (give a model folder, run directory, weights file or cached hub id)"
+    )
 
 
 def _from_folder(path: Path, described: str) -> PretrainedSource:

@@ -55,7 +55,8 @@ class RunDirectory:
         if existing and not self.cfg.train.resume:
             if not self.cfg.output.overwrite:
                 return (
-                    f"{self.cfg.source}: {self.path} already holds a run ({existing}); continue it with train.resume=auto, "
+                    f"{self.cfg.source}: {self.path} already holds a run "
+                    f"({existing}); continue it with train.resume=auto, "
                     f"or start another with output.run_name=<new name> (output.overwrite=true replaces it)"
                 )
             log.warning("output.overwrite=true: replacing the run in %s (%s)", self.path, existing)
@@ -84,7 +85,11 @@ class RunDirectory:
             return
         self.metrics.write(record)
         self.accelerator.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=record["step"])
-        log.info("epoch %d: %s", record["epoch"] + 1, " ".join(f"{k} {v:.4g}" for k, v in record.items() if isinstance(v, float)))
+        log.info(
+            "epoch %d: %s",
+            record["epoch"] + 1,
+            " ".join(f"{k} {v:.4g}" for k, v in record.items() if isinstance(v, float)),
+        )
         if self.cfg.output.plots:
             write_plots(self.path)
 
@@ -129,7 +134,11 @@ def describe_run(path: Path) -> str:
     """What the run in `path` got to ("finished, last step 360"), or "" when none is there."""
     checkpoints = path / "checkpoints"
     steps = (
-        sorted(int(p.name[len(PREFIX) :]) for p in checkpoints.glob(f"{PREFIX}*") if p.name[len(PREFIX) :].isdigit() and (p / STATE_FILE).is_file())
+        sorted(
+            int(p.name[len(PREFIX) :])
+            for p in checkpoints.glob(f"{PREFIX}*")
+            if p.name[len(PREFIX) :].isdigit() and (p / STATE_FILE).is_file()
+        )
         if checkpoints.is_dir()
         else []
     )

@@ -34,11 +34,23 @@ def start_summary(
             ("device", processes(b) + (", freed host memory retained" if b.host_memory == "retain" else "")),
             ("precision", b.precision + (" + loss scaler" if loss_scaler else "")),
             ("data", f"{cfg.data.source} {cfg.data.root}: {d.train_size} train / {d.val_size} val images"),
-            ("input", f"{d.data_config['input_size'][-1]}px, {d.data_config['interpolation']}, crop_pct {d.data_config['crop_pct']}"),
-            *([("train size", describe_schedule(cfg.input.train_size_schedule) + " (input.train_size_schedule)")] if cfg.input.train_size_schedule else []),
+            (
+                "input",
+                f"{d.data_config['input_size'][-1]}px, "
+                f"{d.data_config['interpolation']}, crop_pct "
+                f"{d.data_config['crop_pct']}",
+            ),
+            *(
+                [("train size", describe_schedule(cfg.input.train_size_schedule) + " (input.train_size_schedule)")]
+                if cfg.input.train_size_schedule
+                else []
+            ),
             ("batch", f"{plan.describe()}, {steps_per_epoch} steps/epoch"),
             ("schedule", f"{t.epochs} epochs, {cfg.optim.name} lr {cfg.optim.lr}, {cfg.schedule.name}"),
-            ("start", f"epoch {state.epoch + 1}, step {state.global_step}" + (" (resumed)" if state.global_step else "")),
+            (
+                "start",
+                f"epoch {state.epoch + 1}, step {state.global_step}" + (" (resumed)" if state.global_step else ""),
+            ),
             *([("resumed from", change.summary())] if change else []),
         ]
     )
@@ -59,10 +71,23 @@ def end_summary(history: list[dict[str, Any]], total_s: float, weights: Path, ch
     mean_img_s = sum(r["train_samples"] for r in history) / max(sum(r["epoch_time_s"] for r in history), 1e-9)
     return _table(
         [
-            ("best val", f"top-1 {best.get('val_top1', float('nan')):.4f} top-5 {best.get('val_top5', float('nan')):.4f} (epoch {best['epoch'] + 1})"),
-            ("final val", f"top-1 {last.get('val_top1', float('nan')):.4f} top-5 {last.get('val_top5', float('nan')):.4f}"),
+            (
+                "best val",
+                f"top-1 {best.get('val_top1', float('nan')):.4f} top-5 "
+                f"{best.get('val_top5', float('nan')):.4f} (epoch "
+                f"{best['epoch'] + 1})",
+            ),
+            (
+                "final val",
+                f"top-1 {last.get('val_top1', float('nan')):.4f} top-5 {last.get('val_top5', float('nan')):.4f}",
+            ),
             *(
-                [("final val EMA", f"top-1 {last['val_top1_ema']:.4f} top-5 {last.get('val_top5_ema', float('nan')):.4f}")]
+                [
+                    (
+                        "final val EMA",
+                        f"top-1 {last['val_top1_ema']:.4f} top-5 {last.get('val_top5_ema', float('nan')):.4f}",
+                    )
+                ]
                 if last.get("val_top1_ema") is not None
                 else []
             ),
@@ -75,7 +100,11 @@ def end_summary(history: list[dict[str, Any]], total_s: float, weights: Path, ch
 
 def flat_config(sections: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """Tracker-friendly config: `section.key` -> scalar (lists as strings)."""
-    return {f"{k}.{n}": (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, d in sections.items() for n, v in d.items()}
+    return {
+        f"{k}.{n}": (v if isinstance(v, (int, float, str, bool)) else str(v))
+        for k, d in sections.items()
+        for n, v in d.items()
+    }
 
 
 def _table(rows: list[tuple[str, str]]) -> str:

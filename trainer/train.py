@@ -44,9 +44,22 @@ class Trainer:
         self.cfg, self.run_dir, t = cfg, cfg.run_dir, cfg.train
         parts = build_training(cfg)
         self.accelerator, self.backend, self.plan, self.data = parts.accelerator, parts.backend, parts.plan, parts.data
-        self.pipeline, self.model, self.optimizer, self.scheduler = parts.pipeline, parts.model, parts.optimizer, parts.scheduler
-        self.train_loader, self.val_loader, self.normalize = self.pipeline.train, self.pipeline.val, self.pipeline.normalize
-        self.steps_per_epoch, self.batch_augment, self.criterion = parts.steps_per_epoch, parts.batch_augment, parts.criterion
+        self.pipeline, self.model, self.optimizer, self.scheduler = (
+            parts.pipeline,
+            parts.model,
+            parts.optimizer,
+            parts.scheduler,
+        )
+        self.train_loader, self.val_loader, self.normalize = (
+            self.pipeline.train,
+            self.pipeline.val,
+            self.pipeline.normalize,
+        )
+        self.steps_per_epoch, self.batch_augment, self.criterion = (
+            parts.steps_per_epoch,
+            parts.batch_augment,
+            parts.criterion,
+        )
         acc = self.accelerator
         self.checkpoints = CheckpointManager(acc, self.run_dir / "checkpoints", t.keep_last_checkpoints)
         self.run = RunDirectory(cfg, acc)
@@ -59,7 +72,9 @@ class Trainer:
             if hook:
                 self.boundary.add_hook(hook)
         self.tally = EpochTally(acc, self.clip)
-        self.guard = NonFiniteGuard(acc.device, t.max_non_finite_steps, acc.scaler is not None, self.checkpoints.directory)
+        self.guard = NonFiniteGuard(
+            acc.device, t.max_non_finite_steps, acc.scaler is not None, self.checkpoints.directory
+        )
         self.stop = StopAgreement(acc, every_step=self.backend.host_sync_is_free)
         self.saved_step = 0  # the step of the newest checkpoint of this run (0: none needed yet)
         self.stand_in = StandIn(self.data.data_config["input_size"], acc.device)
@@ -118,7 +133,9 @@ class Trainer:
             # NOTE: a failed load may already have put its weights in the model (Accelerate
             # loads the model before the optimizer): never train on from those as if fresh.
             raise CheckpointError(
-                f"train.resume={self.cfg.train.resume}: none of the {len(candidates)} checkpoints in {self.checkpoints.directory} could be loaded; move them away to start fresh"
+                f"train.resume={self.cfg.train.resume}: none of the "
+                f"{len(candidates)} checkpoints in {self.checkpoints.directory} "
+                "could be loaded; move them away to start fresh"
             )
         if self.accelerator.is_main_process:
             self.run.metrics.drop_from_epoch(0)  # records of a run killed before its first checkpoint: it starts again
@@ -169,7 +186,8 @@ class Trainer:
             # this process's batch of the round: Accelerate deals batch j of the order to process j % processes
             batch_index = state.samples_done // plan.per_device + self.accelerator.process_index
             state.batches_done, state.samples_done = state.batches_done + 1, state.samples_done + plan.round_size
-            if is_empty(batch) and self.accelerator.num_processes == 1:  # all skipped; several processes step on together
+            # all skipped; several processes step on together
+            if is_empty(batch) and self.accelerator.num_processes == 1:
                 continue
             if not self.train_step(batch, tally.window, batch_index):
                 continue  # inside an accumulation window
@@ -236,7 +254,9 @@ class Trainer:
             state = self.state  # with the batch plan that wrote it, for a resume on another process count
             state.processes, state.global_batch = self.plan.processes, self.plan.global_batch
             state.epoch_samples = self._epoch_samples()
-            self.checkpoints.save(state, self.scheduler, extra_weights={EMA_WEIGHTS: self.ema.module} if self.ema else None)
+            self.checkpoints.save(
+                state, self.scheduler, extra_weights={EMA_WEIGHTS: self.ema.module} if self.ema else None
+            )
             self.saved_step = self.state.global_step
 
     def evaluate(self, num_classes_for_confusion: int = 0) -> dict[str, Any]:
@@ -312,7 +332,10 @@ class Trainer:
         self.state.epoch, self.state.epoch_totals = record["epoch"] + 1, {}
         self.state.batches_done = self.state.samples_done = 0
         if record.get("val_top1", -1) > self.state.best_val_top1:
-            self.state.best_val_top1, self.state.best_checkpoint = record["val_top1"], checkpoint_name(self.state.global_step)
+            self.state.best_val_top1, self.state.best_checkpoint = (
+                record["val_top1"],
+                checkpoint_name(self.state.global_step),
+            )
         # NOTE: record first, checkpoint second: a kill between them re-runs the epoch
         # and resume() drops the record; the other way round it was lost for good.
         self.run.write_epoch(record)

@@ -56,7 +56,17 @@ _MOVED_TO = {
         "draft_decode",
     ),
     "input": ("img_size", "test_img_size", "crop_pct", "interpolation", "mean", "std", "train_size_schedule"),
-    "aug": ("scale", "ratio", "hflip", "color_jitter", "auto_augment", "re_prob", "re_mode", "re_count", "repeated_aug"),
+    "aug": (
+        "scale",
+        "ratio",
+        "hflip",
+        "color_jitter",
+        "auto_augment",
+        "re_prob",
+        "re_mode",
+        "re_count",
+        "repeated_aug",
+    ),
 }
 MOVED_KEYS = {f"data.{name}": f"{section}.{name}" for section, names in _MOVED_TO.items() for name in names}
 
@@ -139,9 +149,21 @@ def _validate(cfg: Config, origins: dict[str, str]) -> None:
         ("input.img_size", inp.img_size >= 0, "must be >= 0"),
         ("input.crop_pct", 0.0 <= inp.crop_pct <= 1.0, "must be in (0, 1], or 0 for timm's default"),
         ("input.mean", len(inp.mean) in (0, 3), "must have 3 values (RGB) or be empty"),
-        ("input.std", len(inp.std) in (0, 3) and all(v > 0 for v in inp.std), "must have 3 positive values or be empty"),
-        ("aug.scale", len(aug.scale) == 2 and 0 < aug.scale[0] <= aug.scale[1] <= 1, "must be [min, max] with 0 < min <= max <= 1"),
-        ("aug.ratio", len(aug.ratio) == 2 and 0 < aug.ratio[0] <= aug.ratio[1], "must be [min, max] with 0 < min <= max"),
+        (
+            "input.std",
+            len(inp.std) in (0, 3) and all(v > 0 for v in inp.std),
+            "must have 3 positive values or be empty",
+        ),
+        (
+            "aug.scale",
+            len(aug.scale) == 2 and 0 < aug.scale[0] <= aug.scale[1] <= 1,
+            "must be [min, max] with 0 < min <= max <= 1",
+        ),
+        (
+            "aug.ratio",
+            len(aug.ratio) == 2 and 0 < aug.ratio[0] <= aug.ratio[1],
+            "must be [min, max] with 0 < min <= max",
+        ),
         ("aug.hflip", 0.0 <= aug.hflip <= 1.0, "must be a probability in [0, 1]"),
         ("data.max_train_samples", d.max_train_samples >= 0, "must be >= 0"),
         ("data.max_val_samples", d.max_val_samples >= 0, "must be >= 0"),
@@ -150,7 +172,11 @@ def _validate(cfg: Config, origins: dict[str, str]) -> None:
         # NOTE: the optimizers scale by lr and weight decay in float32: a larger value is a
         # RuntimeError ("cannot be converted to type float without overflow") at step 1.
         ("optim.lr", 0 < o.lr <= _FLOAT32_MAX, f"must be > 0 and at most {_FLOAT32_MAX:.4g} (float32)"),
-        ("optim.weight_decay", 0 <= o.weight_decay <= _FLOAT32_MAX, f"must be >= 0 and at most {_FLOAT32_MAX:.4g} (float32)"),
+        (
+            "optim.weight_decay",
+            0 <= o.weight_decay <= _FLOAT32_MAX,
+            f"must be >= 0 and at most {_FLOAT32_MAX:.4g} (float32)",
+        ),
         ("optim.momentum", 0 <= o.momentum < 1, "must be in [0, 1)"),
         ("optim.layer_decay", 0 <= o.layer_decay <= 1, "must be in (0, 1], or 0 to disable it"),
         ("train.epochs", t.epochs > 0, "must be > 0"),
@@ -187,7 +213,9 @@ def _validate(cfg: Config, origins: dict[str, str]) -> None:
     for key, ok, why in checks:
         if not ok:
             section, name = key.split(".")
-            raise ConfigError(f"{origins.get(key, cfg.source)}: {key}: {why}, got {getattr(getattr(cfg, section), name)!r}")
+            raise ConfigError(
+                f"{origins.get(key, cfg.source)}: {key}: {why}, got {getattr(getattr(cfg, section), name)!r}"
+            )
 
 
 def parse_overrides(items: list[str]) -> dict[str, Any]:

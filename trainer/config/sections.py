@@ -41,24 +41,39 @@ class DataConfig:
     source: str = _field("folder", "where images come from (wds: WebDataset tar shards)", ("folder", "hf", "wds"))
     root: str = _field(
         "",
-        "folder: ImageNet root with train/ and val/; hf: hub id in the local cache, parquet dir or save_to_disk dir; wds: folder of *-<split>-NNNN.tar shards",
+        "folder: ImageNet root with train/ and val/; hf: hub id in the "
+        "local cache, parquet dir or save_to_disk dir; wds: folder of "
+        "*-<split>-NNNN.tar shards",
     )
     create_if_missing: str = _field("", "write a built-in dataset into `root` when it does not exist", ("", "digits"))
     train_split: str = _field("train", "training split: sub-folder (folder) or split name (hf)")
-    val_split: str = _field("", "validation split: sub-folder (folder) or split name (hf); empty: val (folder), validation (hf)")
+    val_split: str = _field(
+        "", "validation split: sub-folder (folder) or split name (hf); empty: val (folder), validation (hf)"
+    )
     image_column: str = _field("image", "hf: column holding the image ({bytes, path} or a decoded image)")
     label_column: str = _field("label", "hf: column holding the integer class label")
-    streaming: bool = _field(False, "hf, wds: stream rows (tar shards) in order instead of reading by index, sharded across processes")
+    streaming: bool = _field(
+        False, "hf, wds: stream rows (tar shards) in order instead of reading by index, sharded across processes"
+    )
     hf_cache_dir: str = _field("", "hf: datasets cache directory; empty uses HF_DATASETS_CACHE / the default")
-    on_error: str = _field("skip", "undecodable image: skip it (counted, listed in skipped.txt) or raise", ("skip", "raise"))
+    on_error: str = _field(
+        "skip", "undecodable image: skip it (counted, listed in skipped.txt) or raise", ("skip", "raise")
+    )
     max_train_samples: int = _field(0, "use only the first N training samples; 0 uses all")
     max_val_samples: int = _field(0, "use only the first N validation samples; 0 uses all")
     index_cache: str = _field(
         "",
-        "folder, wds: where the file index is cached, built once per job by process 0: empty = beside the data if writable, else ~/.cache/trainer/index; a directory; or off (every process scans)",
+        "folder, wds: where the file index is cached, built once per job "
+        "by process 0: empty = beside the data if writable, else "
+        "~/.cache/trainer/index; a directory; or off (every process "
+        "scans)",
     )
     index_wait_s: float = _field(600.0, "folder, wds: how long processes other than 0 wait for process 0's index file")
-    val_labels: str = _field("", "folder: labels file of a flat val/*.JPEG (LOC_val_solution.csv or file,class CSV); empty: looked for in the root")
+    val_labels: str = _field(
+        "",
+        "folder: labels file of a flat val/*.JPEG (LOC_val_solution.csv "
+        "or file,class CSV); empty: looked for in the root",
+    )
 
 
 @dataclass
@@ -88,14 +103,20 @@ class InputConfig:
     """The model's input: crop size by epoch, val resize and crop, normalization (timm's data config)."""
 
     img_size: int = _field(0, "train crop and val crop size; 0 takes the model's default from timm")
-    test_img_size: int = _field(0, "val crop size when it differs from the train size (RSB A3: train 160, test 224); 0 uses img_size")
+    test_img_size: int = _field(
+        0, "val crop size when it differs from the train size (RSB A3: train 160, test 224); 0 uses img_size"
+    )
     crop_pct: float = _field(0.0, "val resize = img_size / crop_pct, then center crop; 0 takes timm's default")
-    interpolation: str = _field("", "resize interpolation; empty takes timm's default", ("", "bilinear", "bicubic", "nearest"))
+    interpolation: str = _field(
+        "", "resize interpolation; empty takes timm's default", ("", "bilinear", "bicubic", "nearest")
+    )
     mean: list = _field([], "normalization mean (RGB, 0-1 scale); empty takes timm's default")
     std: list = _field([], "normalization std (RGB, 0-1 scale); empty takes timm's default")
     train_size_schedule: list = _field(
         [],
-        "progressive resizing: [[epoch, px], ...], the train crop from each epoch on (epochs from 0, as in metrics.jsonl), e.g. [[0, 160], [12, 192]]; "
+        "progressive resizing: [[epoch, px], ...], the train crop from "
+        "each epoch on (epochs from 0, as in metrics.jsonl), e.g. [[0, "
+        "160], [12, 192]]; "
         "the val crop stays test_img_size or img_size; empty trains at img_size throughout",
     )
 
@@ -109,11 +130,18 @@ class AugConfig:
     hflip: float = _field(0.5, "horizontal flip probability")
     color_jitter: float = _field(0.0, "color jitter strength; 0 disables it (the reference recipe has none)")
     auto_augment: str = _field("", "timm auto-augment policy such as rand-m9-mstd0.5; empty disables it")
-    re_prob: float = _field(0.0, "random erasing probability per image (timm RandomErasing, on the normalized batch); 0 disables it")
-    re_mode: str = _field("pixel", "random erasing fill: per-pixel normal noise, per-channel noise, or zeros", ("pixel", "rand", "const"))
+    re_prob: float = _field(
+        0.0, "random erasing probability per image (timm RandomErasing, on the normalized batch); 0 disables it"
+    )
+    re_mode: str = _field(
+        "pixel", "random erasing fill: per-pixel normal noise, per-channel noise, or zeros", ("pixel", "rand", "const")
+    )
     re_count: int = _field(1, "random erasing: at most this many boxes per image")
     repeated_aug: int = _field(
-        0, "repeated augmentation (timm RepeatAugSampler): each image this many times per epoch, differently augmented, epoch length kept; 0 or 1 disables it"
+        0,
+        "repeated augmentation (timm RepeatAugSampler): each image this "
+        "many times per epoch, differently augmented, epoch length kept; "
+        "0 or 1 disables it",
     )
 
 
@@ -126,10 +154,14 @@ class OptimConfig:
     nesterov: bool = _field(False, "Nesterov momentum for SGD")
     implementation: str = _field(
         "auto",
-        "optimizer step kernel; auto: torch's default, fused SGD with a loss scaler where the device runs it (no host sync per step)",
+        "optimizer step kernel; auto: torch's default, fused SGD with a "
+        "loss scaler where the device runs it (no host sync per step)",
         ("auto", "foreach", "fused", "loop"),
     )
-    no_decay_norm_bias: bool = _field(False, "no weight decay on normalization weights and biases (timm's filter_bias_and_bn), as the DLE and RSB recipes")
+    no_decay_norm_bias: bool = _field(
+        False,
+        "no weight decay on normalization weights and biases (timm's filter_bias_and_bn), as the DLE and RSB recipes",
+    )
     layer_decay: float = _field(
         0.0,
         "layer-wise lr decay for fine-tuning (timm's): a block's lr is lr x layer_decay^(blocks above it); "
@@ -151,7 +183,9 @@ class ScheduleConfig:
 class TrainConfig:
     epochs: int = _field(90, "training epochs")
     seed: int = _field(0, "seed for weights, data order and augmentation")
-    precision: str = _field("auto", "auto: bf16 where supported, else fp16 on accelerators, else fp32", ("auto", "fp32", "fp16", "bf16"))
+    precision: str = _field(
+        "auto", "auto: bf16 where supported, else fp16 on accelerators, else fp32", ("auto", "fp32", "fp16", "bf16")
+    )
     channels_last: bool = _field(True, "NHWC memory format for conv nets (faster with AMP)")
     grad_accum_steps: int = _field(
         1,
@@ -160,15 +194,25 @@ class TrainConfig:
     label_smoothing: float = _field(0.0, "label smoothing for the cross-entropy loss")
     compile: bool = _field(False, "wrap the model in torch.compile")
     resume: str = _field("", "empty starts fresh; auto continues from the newest checkpoint; or a checkpoint path")
-    checkpoint_every_steps: int = _field(0, "also save a checkpoint every N optimizer steps; 0 saves at epoch ends only")
+    checkpoint_every_steps: int = _field(
+        0, "also save a checkpoint every N optimizer steps; 0 saves at epoch ends only"
+    )
     keep_last_checkpoints: int = _field(2, "checkpoints kept besides the best one")
     eval_every_epochs: int = _field(1, "validate every N epochs (and always after the last)")
     log_every_steps: int = _field(50, "read the loss and log a line every N optimizer steps")
     max_steps_per_epoch: int = _field(0, "stop each epoch after N optimizer steps; 0 runs the whole epoch")
     max_non_finite_steps: int = _field(10, "stop after this many consecutive non-finite losses (without a loss scaler)")
-    loss: str = _field("ce", "training loss: cross-entropy, or binary cross-entropy per class (timm BinaryCrossEntropy, the RSB recipes)", ("ce", "bce"))
-    bce_target_threshold: float = _field(0.0, "bce: targets at or above this become 1, below 0 (RSB: 0.2); 0 keeps soft targets")
-    grad_clip_norm: float = _field(0.0, "clip the gradient's global L2 norm to this before each update (unscaled first under fp16); 0 disables it")
+    loss: str = _field(
+        "ce",
+        "training loss: cross-entropy, or binary cross-entropy per class (timm BinaryCrossEntropy, the RSB recipes)",
+        ("ce", "bce"),
+    )
+    bce_target_threshold: float = _field(
+        0.0, "bce: targets at or above this become 1, below 0 (RSB: 0.2); 0 keeps soft targets"
+    )
+    grad_clip_norm: float = _field(
+        0.0, "clip the gradient's global L2 norm to this before each update (unscaled first under fp16); 0 disables it"
+    )
 
 
 @dataclass
@@ -182,7 +226,9 @@ class MixupConfig:
 
 @dataclass
 class EmaConfig:
-    enabled: bool = _field(False, "keep an exponential moving average of the weights (timm ModelEmaV3), validated and exported beside them")
+    enabled: bool = _field(
+        False, "keep an exponential moving average of the weights (timm ModelEmaV3), validated and exported beside them"
+    )
     decay: float = _field(0.9998, "EMA decay per update")
     every_steps: int = _field(1, "update the EMA every N optimizer steps")
     warmup: bool = _field(False, "ramp the decay up from 0 as 1 - (1 + updates)^-warmup_power (timm's EMA warmup)")
@@ -191,7 +237,9 @@ class EmaConfig:
 
 @dataclass
 class BackendConfig:
-    device: str = _field("auto", "device type; auto picks mlu, then cuda and the others, then cpu", ("auto", *DEVICE_TYPES))
+    device: str = _field(
+        "auto", "device type; auto picks mlu, then cuda and the others, then cpu", ("auto", *DEVICE_TYPES)
+    )
     host_memory: str = _field(
         "auto",
         "retain: the C library keeps freed host memory for reuse (no page faults for each step's activations); "
@@ -200,7 +248,9 @@ class BackendConfig:
     )
     collective_timeout_s: float = _field(
         300.0,
-        "seconds a collective (gradient all-reduce, barrier, ...) may wait for the other processes before every process stops with a line naming the wait",
+        "seconds a collective (gradient all-reduce, barrier, ...) may "
+        "wait for the other processes before every process stops with a "
+        "line naming the wait",
     )
 
 
@@ -213,7 +263,9 @@ class OutputConfig:
     plots: bool = _field(True, "write PNG curves to plots/ after every epoch")
     overwrite: bool = _field(
         False,
-        "replace a run already in the run directory (its metrics, checkpoints and weights); without it such a run stops, unless train.resume continues it",
+        "replace a run already in the run directory (its metrics, "
+        "checkpoints and weights); without it such a run stops, unless "
+        "train.resume continues it",
     )
 
 

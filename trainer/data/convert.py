@@ -111,7 +111,9 @@ class _ParquetWriter:
         self.rows = []
 
 
-def write_split(reader: Reader, writer, split: str, shard_size: int, shuffle_seed: int | None) -> tuple[list, list[str], float]:
+def write_split(
+    reader: Reader, writer, split: str, shard_size: int, shuffle_seed: int | None
+) -> tuple[list, list[str], float]:
     """Copy every readable sample; returns (fingerprints written, skipped names, seconds)."""
     from tqdm import tqdm
 
@@ -146,7 +148,9 @@ def verify(expected: list, reader: Reader, what: str) -> None:
     if sorted(found) != sorted(expected):
         missing = len(set(expected) - set(found))
         raise DataError(
-            f"{what}: verification failed: {len(found)} samples read back for {len(expected)} written, {missing} differ; delete the output and convert again"
+            f"{what}: verification failed: {len(found)} samples read back for "
+            f"{len(expected)} written, {missing} differ; delete the output "
+            "and convert again"
         )
 
 
@@ -168,20 +172,44 @@ def convert_command(cfg: Config, args: Namespace) -> int:
     total, total_s = 0, 0.0
     for split, out_split, reader, seed in ((d.train_split, d.train_split, train, 0), (val_split, out_val, val, None)):
         shards = -(-len(reader) // args.shard_size)
-        writer = _WdsWriter(out, prefix, out_split) if args.to == "wds" else _ParquetWriter(out, out_split, list(train.classes), shards)
+        writer = (
+            _WdsWriter(out, prefix, out_split)
+            if args.to == "wds"
+            else _ParquetWriter(out, out_split, list(train.classes), shards)
+        )
         written, skipped, seconds = write_split(reader, writer, out_split, args.shard_size, seed)
         for line in skipped[:10]:
             print(f"convert: skipped {line}", file=sys.stderr)
         if skipped:
-            print(f"convert: {split}: {len(skipped)} samples skipped (unreadable, or without image or label)", file=sys.stderr)
-        info["splits"][out_split] = {"num_samples": len(written), "filenames": writer.names, "shard_lengths": writer.lengths}
+            print(
+                f"convert: {split}: {len(skipped)} samples skipped (unreadable, or without image or label)",
+                file=sys.stderr,
+            )
+        info["splits"][out_split] = {
+            "num_samples": len(written),
+            "filenames": writer.names,
+            "shard_lengths": writer.lengths,
+        }
         (out / "_info.json").write_text(json.dumps(info, indent=1) + "\n")
-        target = dataclasses.replace(d, source=args.to if args.to == "wds" else "hf", root=str(out), val_split="", max_train_samples=0, max_val_samples=0)
+        target = dataclasses.replace(
+            d,
+            source=args.to if args.to == "wds" else "hf",
+            root=str(out),
+            val_split="",
+            max_train_samples=0,
+            max_val_samples=0,
+        )
         verify(written, create_reader(target, out_split, classes=list(train.classes)), f"{out} [{out_split}]")
         total, total_s = total + len(written), total_s + seconds
         print(
-            f"convert: {split} -> {out_split}: {len(written)} samples in {len(writer.names)} shards ({len(written) / max(seconds, 1e-9):.0f} files/s), verified"
+            f"convert: {split} -> {out_split}: {len(written)} samples in "
+            f"{len(writer.names)} shards "
+            f"({len(written) / max(seconds, 1e-9):.0f} files/s), verified"
         )
     source = "wds" if args.to == "wds" else "hf"
-    print(f"convert: wrote {total} samples to {out} ({total / max(total_s, 1e-9):.0f} files/s); train from it with data.source={source} data.root={out}")
+    print(
+        f"convert: wrote {total} samples to {out} "
+        f"({total / max(total_s, 1e-9):.0f} files/s); train from it with "
+        f"data.source={source} data.root={out}"
+    )
     return 0

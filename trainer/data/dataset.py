@@ -76,7 +76,9 @@ class _SampleDecoder:
                 raise DecodeError(sample.name, f"label {sample.label} out of range [0, {self.num_classes})")
             if self.plan is not None:
                 # (H, W, 3) memory viewed as (3, H, W): the layout torch's uint8 resize is fastest on.
-                image = torch.from_numpy(decode_image_array(sample.data, sample.name, draft_size=self.draft_size)).permute(2, 0, 1)
+                image = torch.from_numpy(
+                    decode_image_array(sample.data, sample.name, draft_size=self.draft_size)
+                ).permute(2, 0, 1)
             else:
                 image = decode_image(sample.data, sample.name, draft_size=self.draft_size)
             # Seed only this sample's augmentation; the caller's RNG state is put back.

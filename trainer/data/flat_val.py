@@ -47,7 +47,9 @@ def find_labels_file(root: Path, split_dir: Path, configured: str) -> Path:
             if (folder / name).is_file():
                 return folder / name
     raise DataError(
-        f"{split_dir}: flat images without class folders and no labels file ({', '.join(LABEL_FILES)}) in {root}; set data.val_labels; expected {FLAT_LAYOUT}"
+        f"{split_dir}: flat images without class folders and no labels "
+        f"file ({', '.join(LABEL_FILES)}) in {root}; set data.val_labels; "
+        f"expected {FLAT_LAYOUT}"
     )
 
 
@@ -69,7 +71,11 @@ def read_labels(path: Path) -> dict[str, str]:
         fields = [c.strip() for c in row]
         cls = fields[1].split()[0] if len(fields) >= 2 and fields[1].split() else ""
         if not fields[0] or not cls:
-            raise DataError(f"data.val_labels: {path} line {line}: expected {'ImageId,PredictionString' if kaggle else 'file,class'}, got {','.join(row)!r}")
+            raise DataError(
+                f"data.val_labels: {path} line {line}: expected "
+                f"{'ImageId,PredictionString' if kaggle else 'file,class'}, got "
+                f"{','.join(row)!r}"
+            )
         stem = Path(fields[0]).stem if fields[0].lower().endswith(IMG_EXTENSIONS) else fields[0]
         if labels.setdefault(stem, cls) != cls:
             raise DataError(f"data.val_labels: {path} line {line}: {stem} labelled both {labels[stem]} and {cls}")
@@ -87,15 +93,24 @@ class FlatValReader(PathListReader):
         unlabelled = [name for stem, name in stems.items() if stem not in labels]
         missing = [stem for stem in labels if stem not in stems]
         if unlabelled or missing:
-            examples = ", ".join(filter(None, (unlabelled[:1] and f"unlabelled {unlabelled[0]}", missing[:1] and f"no image for {missing[0]}")))
+            examples = ", ".join(
+                filter(
+                    None,
+                    (unlabelled[:1] and f"unlabelled {unlabelled[0]}", missing[:1] and f"no image for {missing[0]}"),
+                )
+            )
             raise DataError(
                 f"{split_dir}: {len(unlabelled)} of {len(files)} images have no label in {labels_file} and "
-                f"{len(missing)} of its {len(labels)} labels have no image (e.g. {examples}); the labels file must match the folder"
+                f"{len(missing)} of its {len(labels)} labels have no image (e.g. "
+                f"{examples}); the labels file must match the folder"
             )
         lookup = {name: i for i, name in enumerate(classes)}
         unknown = sorted({cls for cls in labels.values() if cls not in lookup})
         if unknown:
-            raise DataError(f"{labels_file}: {len(unknown)} classes absent from the training split, e.g. {unknown[0]} (classes are the training folder names)")
+            raise DataError(
+                f"{labels_file}: {len(unknown)} classes absent from the training "
+                f"split, e.g. {unknown[0]} (classes are the training folder names)"
+            )
         self.classes, self.root, self.labels_file = classes, split_dir, labels_file
         self._paths = np.array(files, dtype=np.bytes_)
         self._labels = np.array([lookup[labels[Path(name).stem]] for name in files], dtype=np.int32)

@@ -60,7 +60,9 @@ def scan(split_dir: Path, folders: list[os.DirEntry]) -> tuple[dict[str, np.ndar
     """
     parts, counts = [], []
     for entry in folders:
-        names = sorted(e.name for e in os.scandir(entry.path) if e.name.lower().endswith(IMG_EXTENSIONS) and e.is_file())
+        names = sorted(
+            e.name for e in os.scandir(entry.path) if e.name.lower().endswith(IMG_EXTENSIONS) and e.is_file()
+        )
         parts.append(np.array([f"{entry.name}/{n}" for n in names], dtype=np.bytes_))
         counts.append(len(names))
     width = max((p.dtype.itemsize for p in parts), default=1)
@@ -69,7 +71,9 @@ def scan(split_dir: Path, folders: list[os.DirEntry]) -> tuple[dict[str, np.ndar
         paths[start : start + count], parts[i] = parts[i], None
         start += count
     labels = np.repeat(np.arange(len(folders), dtype=np.int32), counts)
-    return {"paths": paths, "labels": labels, "counts": np.array(counts, dtype=np.int64)}, {"classes": [e.name for e in folders]}
+    return {"paths": paths, "labels": labels, "counts": np.array(counts, dtype=np.int64)}, {
+        "classes": [e.name for e in folders]
+    }
 
 
 def folder_index(split_dir: Path, cache: str = "off", rank: int = 0, wait_s: float = 600.0) -> index_cache.CachedIndex:
@@ -82,7 +86,12 @@ def folder_index(split_dir: Path, cache: str = "off", rank: int = 0, wait_s: flo
     """
     folders = class_folders(split_dir)
     if not folders:
-        raise DataError(f"{split_dir}: no class folders; expected {FOLDER_LAYOUT} (a flat ImageNet val/ needs a labels file: data.val_labels)")
+        raise DataError(
+            f"{split_dir}: no class folders; expected {FOLDER_LAYOUT} (a flat "
+            "ImageNet val/ needs a labels file: data.val_labels)"
+        )
     key = fingerprint(split_dir, folders)
     path = index_cache.cache_path(cache, split_dir, split_dir.name)
-    return index_cache.load_or_build(path, key, lambda: scan(split_dir, folders), f"folder index of {split_dir}", rank, wait_s, stale_reason(key))
+    return index_cache.load_or_build(
+        path, key, lambda: scan(split_dir, folders), f"folder index of {split_dir}", rank, wait_s, stale_reason(key)
+    )

@@ -181,7 +181,8 @@ def load_or_build(
         while found is None:
             if time.monotonic() > deadline:
                 raise DataError(
-                    f"data.index_cache: process {rank} waited {wait_s:.0f} s for the {what}, which process 0 writes to {path}: "
+                    f"data.index_cache: process {rank} waited {wait_s:.0f} s for the "
+                    f"{what}, which process 0 writes to {path}: "
                     f"process 0 failed or is still indexing, or {path.parent} is not shared between the machines; "
                     "raise data.index_wait_s, or set data.index_cache to a shared directory (or off)"
                 )
@@ -198,7 +199,8 @@ def load_or_build(
             write(path, key, arrays, meta)
         except OSError as err:
             log.warning(
-                "%s: cannot write the index cache %s (%s); every process indexes the data itself. Set data.index_cache to a writable directory",
+                "%s: cannot write the index cache %s (%s); every process indexes "
+                "the data itself. Set data.index_cache to a writable directory",
                 what,
                 path,
                 err.strerror or err,

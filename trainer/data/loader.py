@@ -49,7 +49,11 @@ class Datasets:
     def check_val_size(self, num_processes: int, *, config_file: str, root: str) -> None:
         """Every process needs at least one val image: fewer would leave one without a batch."""
         if self.val_size and self.val_size < num_processes:
-            raise ConfigError(f"{config_file}: {num_processes} processes but only {self.val_size} validation images in {root}; launch fewer processes")
+            raise ConfigError(
+                f"{config_file}: {num_processes} processes but only "
+                f"{self.val_size} validation images in {root}; launch fewer "
+                "processes"
+            )
 
 
 def resolve_input_config(cfg: InputConfig, model_name: str) -> dict:
@@ -75,7 +79,8 @@ TRIVIAL_AUGMENT = ("trivial", "ta_wide")  # torchvision's TrivialAugmentWide; ti
 
 
 def create_train_transform(aug: AugConfig, input_cfg: dict, size: int, normalize_on_device: bool) -> Any:
-    """The train transform from timm at `size` px (a scheduled size, or the input size); uint8 output when normalizing on the device.
+    """The train transform from timm at `size` px (a scheduled size, or the input size); uint8 output
+    when normalizing on the device.
 
     Random erasing is not here: it runs on the normalized device batch (`trainer.batch_augment`),
     where timm's prefetcher runs it.
@@ -94,14 +99,19 @@ def create_train_transform(aug: AugConfig, input_cfg: dict, size: int, normalize
         )
     except (AssertionError, ValueError, KeyError, IndexError) as err:
         raise ConfigError(
-            f"aug.auto_augment: {aug.auto_augment!r} is not a timm policy (rand-m9-mstd0.5-inc1, augmix-m5-w4-d2, v0, original) nor trivial ({err})"
+            f"aug.auto_augment: {aug.auto_augment!r} is not a timm policy "
+            "(rand-m9-mstd0.5-inc1, augmix-m5-w4-d2, v0, original) nor "
+            f"trivial ({err})"
         ) from None
     train = _uint8_tensor_output(train)
     if trivial:
         from torchvision import transforms as T
 
         steps = list(train.transforms)
-        at = max((i + 1 for i, t in enumerate(steps) if isinstance(t, (T.RandomHorizontalFlip, T.RandomVerticalFlip))), default=1)
+        at = max(
+            (i + 1 for i, t in enumerate(steps) if isinstance(t, (T.RandomHorizontalFlip, T.RandomVerticalFlip))),
+            default=1,
+        )
         steps.insert(at, T.TrivialAugmentWide(interpolation=T.InterpolationMode.BILINEAR))
         train = T.Compose(steps)
     return train
@@ -129,7 +139,9 @@ def create_val_transform(input_cfg: dict, test_img_size: int, normalize_on_devic
     return _uint8_tensor_output(val)
 
 
-def create_transforms(*, aug: AugConfig, input_cfg: dict, test_img_size: int, normalize_on_device: bool, train_size: int = 0) -> tuple[Any, Any]:
+def create_transforms(
+    *, aug: AugConfig, input_cfg: dict, test_img_size: int, normalize_on_device: bool, train_size: int = 0
+) -> tuple[Any, Any]:
     """Train and val transforms from timm; `train_size` (0: the input size) sets the train crop.
 
     `input.test_img_size` sets the val crop apart from the train one.
@@ -175,7 +187,8 @@ def create_datasets(
     num_classes: int = 0,
     train: bool = True,
 ) -> Datasets:
-    """Both splits of the configured source (or, with `train=False`, val alone), decoded and transformed by one pipeline.
+    """Both splits of the configured source (or, with `train=False`, val alone), decoded and
+    transformed by one pipeline.
 
     Raises:
         DataError: for a missing root or split, or val classes absent from train; the
@@ -188,7 +201,8 @@ def create_datasets(
     source = get_source(cfg.source)
     input_cfg = resolve_input_config(input, model_name)
     test_size = input.test_img_size or input_cfg["input_size"][-1]
-    size = train_size_at(input.train_size_schedule, 0, input_cfg["input_size"][-1])  # a resumed run resizes on its first epoch
+    # a resumed run resizes on its first epoch
+    size = train_size_at(input.train_size_schedule, 0, input_cfg["input_size"][-1])
     train_tf, val_tf = create_transforms(
         aug=aug,
         input_cfg=input_cfg,
@@ -204,16 +218,27 @@ def create_datasets(
 
     if cfg.streaming:
         if aug.repeated_aug > 1:
-            raise ConfigError(f"aug.repeated_aug: {aug.repeated_aug} needs an indexed source; a stream cannot repeat its images (set data.streaming=false)")
-        train_reader = create_stream_reader(cfg, cfg.train_split, rank, world_size, seed, shuffle=True, num_classes=num_classes)
+            raise ConfigError(
+                f"aug.repeated_aug: {aug.repeated_aug} needs an indexed source; a "
+                "stream cannot repeat its images (set data.streaming=false)"
+            )
+        train_reader = create_stream_reader(
+            cfg, cfg.train_split, rank, world_size, seed, shuffle=True, num_classes=num_classes
+        )
         classes = train_reader.classes
         val_reader = create_stream_reader(cfg, val_split, rank, world_size, seed, shuffle=False, classes=classes)
         train_ds = StreamingImageDataset(train_reader, decoder(train_tf, size, classes)) if train else None
         val_ds = StreamingImageDataset(val_reader, decoder(val_tf, int(test_size / input_cfg["crop_pct"]), classes))
-        return Datasets(train_ds, val_ds, classes, None, input_cfg, train_reader.num_samples, val_reader.num_samples, streamed=True)
+        return Datasets(
+            train_ds, val_ds, classes, None, input_cfg, train_reader.num_samples, val_reader.num_samples, streamed=True
+        )
 
     classes = None if train else class_names(cfg)
-    train_reader = SpreadSubset.of(create_reader(cfg, cfg.train_split, rank=rank), cfg.max_train_samples) if train or classes is None else None
+    train_reader = (
+        SpreadSubset.of(create_reader(cfg, cfg.train_split, rank=rank), cfg.max_train_samples)
+        if train or classes is None
+        else None
+    )
     classes = classes or train_reader.classes
     val_reader = SpreadSubset.of(create_reader(cfg, val_split, classes=classes, rank=rank), cfg.max_val_samples)
     val_ds = ImageDataset(val_reader, decoder(val_tf, int(test_size / input_cfg["crop_pct"]), classes))
@@ -229,7 +254,15 @@ def create_datasets(
         batch_size=loader.batch_size_per_device,
         repeats=aug.repeated_aug,
     )
-    return Datasets(ImageDataset(train_reader, decoder(train_tf, size, classes)), val_ds, classes, sampler, input_cfg, len(train_reader), len(val_reader))
+    return Datasets(
+        ImageDataset(train_reader, decoder(train_tf, size, classes)),
+        val_ds,
+        classes,
+        sampler,
+        input_cfg,
+        len(train_reader),
+        len(val_reader),
+    )
 
 
 # Modules the fork server imports once, so that each worker it forks starts with them;

@@ -51,7 +51,8 @@ class StreamReader(Protocol):
 
 
 class PathListReader:
-    """Image files under `root`, by relative path (a numpy bytes array) with a label each: what the folder readers share.
+    """Image files under `root`, by relative path (a numpy bytes array) with a label each: what the
+    folder readers share.
 
     NOTE: numpy arrays, not lists of str: 1.28 M paths pickle to loader workers in one
     buffer, and a memory-mapped index is shared by every process through the page cache.
@@ -91,10 +92,15 @@ class FolderReader(PathListReader):
         lookup = {name: i for i, name in enumerate(self.classes)}
         unknown = [name for name in found if name not in lookup]
         if unknown:
-            raise DataError(f"{split_dir}: {len(unknown)} class folders absent from the training split, e.g. {unknown[:3]}")
+            raise DataError(
+                f"{split_dir}: {len(unknown)} class folders absent from the training split, e.g. {unknown[:3]}"
+            )
         self.empty_classes = [name for name, count in zip(found, counts) if not count]
         if self.empty_classes and not allow_empty_classes:
-            raise DataError(f"{split_dir / self.empty_classes[0]}: empty class folder (no {', '.join(IMG_EXTENSIONS)} files); expected {FOLDER_LAYOUT}")
+            raise DataError(
+                f"{split_dir / self.empty_classes[0]}: empty class folder (no "
+                f"{', '.join(IMG_EXTENSIONS)} files); expected {FOLDER_LAYOUT}"
+            )
         self.root, self.cache_file = split_dir, index.path
         # NOTE: numpy arrays, not lists of str: 1.28M paths pickle to workers in one buffer,
         # and a memory-mapped cache is shared by every process through the page cache.
@@ -131,23 +137,32 @@ def open_hf_split(root_arg: str, split: str, streaming: bool = False, cache_dir:
             if not isinstance(loaded, datasets.DatasetDict):
                 # NOTE: one saved Dataset has no split names; reading it for both train and
                 # val would validate on the training images without a word.
-                raise DataError(f"{root}: holds a single Dataset without splits; save a DatasetDict with '{split}' (DatasetDict({{...}}).save_to_disk)")
+                raise DataError(
+                    f"{root}: holds a single Dataset without splits; save a "
+                    f"DatasetDict with '{split}' (DatasetDict({{...}}).save_to_disk)"
+                )
             if split not in loaded:
                 raise DataError(f"{root}: no split '{split}' (has {', '.join(loaded)})")
             loaded = loaded[split]
             return loaded.to_iterable_dataset() if streaming else loaded
         if root.is_dir():
-            files = sorted(glob.glob(str(root / "data" / f"{split}-*.parquet"))) or sorted(glob.glob(str(root / f"{split}-*.parquet")))
+            files = sorted(glob.glob(str(root / "data" / f"{split}-*.parquet"))) or sorted(
+                glob.glob(str(root / f"{split}-*.parquet"))
+            )
             if not files:
                 raise DataError(f"{root}: no parquet shards for split '{split}'; expected {HF_LAYOUT}")
-            return datasets.load_dataset("parquet", data_files={split: files}, split=split, streaming=streaming, cache_dir=cache_dir)
+            return datasets.load_dataset(
+                "parquet", data_files={split: files}, split=split, streaming=streaming, cache_dir=cache_dir
+            )
         if root.exists() or str(root_arg).startswith((".", "/", "~")):
             raise DataError(f"{root_arg}: not a dataset directory; expected {HF_LAYOUT}")
         return datasets.load_dataset(root_arg, split=split, streaming=streaming, cache_dir=cache_dir)
     except DataError:
         raise
     except (FileNotFoundError, ValueError, ConnectionError, OSError) as err:
-        raise DataError(f"{root_arg} (split '{split}'): cannot open offline: {str(err).splitlines()[0]}; expected {HF_LAYOUT}") from None
+        raise DataError(
+            f"{root_arg} (split '{split}'): cannot open offline: {str(err).splitlines()[0]}; expected {HF_LAYOUT}"
+        ) from None
 
 
 def _row_sample(row: dict, image_column: str, label_column: str, name: str) -> Sample:
@@ -175,7 +190,10 @@ def _class_names(features: Any, label_column: str, image_column: str, where: str
         return None
     for column in (image_column, label_column):
         if column not in features:
-            raise DataError(f"{where}: no column '{column}' (columns: {', '.join(features)}); set data.image_column / data.label_column")
+            raise DataError(
+                f"{where}: no column '{column}' (columns: {', '.join(features)}); "
+                "set data.image_column / data.label_column"
+            )
     names = getattr(features[label_column], "names", None)
     return list(names) if names else None
 
@@ -200,7 +218,13 @@ class HFReader:
     """A map-style `datasets.Dataset` split; images are read as bytes, undecoded."""
 
     def __init__(
-        self, root: str, split: str, classes: list[str] | None = None, image_column: str = "image", label_column: str = "label", cache_dir: str = ""
+        self,
+        root: str,
+        split: str,
+        classes: list[str] | None = None,
+        image_column: str = "image",
+        label_column: str = "label",
+        cache_dir: str = "",
     ) -> None:
         datasets = _hf_offline()
         ds = open_hf_split(root, split, cache_dir=cache_dir)

@@ -20,7 +20,10 @@ EXAMPLE = "[[0, 160], [12, 192]]"
 
 def schedule_problem(schedule: list) -> str:
     """Why `schedule` cannot be used as `input.train_size_schedule`, or "" when it can."""
-    pairs = all(isinstance(p, list) and len(p) == 2 and all(isinstance(v, int) and not isinstance(v, bool) for v in p) for p in schedule)
+    pairs = all(
+        isinstance(p, list) and len(p) == 2 and all(isinstance(v, int) and not isinstance(v, bool) for v in p)
+        for p in schedule
+    )
     if not pairs:
         return f"must be a list of [epoch, px] integer pairs such as {EXAMPLE}"
     epochs = [epoch for epoch, _ in schedule]

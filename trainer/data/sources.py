@@ -83,7 +83,9 @@ def _open_folder_for_check(cfg: DataConfig, split: str, classes: list[str] | Non
     root = _folder_root(cfg)
     if _is_flat_val(cfg, root / split, classes):
         return _open_folder(cfg, split, classes), []
-    reader = FolderReader(root / split, allow_empty_classes=True, index_cache=cfg.index_cache, index_wait_s=cfg.index_wait_s)
+    reader = FolderReader(
+        root / split, allow_empty_classes=True, index_cache=cfg.index_cache, index_wait_s=cfg.index_wait_s
+    )
     return reader, reader.empty_classes
 
 
@@ -131,10 +133,19 @@ HF = Source(
 def _open_shards(cfg: DataConfig, split: str, classes: list[str] | None, rank: int = 0) -> Reader:
     from trainer.data.wds import TarShardReader
 
-    return TarShardReader(Path(cfg.root).expanduser(), split, classes, index_cache=cfg.index_cache, rank=rank, index_wait_s=cfg.index_wait_s)
+    return TarShardReader(
+        Path(cfg.root).expanduser(),
+        split,
+        classes,
+        index_cache=cfg.index_cache,
+        rank=rank,
+        index_wait_s=cfg.index_wait_s,
+    )
 
 
-def _stream_shards(cfg: DataConfig, split: str, rank: int, world_size: int, seed: int, shuffle: bool, classes=None, num_classes=0) -> StreamReader:
+def _stream_shards(
+    cfg: DataConfig, split: str, rank: int, world_size: int, seed: int, shuffle: bool, classes=None, num_classes=0
+) -> StreamReader:
     from trainer.data.wds import TarShardStream
 
     return TarShardStream(Path(cfg.root).expanduser(), split, rank, world_size, seed, shuffle, classes, num_classes)
@@ -150,7 +161,8 @@ def _wds_class_names(cfg: DataConfig) -> list[str] | None:
 
 WDS = Source(
     name="wds",
-    layout="ROOT/<name>-<split>-NNNN.tar shards of <key>.jpg + <key>.cls members (timm's imagenet-1k-wds), optional ROOT/_info.json",
+    layout="ROOT/<name>-<split>-NNNN.tar shards of <key>.jpg + <key>.cls "
+    "members (timm's imagenet-1k-wds), optional ROOT/_info.json",
     default_val_split="validation",
     open=_open_shards,
     open_stream=_stream_shards,
@@ -174,13 +186,22 @@ def create_reader(cfg: DataConfig, split: str, classes: list[str] | None = None,
 
 
 def create_stream_reader(
-    cfg: DataConfig, split: str, rank: int, world_size: int, seed: int, shuffle: bool, classes: list[str] | None = None, num_classes: int = 0
+    cfg: DataConfig,
+    split: str,
+    rank: int,
+    world_size: int,
+    seed: int,
+    shuffle: bool,
+    classes: list[str] | None = None,
+    num_classes: int = 0,
 ) -> StreamReader:
     """A reader that streams one split, this process's shard of it."""
     source = get_source(cfg.source)
     if source.open_stream is None:
         raise DataError(
-            f"data.streaming: the {source.name} source does not stream (streaming sources: {', '.join(s.name for s in SOURCES.values() if s.open_stream)})"
+            f"data.streaming: the {source.name} source does not stream "
+            "(streaming sources: "
+            f"{', '.join(s.name for s in SOURCES.values() if s.open_stream)})"
         )
     return source.open_stream(cfg, split, rank, world_size, seed, shuffle, classes, num_classes)
 

@@ -14,8 +14,8 @@ mid-epoch resume for free, and each sample costs one `pread` on an already open 
 stream instead: a shuffle buffer of decoded-in-memory samples per worker, and resume
 by replaying the stream. Measured on 25,000 samples (benchmarks/README.md): 44,100
 samples/s by index in random order, against 2,760/s through `datasets`' streamed
-webdataset loader (the `webdataset` package was not installed). The streamed mode (`data.streaming=true`) is here too, for
-data read once in order, without an index.
+webdataset loader (the `webdataset` package was not installed). The streamed mode
+(`data.streaming=true`) is here too, for data read once in order, without an index.
 """
 
 from __future__ import annotations
@@ -34,7 +34,10 @@ import torch
 from trainer.data import index_cache as cache
 from trainer.data.readers import IMG_EXTENSIONS, DataError, Sample
 
-WDS_LAYOUT = "ROOT/<name>-<split>-NNNN.tar shards of <key>.jpg + <key>.cls members (timm's imagenet-1k-wds), optional ROOT/_info.json"
+WDS_LAYOUT = (
+    "ROOT/<name>-<split>-NNNN.tar shards of <key>.jpg + <key>.cls "
+    "members (timm's imagenet-1k-wds), optional ROOT/_info.json"
+)
 IMAGE_EXTS = tuple(e.lstrip(".") for e in IMG_EXTENSIONS)
 FORMAT = 1
 OPEN_SHARDS = 64  # open files kept per process for random access
@@ -144,11 +147,22 @@ def class_names(info: dict, classes: list[str] | None, labels: np.ndarray | None
 class TarShardReader:
     """Random access to the samples of a split's shards, through a cached header index."""
 
-    def __init__(self, root: Path, split: str, classes: list[str] | None = None, index_cache: str = "off", rank: int = 0, index_wait_s: float = 600.0) -> None:
+    def __init__(
+        self,
+        root: Path,
+        split: str,
+        classes: list[str] | None = None,
+        index_cache: str = "off",
+        rank: int = 0,
+        index_wait_s: float = 600.0,
+    ) -> None:
         shards = find_shards(root, split)
         key = shard_fingerprint(root, split, shards)
-        path = cache.cache_path(index_cache, root / split, f"wds-{split}")  # beside the shards: ROOT/.trainer-index-wds-<split>.bin
-        index = cache.load_or_build(path, key, lambda: build_index(shards), f"tar index of {root} [{split}]", rank, index_wait_s)
+        # beside the shards: ROOT/.trainer-index-wds-<split>.bin
+        path = cache.cache_path(index_cache, root / split, f"wds-{split}")
+        index = cache.load_or_build(
+            path, key, lambda: build_index(shards), f"tar index of {root} [{split}]", rank, index_wait_s
+        )
         self.root, self.split, self.cache_file = root, split, index.path
         self._shard_paths = [str(p) for p in shards]
         self._a = index.arrays
@@ -224,18 +238,37 @@ class TarShardStream:
     """
 
     def __init__(
-        self, root: Path, split: str, rank: int, world_size: int, seed: int, shuffle: bool, classes: list[str] | None = None, num_classes: int = 0
+        self,
+        root: Path,
+        split: str,
+        rank: int,
+        world_size: int,
+        seed: int,
+        shuffle: bool,
+        classes: list[str] | None = None,
+        num_classes: int = 0,
     ) -> None:
         self.shards = find_shards(root, split)
         info = read_info(root)
         split_info = info.get("splits", {}).get(split, {})
         self.num_samples = int(split_info.get("num_samples", 0) or 0)
         lengths = dict(zip(split_info.get("filenames", []), split_info.get("shard_lengths", [])))
-        self.shard_lengths = [int(lengths[p.name]) for p in self.shards] if all(p.name in lengths for p in self.shards) else None
+        self.shard_lengths = (
+            [int(lengths[p.name]) for p in self.shards] if all(p.name in lengths for p in self.shards) else None
+        )
         self.classes = class_names(info, classes, None, num_classes)
         if not self.classes:
-            raise DataError(f"{root} [{split}]: streamed shards name no classes (no classes in _info.json); set model.num_classes")
-        self.root, self.split, self.rank, self.world_size, self.seed, self.shuffle = root, split, rank, world_size, seed, shuffle
+            raise DataError(
+                f"{root} [{split}]: streamed shards name no classes (no classes in _info.json); set model.num_classes"
+            )
+        self.root, self.split, self.rank, self.world_size, self.seed, self.shuffle = (
+            root,
+            split,
+            rank,
+            world_size,
+            seed,
+            shuffle,
+        )
 
     def _spans(self, order: list[int], consumers: int, me: int) -> list[tuple[int, int, int]]:
         """(shard, first, end) sample ranges this consumer reads, in order.
@@ -266,7 +299,9 @@ class TarShardStream:
         consumers, me = self.world_size * workers, self.rank * workers + worker_id
         order = list(range(len(self.shards)))
         if self.shuffle:
-            order = torch.randperm(len(order), generator=torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)).tolist()
+            order = torch.randperm(
+                len(order), generator=torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            ).tolist()
         rng = random.Random(f"{self.seed}/{epoch}/{me}")
         buffer: list[Sample] = []
         ordinal = 0  # samples seen over all shards (the every-n-th split)
@@ -291,7 +326,11 @@ class TarShardStream:
                 # NOTE: the rest of a broken shard is lost; name it, as a skipped sample, and go on.
                 yield Sample(None, -1, f"{path}: unreadable after {count} samples ({err})")
                 continue
-            if self.shard_lengths is not None and end >= self.shard_lengths[number] and count != self.shard_lengths[number]:
+            if (
+                self.shard_lengths is not None
+                and end >= self.shard_lengths[number]
+                and count != self.shard_lengths[number]
+            ):
                 raise DataError(
                     f"{path}: {count} samples, but {self.root / '_info.json'} says {self.shard_lengths[number]}; "
                     "fix or delete _info.json (without it whole shards are dealt out)"

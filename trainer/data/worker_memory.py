@@ -26,5 +26,10 @@ def bound_worker_heap(worker_id: int = 0) -> bool:
     except (OSError, AttributeError):
         return False
     return all(
-        mallopt(option, value) == 1 for option, value in ((M_MMAP_MAX, MMAP_MAX), (M_MMAP_THRESHOLD, THRESHOLD_BYTES), (M_TRIM_THRESHOLD, THRESHOLD_BYTES))
+        mallopt(option, value) == 1
+        for option, value in (
+            (M_MMAP_MAX, MMAP_MAX),
+            (M_MMAP_THRESHOLD, THRESHOLD_BYTES),
+            (M_TRIM_THRESHOLD, THRESHOLD_BYTES),
+        )
     )

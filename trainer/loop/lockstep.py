@@ -23,7 +23,15 @@ log = logging.getLogger("trainer")
 class Lockstep:
     """The loader's batches, then (when `pad`) empty batches for ever; `ended` once the loader ran out."""
 
-    def __init__(self, loader: Iterable[dict[str, Any]], pad: bool, epoch: int, first_batch: int, epoch_batches: int, process_index: int) -> None:
+    def __init__(
+        self,
+        loader: Iterable[dict[str, Any]],
+        pad: bool,
+        epoch: int,
+        first_batch: int,
+        epoch_batches: int,
+        process_index: int,
+    ) -> None:
         self.loader, self.pad, self.epoch, self.ended = loader, pad, epoch, False
         self.first_batch, self.epoch_batches, self.process_index = first_batch, epoch_batches, process_index
 
@@ -36,7 +44,9 @@ class Lockstep:
             return
         self.ended = True
         log.warning(
-            "epoch %d: process %d's stream shard ran out after %d of the epoch's %d batches; it steps on with its loss weighted 0 so that the processes stay in step",
+            "epoch %d: process %d's stream shard ran out after %d of the "
+            "epoch's %d batches; it steps on with its loss weighted 0 so "
+            "that the processes stay in step",
             self.epoch + 1,
             self.process_index,
             done,

@@ -28,7 +28,12 @@ class NonFiniteGuard:
     """Counts consecutive non-finite losses; `check` raises past `limit`, `safe_to_save` vetoes bad checkpoints."""
 
     def __init__(
-        self, device: torch.device, limit: int, loss_scaler: bool, checkpoints: Path, agree: Callable[[torch.Tensor], torch.Tensor] | None = None
+        self,
+        device: torch.device,
+        limit: int,
+        loss_scaler: bool,
+        checkpoints: Path,
+        agree: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> None:
         """`agree` maxes a tensor over all processes (by default the process group's all-reduce, when there is one)."""
         self.limit, self.loss_scaler, self.checkpoints = limit, loss_scaler, checkpoints
@@ -46,20 +51,27 @@ class NonFiniteGuard:
         """(the longest streak on any process, any latest loss non-finite, any weight non-finite); one collective."""
         weights_bad = torch.zeros((), dtype=torch.int64, device=self.worst.device)
         if model is not None:
-            weights_bad = (~torch.stack([torch.isfinite(p.detach()).all() for p in model.parameters()]).all()).to(torch.int64)
+            weights_bad = (~torch.stack([torch.isfinite(p.detach()).all() for p in model.parameters()]).all()).to(
+                torch.int64
+            )
         # NOTE: reduced as float32, which every collective backend reduces (int64 is not a given)
         flags = torch.stack([self.worst, self.streak.clamp(max=1), weights_bad.to(self.worst.device)]).to(torch.float32)
         worst, streak, bad = self.agree(flags).tolist()
         return int(worst), bool(streak), bool(bad)
 
     def check(self, step: int) -> None:
-        """Raise `TrainingStopped` once `limit` consecutive losses were non-finite on a process (reads the device; collective)."""
+        """Raise `TrainingStopped` once `limit` consecutive losses were non-finite on a process.
+
+        Reads the device; a collective: every process calls it.
+        """
         self._raise_past_limit(self._flags()[0], step)
 
     def _raise_past_limit(self, worst: int, step: int) -> None:
         if not self.loss_scaler and worst >= self.limit:
             raise TrainingStopped(
-                f"loss was non-finite for {worst} consecutive steps, up to step {step} (limit train.max_non_finite_steps={self.limit}); the last good checkpoint is kept in {self.checkpoints}"
+                f"loss was non-finite for {worst} consecutive steps, up to step "
+                f"{step} (limit train.max_non_finite_steps={self.limit}); the "
+                f"last good checkpoint is kept in {self.checkpoints}"
             )
 
     def safe_to_save(self, model: torch.nn.Module, step: int) -> bool:

@@ -51,13 +51,18 @@ class StepHook:
 class OptimizerStep:
     """Owns the optimizer step, the scheduler step, the step counter and the hooks around them."""
 
-    def __init__(self, accelerator: Any, model: torch.nn.Module, optimizer: Any, scheduler: Any, state: TrainState) -> None:
+    def __init__(
+        self, accelerator: Any, model: torch.nn.Module, optimizer: Any, scheduler: Any, state: TrainState
+    ) -> None:
         self.accelerator, self.model, self.optimizer, self.scheduler = accelerator, model, optimizer, scheduler
         self.state = state
         self.hooks: list[Any] = []
 
     def add_hook(self, hook: Any) -> None:
-        """Run `hook.before_update(step)` / `hook.after_update(step)` at every update; checkpoint its state if it has one."""
+        """Run `hook.before_update(step)` / `hook.after_update(step)` at every update.
+
+        The hook's state is checkpointed if it has one (`state_dict` / `load_state_dict`).
+        """
         if not (hasattr(hook, "before_update") or hasattr(hook, "after_update")):
             raise TypeError(f"{type(hook).__name__} has neither before_update nor after_update")
         if hasattr(hook, "state_dict") and hasattr(hook, "load_state_dict"):

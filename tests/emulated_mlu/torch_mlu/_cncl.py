@@ -269,7 +269,9 @@ class ProcessGroupCNCL(dist.ProcessGroup):
 
     _allgather_base = all_gather_single
 
-    def all_gather_single_coalesced(self, outputs: list[torch.Tensor], inputs: list[torch.Tensor], opts: Any = None) -> Work:
+    def all_gather_single_coalesced(
+        self, outputs: list[torch.Tensor], inputs: list[torch.Tensor], opts: Any = None
+    ) -> Work:
         """``all_gather_single`` over pairs of outputs and inputs."""
         for output, tensor in zip(outputs, inputs):
             self.all_gather_single(output, tensor, opts)
@@ -301,7 +303,9 @@ class ProcessGroupCNCL(dist.ProcessGroup):
 
     _reduce_scatter_base = reduce_scatter_single
 
-    def reduce_scatter_single_coalesced(self, outputs: list[torch.Tensor], inputs: list[torch.Tensor], opts: Any) -> Work:
+    def reduce_scatter_single_coalesced(
+        self, outputs: list[torch.Tensor], inputs: list[torch.Tensor], opts: Any
+    ) -> Work:
         """``reduce_scatter_single`` over pairs of outputs and inputs."""
         for output, tensor in zip(outputs, inputs):
             self.reduce_scatter_single(output, tensor, opts)

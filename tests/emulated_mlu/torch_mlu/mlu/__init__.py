@@ -155,7 +155,16 @@ def synchronize(device: DeviceLike = None) -> None:
 
 # -------------------------------------------------------------- traffic
 
-_TRAFFIC_KEYS = ("h2d_copies", "h2d_bytes", "h2d_blocking", "d2h_copies", "d2h_bytes", "d2h_blocking", "scalar_reads", "sync_calls")
+_TRAFFIC_KEYS = (
+    "h2d_copies",
+    "h2d_bytes",
+    "h2d_blocking",
+    "d2h_copies",
+    "d2h_bytes",
+    "d2h_blocking",
+    "scalar_reads",
+    "sync_calls",
+)
 
 
 def transfer_stats() -> dict[str, int]:
@@ -217,7 +226,11 @@ class _DeviceProperties:
         self.multi_processor_count = 16
 
     def __repr__(self) -> str:
-        return f"_MLUDeviceProperties(name='{self.name}', major={self.major}, minor={self.minor}, total_memory={self.total_memory // 1024**2}MB)"
+        return (
+            f"_MLUDeviceProperties(name='{self.name}', major={self.major}, "
+            f"minor={self.minor}, "
+            f"total_memory={self.total_memory // 1024**2}MB)"
+        )
 
 
 def get_device_properties(device: DeviceLike = None) -> _DeviceProperties:
@@ -468,7 +481,11 @@ class Event:
     def __init__(self, enable_timing: bool = False, blocking: bool = False, interprocess: bool = False) -> None:
         self.enable_timing = enable_timing
         # torch.Event arrived in torch 2.3; before it, the host clock is read here directly.
-        self._event = torch.Event(torch.device("mlu", current_device()), enable_timing=enable_timing) if hasattr(torch, "Event") else None
+        self._event = (
+            torch.Event(torch.device("mlu", current_device()), enable_timing=enable_timing)
+            if hasattr(torch, "Event")
+            else None
+        )
         self._recorded_s = 0.0
 
     def record(self, stream: Stream | None = None) -> None:
