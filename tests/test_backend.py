@@ -204,6 +204,7 @@ print(sum([step() for _ in range(30)][-5:]))
 """
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's mallopt")
 def test_retained_host_memory_is_reused_without_page_faults():
     def late_faults(mode: str) -> tuple[str, int]:

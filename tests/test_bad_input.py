@@ -346,6 +346,7 @@ def test_check_data_clean_folder_exits_0(tmp_path: Path, capsys: pytest.CaptureF
     assert "unreadable files: 0" in out and "L->RGB: 1" in out and "result: ok" in out
 
 
+@pytest.mark.slow
 def test_check_data_hf_rows(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     spoiled = {index: change for index, change, _ in HF_SKIPPED.values()} | {10: {"label": None}}
     config = write_config(tmp_path, write_parquet(tmp_path / "data", spoiled), "hf")

@@ -456,6 +456,7 @@ if __name__ == "__main__":
 """
 
 
+@pytest.mark.slow
 def test_cncl_collectives_and_ddp_two_processes(mlu_env: dict[str, str], tmp_path: Path) -> None:
     script = tmp_path / "spawn_cncl.py"
     script.write_text(_SPAWN_SCRIPT)
@@ -581,6 +582,7 @@ def _rank_results(run: dict) -> list[dict]:
     return [run["ranks"][0], run["ranks"][1]]
 
 
+@pytest.mark.slow
 def test_accelerate_partial_state_is_multi_mlu(accelerate_run: dict) -> None:
     for rank, result in enumerate(_rank_results(accelerate_run)):
         assert result["distributed_type"] == "DistributedType.MULTI_MLU"

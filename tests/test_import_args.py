@@ -212,6 +212,7 @@ def test_bad_values_are_one_line_errors():
         run(["main.py", "-b", "x"])
 
 
+@pytest.mark.slow
 def test_cli_prints_yaml_and_names_what_it_cannot_map(tmp_path):
     cmd = [sys.executable, "-m", "trainer", "import-args", "--devices", "8", "--", *GUIDE, "--pretrained"]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=120)

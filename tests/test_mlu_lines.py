@@ -352,7 +352,7 @@ def test_erasing_noise_on_the_device_depends_on_the_batch_alone():
             from trainer.config import AugConfig, MixupConfig
             erase = AugConfig(re_prob=1.0, re_mode="pixel")
             augment = create_batch_augment(
-                mixup=MixupConfig(), aug=erase, num_classes=4, label_smoothing=0.0, seed=0, process_index=0
+                mixup=MixupConfig(), aug=erase, num_classes=4, label_smoothing=0.0, seed=0
             )
             images = torch.zeros(4, 3, 16, 16, device="mlu:0")
             labels = torch.arange(4, device="mlu:0")

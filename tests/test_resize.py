@@ -132,6 +132,7 @@ def same_tensors(a: Path, b: Path) -> bool:
     return x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
 
 
+@pytest.mark.slow
 def test_a_run_trains_at_each_scheduled_size_and_resumes_mid_epoch_bit_exact_across_a_change(tmp_path, config):
     record, seen = fit_recording_sizes(config)
     assert seen == [(0, (24, 24))] * 6 + [(1, (32, 32))] * 6

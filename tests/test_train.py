@@ -6,6 +6,7 @@ import json
 import stat
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -56,6 +57,7 @@ def test_fit_trains_validates_and_writes_the_run(tmp_path: Path):
     assert stat.S_IMODE(weights.stat().st_mode) == stat.S_IMODE((run / "config.yaml").stat().st_mode)  # not 0600
 
 
+@pytest.mark.slow
 def test_resume_continues_bit_for_bit(tmp_path: Path):
     fit(tiny_config(tmp_path, "output.run_name=full"))
     fit(tiny_config(tmp_path, "output.run_name=half", "train.epochs=1"))

@@ -122,6 +122,7 @@ def test_clipping_bounds_the_update_at_the_accumulation_boundary(tmp_path, data)
     assert (after - before).norm().item() == pytest.approx(0.1 * 1e-3, rel=1e-3)  # lr x clipped norm
 
 
+@pytest.mark.slow
 def test_eval_takes_the_raw_or_the_ema_weights(tmp_path, data):
     config = write_config(tmp_path, data, train={"epochs": 1}, aug={"repeated_aug": 0})
     record = fit(config)
