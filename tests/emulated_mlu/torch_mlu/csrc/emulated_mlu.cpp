@@ -538,21 +538,49 @@ namespace at {
 namespace {
 TORCH_LIBRARY_IMPL(aten, AutocastPrivateUse1, m) {
 #ifdef EMULATED_MLU_LEGACY_TORCH
-  // torch before 2.4 has no op-list macros in its header: the ops a classifier meets.
-  KERNEL_PRIVATEUSEONE(conv1d, lower_precision_fp)
-  KERNEL_PRIVATEUSEONE(conv2d, lower_precision_fp)
-  KERNEL_PRIVATEUSEONE(conv3d, lower_precision_fp)
-  KERNEL_PRIVATEUSEONE(linear, lower_precision_fp)
-  KERNEL_PRIVATEUSEONE(matmul, lower_precision_fp)
-  KERNEL_PRIVATEUSEONE(mm, lower_precision_fp)
-  KERNEL_PRIVATEUSEONE(bmm, lower_precision_fp)
-  KERNEL_PRIVATEUSEONE(addmm, lower_precision_fp)
-  KERNEL_PRIVATEUSEONE(baddbmm, lower_precision_fp)
-  KERNEL_PRIVATEUSEONE(layer_norm, fp32)
-  KERNEL_PRIVATEUSEONE(group_norm, fp32)
-  KERNEL_PRIVATEUSEONE(nll_loss, fp32)
-  KERNEL_PRIVATEUSEONE(mse_loss, fp32)
-  KERNEL_PRIVATEUSEONE(binary_cross_entropy_with_logits, fp32)
+  // torch before 2.4 has no op-list macros in its header, so the list is spelled out here.
+  // NOTE: the ops and policies torch_mlu's pt2.1 line registers for AutocastPrivateUse1
+  // (torch_mlu/csrc/aten/autocast_mode.cpp on r1.22_pt2.1.0; CUDA's list of torch 2.1), less
+  // its three fp32_append_dtype `norm` overloads and its binary_cross_entropy ban.
+#define LOW(OP) KERNEL_PRIVATEUSEONE(OP, lower_precision_fp)
+#define LOW2(OP, OVERLOAD) KERNEL_PRIVATEUSEONE2(OP, OVERLOAD, lower_precision_fp)
+#define F32(OP) KERNEL_PRIVATEUSEONE(OP, fp32)
+#define F32_2(OP, OVERLOAD) KERNEL_PRIVATEUSEONE2(OP, OVERLOAD, fp32)
+#define OPT(OP) KERNEL_PRIVATEUSEONE(OP, fp32_set_opt_dtype)
+#define OPT2(OP, OVERLOAD) KERNEL_PRIVATEUSEONE2(OP, OVERLOAD, fp32_set_opt_dtype)
+#define PROMOTE(OP) KERNEL_PRIVATEUSEONE(OP, promote)
+  LOW2(_convolution, deprecated) LOW(_convolution) LOW(conv1d) LOW(conv2d) LOW(conv3d) LOW(conv_tbc)
+  LOW(conv_transpose1d) LOW2(conv_transpose2d, input) LOW2(conv_transpose3d, input) LOW(convolution)
+  LOW(cudnn_convolution) LOW(cudnn_convolution_transpose) LOW(prelu)
+  LOW(addmm) LOW(addmv) LOW(addr) LOW(matmul) LOW(einsum) LOW(mm) LOW(mv) LOW(linear)
+  LOW(addbmm) LOW(baddbmm) LOW(bmm) LOW(chain_matmul) LOW(linalg_multi_dot)
+  LOW(_thnn_fused_lstm_cell) LOW(_thnn_fused_gru_cell) LOW(lstm_cell) LOW(gru_cell)
+  LOW(rnn_tanh_cell) LOW(rnn_relu_cell)
+  LOW(_scaled_dot_product_flash_attention) LOW(scaled_dot_product_attention)
+  F32(acos) F32(asin) F32(cosh) F32(erfinv) F32(exp) F32(expm1) F32(log) F32(log10) F32(log2)
+  F32(log1p) F32(reciprocal) F32(rsqrt) F32(sinh) F32(tan)
+  F32_2(pow, Tensor_Scalar) F32_2(pow, Tensor_Tensor) F32_2(pow, Scalar) F32(softplus)
+  F32(layer_norm) F32(native_layer_norm) F32(group_norm)
+  F32_2(frobenius_norm, dim) F32(nuclear_norm) F32_2(nuclear_norm, dim) F32(cosine_similarity)
+  F32(poisson_nll_loss) F32(cosine_embedding_loss) F32(nll_loss) F32(nll_loss2d) F32(hinge_embedding_loss)
+  F32(kl_div) F32(l1_loss) F32(smooth_l1_loss) F32(huber_loss) F32(mse_loss) F32(margin_ranking_loss)
+  F32(multilabel_margin_loss) F32(soft_margin_loss) F32(triplet_margin_loss) F32(multi_margin_loss)
+  F32(binary_cross_entropy_with_logits)
+  F32(dist) F32(pdist) F32(cdist) F32(renorm) F32(logsumexp)
+  OPT(prod) OPT2(prod, dim_int) OPT2(prod, dim_Dimname)
+  OPT2(softmax, int) OPT2(softmax, Dimname) OPT2(log_softmax, int) OPT2(log_softmax, Dimname)
+  OPT(cumprod) OPT2(cumprod, dimname) OPT(cumsum) OPT2(cumsum, dimname)
+  OPT(linalg_vector_norm) OPT(linalg_matrix_norm) OPT2(linalg_matrix_norm, str_ord)
+  OPT(sum) OPT2(sum, dim_IntList) OPT2(sum, dim_DimnameList)
+  PROMOTE(addcdiv) PROMOTE(addcmul) PROMOTE(atan2) PROMOTE(bilinear) PROMOTE(cross) PROMOTE(dot)
+  PROMOTE(grid_sampler) PROMOTE(index_put) PROMOTE(tensordot) PROMOTE(scatter_add)
+#undef LOW
+#undef LOW2
+#undef F32
+#undef F32_2
+#undef OPT
+#undef OPT2
+#undef PROMOTE
 #else
   AT_FORALL_LOWER_PRECISION_FP(MLU_LOWER_PRECISION)
   AT_FORALL_FP32(MLU_FP32)
