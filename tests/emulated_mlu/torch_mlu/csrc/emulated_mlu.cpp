@@ -327,10 +327,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> native_batch_norm(
     if (!t.has_value() || !t->defined()) return t;
     return host_alias(*t);
   };
+  auto host_input = host_alias(input);
+#ifdef EMULATED_MLU_LEGACY_TORCH
+  // torch 2.1's CPU batch norm has no fp16 kernel; the card's has (autocast leaves batch norm
+  // to run in the input's dtype): computed in fp32, the output rounded back to fp16.
+  if (host_input.scalar_type() == at::kHalf) host_input = host_input.to(at::kFloat);
+#endif
   auto [out, mean, invstd] =
-      at::native_batch_norm(host_alias(input), alias(weight), alias(bias),
+      at::native_batch_norm(host_input, alias(weight), alias(bias),
                             alias(running_mean), alias(running_var), training, momentum, eps);
-  return {out.to(input.device()), mean.to(input.device()), invstd.to(input.device())};
+  return {out.to(input.device(), input.scalar_type()), mean.to(input.device()), invstd.to(input.device())};
 }
 
 // ------------------------------------------------------------------ RNG
@@ -379,11 +385,78 @@ void warn_if_no_kernel(const c10::OperatorHandle& op) {
              " This may have performance implications.");
 }
 
+#ifdef EMULATED_MLU_LEGACY_TORCH
+// torch 2.1's CPU kernels lack fp16 for many ops the card runs in fp16 under autocast
+// (pooling, activations, their backwards). Such a call is rerun in fp32 and its results
+// rounded back to fp16, where every floating-point tensor argument is fp16 (then the card's
+// results are fp16 too). Arguments written in place (`out=` tensors: on the device, torch
+// 2.1 runs structured ops such as max_pool2d through their out= variant) get the fp32
+// results copied back into them, and the op returns them.
+bool all_floating_half(const std::vector<c10::IValue>& args) {
+  bool any = false;
+  for (const auto& value : args) {
+    if (value.isTensorList()) return false;
+    if (!value.isTensor() || !value.toTensor().defined()) continue;
+    const auto type = value.toTensor().scalar_type();
+    if (!at::isFloatingType(type)) continue;
+    if (type != at::kHalf) return false;
+    any = true;
+  }
+  return any;
+}
+
+bool is_half(const c10::IValue& value) {
+  return value.isTensor() && value.toTensor().defined() && value.toTensor().scalar_type() == at::kHalf;
+}
+
+void cpu_fallback_half_in_fp32(const c10::OperatorHandle& op, torch::jit::Stack* stack) {
+  const auto& schema = op.schema();
+  const auto num_args = schema.arguments().size();
+  const std::vector<c10::IValue> args(stack->end() - num_args, stack->end());
+  try {
+    at::native::cpu_fallback(op, stack);
+    return;
+  } catch (const c10::Error& err) {
+    if (std::string(err.what()).find("not implemented for 'Half'") == std::string::npos || !all_floating_half(args)) {
+      throw;
+    }
+  }
+  stack->resize(stack->size() - std::min(stack->size(), num_args));
+  std::vector<c10::IValue> converted;
+  for (const auto& value : args) converted.emplace_back(is_half(value) ? value.toTensor().to(at::kFloat) : value);
+  for (const auto& value : converted) stack->push_back(value);
+  at::native::cpu_fallback(op, stack);
+  for (size_t j = 0; j < num_args; ++j) {
+    const auto* info = schema.arguments()[j].alias_info();
+    if (info != nullptr && info->isWrite() && is_half(args[j])) args[j].toTensor().copy_(converted[j].toTensor());
+  }
+  const auto num_returns = schema.returns().size();
+  for (size_t k = 0; k < num_returns; ++k) {
+    auto& value = (*stack)[stack->size() - num_returns + k];
+    const auto* info = schema.returns()[k].alias_info();
+    bool aliased = false;
+    for (size_t j = 0; info != nullptr && j < num_args && !aliased; ++j) {
+      const auto* arg_info = schema.arguments()[j].alias_info();
+      if (arg_info != nullptr && arg_info->beforeSets() == info->beforeSets()) {
+        value = args[j];
+        aliased = true;
+      }
+    }
+    if (!aliased && value.isTensor() && value.toTensor().defined() && value.toTensor().scalar_type() == at::kFloat) {
+      value = value.toTensor().to(at::kHalf);
+    }
+  }
+}
+#define EMULATED_MLU_CPU_FALLBACK cpu_fallback_half_in_fp32
+#else
+#define EMULATED_MLU_CPU_FALLBACK at::native::cpu_fallback
+#endif
+
 void mlu_cpu_fallback(const c10::OperatorHandle& op, torch::jit::Stack* stack) {
   const InternalScope internal;
   warn_if_no_kernel(op);
   if (!op.hasTag(at::Tag::nondeterministic_seeded)) {
-    at::native::cpu_fallback(op, stack);
+    EMULATED_MLU_CPU_FALLBACK(op, stack);
     return;
   }
   const c10::DeviceIndex device = device_of(op, stack);
@@ -401,7 +474,7 @@ void mlu_cpu_fallback(const c10::OperatorHandle& op, torch::jit::Stack* stack) {
     cpu.set_state(saved);
   };
   try {
-    at::native::cpu_fallback(op, stack);
+    EMULATED_MLU_CPU_FALLBACK(op, stack);
   } catch (...) {
     restore();
     throw;
@@ -438,6 +511,27 @@ void mlu_conv_fallback(const c10::OperatorHandle& op, torch::jit::Stack* stack) 
 }
 
 #ifdef EMULATED_MLU_LEGACY_TORCH
+// The backward of an fp16 batch norm: in fp32 as the forward (above). Only the input's
+// gradient follows the input's dtype; the weight's and bias's keep the parameters' fp32.
+void mlu_half_batch_norm_backward(const c10::OperatorHandle& op, torch::jit::Stack* stack) {
+  const InternalScope internal;
+  const auto num_args = op.schema().arguments().size();
+  bool half = false;
+  for (auto i = stack->size() - num_args; i < stack->size(); ++i) {
+    auto& value = (*stack)[i];
+    if (value.isTensor() && value.toTensor().defined() && value.toTensor().scalar_type() == at::kHalf) {
+      half = true;
+      value = value.toTensor().to(at::kFloat);
+    }
+  }
+  at::native::cpu_fallback(op, stack);
+  const auto num_returns = op.schema().returns().size();
+  auto& grad_input = (*stack)[stack->size() - num_returns];
+  if (half && grad_input.isTensor() && grad_input.toTensor().defined()) {
+    grad_input = grad_input.toTensor().to(at::kHalf);
+  }
+}
+
 // torch 2.1 has the loss scaler's two kernels for CUDA only (the CPU got them in 2.3), so
 // the fallback has nothing to run: they are written here, on host aliases of device memory.
 void amp_non_finite_check_and_unscale(at::TensorList grads, at::Tensor& found_inf,
@@ -506,6 +600,8 @@ TORCH_LIBRARY_IMPL(aten, PrivateUse1, m) {
                            "_log_softmax", "_softmax_backward_data", "_log_softmax_backward_data"}) {
     m.impl(name, torch::CppFunction::makeFromBoxedFunction<&mlu_conv_fallback>());
   }
+  m.impl("native_batch_norm_backward",
+         torch::CppFunction::makeFromBoxedFunction<&mlu_half_batch_norm_backward>());
 #endif
 }
 
