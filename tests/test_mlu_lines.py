@@ -90,7 +90,9 @@ def test_trainer_keeps_the_lines_scaler_and_steps_in_fp16(line):
             model, optimizer = accelerator.prepare(model, optimizer)
             before = model.weight.detach().cpu().clone()
             with accelerator.autocast():
-                loss = model(torch.randn(8, 4, device=accelerator.device)).float().pow(2).mean()
+                # Small inputs: at the scaler's first scale (2**16) fp16 gradients of unit-sized
+                # ones overflow now and then, and the scaler rightly skips that step.
+                loss = model(0.01 * torch.randn(8, 4, device=accelerator.device)).float().pow(2).mean()
             accelerator.backward(loss)
             optimizer.step()
             print(json.dumps({

@@ -37,42 +37,22 @@ __all__ = ["ProcessGroupCNCL", "create_process_group"]
 Work = torch._C._distributed_c10d.Work
 
 
-class _CompletedWork(Work):
+def _completed_work(result: list[torch.Tensor]) -> Work:
     """Handle of a collective that already finished when it was returned.
 
-    Args:
-        result: Tensors the collective wrote; they are the future's value,
-            which DDP's reducer reads back as the reduced bucket.
+    The future's value is ``result``, the tensors the collective wrote, which DDP's reducer
+    reads back as the reduced bucket.
+
+    NOTE: a C++ Work wrapping a completed future, not a Python subclass of Work. On torch 2.1,
+    torch/csrc/distributed/c10d/PyProcessGroup.hpp hands C++ callers the bare ``PyWork``
+    trampoline: once the Python object is collected (nothing in Python holds it after a call
+    from C++, as DDP's ``_verify_params_across_processes`` makes), its ``wait`` override is
+    gone and the base ``Work::wait`` blocks forever on a work never marked completed. Later
+    torch wraps the Python object in ``PyWorkHolder`` (py/PyProcessGroup.hpp), which keeps it.
     """
-
-    def __init__(self, result: list[torch.Tensor]) -> None:
-        super().__init__()
-        self._result = result
-        self._future: torch.futures.Future[list[torch.Tensor]] = torch.futures.Future()
-        self._future.set_result(result)
-
-    def wait(self, timeout: datetime.timedelta | None = None) -> bool:
-        """Return True at once: the work is done."""
-        return True
-
-    def is_completed(self) -> bool:
-        """Return True."""
-        return True
-
-    def is_success(self) -> bool:
-        """Return True."""
-        return True
-
-    def result(self) -> list[torch.Tensor]:
-        """Return the tensors the collective wrote."""
-        return self._result
-
-    def get_future(self) -> torch.futures.Future[list[torch.Tensor]]:
-        """Return a future already holding :meth:`result`."""
-        return self._future
-
-    def synchronize(self) -> None:
-        """Nothing to synchronise."""
+    future: torch.futures.Future[list[torch.Tensor]] = torch.futures.Future()
+    future.set_result(result)
+    return torch._C._distributed_c10d._create_work_from_future(future)
 
 
 def _to_host(tensor: torch.Tensor) -> torch.Tensor:
@@ -209,7 +189,7 @@ class ProcessGroupCNCL(dist.ProcessGroup):
             host = _to_host(tensor)
             self._allreduce_host(host, op)
             _write_back(tensor, host)
-        return _CompletedWork(tensors)
+        return _completed_work(tensors)
 
     def allreduce_coalesced(self, tensors: list[torch.Tensor], opts: Any = None) -> Work:
         """All-reduce several tensors (one collective each)."""
@@ -221,7 +201,7 @@ class ProcessGroupCNCL(dist.ProcessGroup):
         self._wait("broadcast", self._gloo.broadcast(hosts, opts))
         for tensor, host in zip(tensors, hosts):
             _write_back(tensor, host)
-        return _CompletedWork(tensors)
+        return _completed_work(tensors)
 
     def reduce(self, tensors: list[torch.Tensor], opts: Any) -> Work:
         """Reduce into ``opts.rootRank``'s tensors; others stay unchanged."""
@@ -233,7 +213,7 @@ class ProcessGroupCNCL(dist.ProcessGroup):
             if self.rank() == opts.rootRank:
                 with torch.no_grad():
                     tensor.copy_(host)
-        return _CompletedWork(tensors)
+        return _completed_work(tensors)
 
     def allgather(
         self,
@@ -248,7 +228,7 @@ class ProcessGroupCNCL(dist.ProcessGroup):
         for outputs, hosts in zip(output_lists, host_outputs):
             for tensor, host in zip(outputs, hosts):
                 _write_back(tensor, host)
-        return _CompletedWork([t for outputs in output_lists for t in outputs])
+        return _completed_work([t for outputs in output_lists for t in outputs])
 
     def allgather_coalesced(
         self,
@@ -259,13 +239,13 @@ class ProcessGroupCNCL(dist.ProcessGroup):
         """All-gather several inputs (one collective each)."""
         for outputs, tensor in zip(output_lists, inputs):
             self.allgather([outputs], [tensor], opts)
-        return _CompletedWork([t for outputs in output_lists for t in outputs])
+        return _completed_work([t for outputs in output_lists for t in outputs])
 
     def all_gather_single(self, output: torch.Tensor, input: torch.Tensor, opts: Any = None) -> Work:
         """Gather every rank's input into one tensor (``all_gather_into_tensor``)."""
         chunks = list(output.chunk(self.size()))
         self.allgather([chunks], [input], opts)
-        return _CompletedWork([output])
+        return _completed_work([output])
 
     _allgather_base = all_gather_single
 
@@ -275,7 +255,7 @@ class ProcessGroupCNCL(dist.ProcessGroup):
         """``all_gather_single`` over pairs of outputs and inputs."""
         for output, tensor in zip(outputs, inputs):
             self.all_gather_single(output, tensor, opts)
-        return _CompletedWork(outputs)
+        return _completed_work(outputs)
 
     allgather_into_tensor_coalesced = all_gather_single_coalesced
 
@@ -291,7 +271,7 @@ class ProcessGroupCNCL(dist.ProcessGroup):
             self._allreduce_host(stacked, opts.reduceOp)
             with torch.no_grad():
                 output.copy_(stacked[self.rank()])
-        return _CompletedWork(outputs)
+        return _completed_work(outputs)
 
     def reduce_scatter_single(self, output: torch.Tensor, input: torch.Tensor, opts: Any) -> Work:
         """Reduce one flat input; rank r keeps the r-th slice (``reduce_scatter_tensor``)."""
@@ -299,7 +279,7 @@ class ProcessGroupCNCL(dist.ProcessGroup):
         self._allreduce_host(host, opts.reduceOp)
         with torch.no_grad():
             output.copy_(host.reshape(self.size(), *output.shape)[self.rank()])
-        return _CompletedWork([output])
+        return _completed_work([output])
 
     _reduce_scatter_base = reduce_scatter_single
 
@@ -309,7 +289,7 @@ class ProcessGroupCNCL(dist.ProcessGroup):
         """``reduce_scatter_single`` over pairs of outputs and inputs."""
         for output, tensor in zip(outputs, inputs):
             self.reduce_scatter_single(output, tensor, opts)
-        return _CompletedWork(outputs)
+        return _completed_work(outputs)
 
     reduce_scatter_tensor_coalesced = reduce_scatter_single_coalesced
 
@@ -326,7 +306,7 @@ class ProcessGroupCNCL(dist.ProcessGroup):
         for outputs, hosts in zip(output_lists, host_outputs):
             for tensor, host in zip(outputs, hosts):
                 _write_back(tensor, host)
-        return _CompletedWork([t for outputs in output_lists for t in outputs])
+        return _completed_work([t for outputs in output_lists for t in outputs])
 
     def scatter(
         self,
@@ -340,7 +320,7 @@ class ProcessGroupCNCL(dist.ProcessGroup):
         self._wait("scatter", self._gloo.scatter(host_outputs, host_inputs, opts))
         for tensor, host in zip(outputs, host_outputs):
             _write_back(tensor, host)
-        return _CompletedWork(outputs)
+        return _completed_work(outputs)
 
     def alltoall(self, outputs: list[torch.Tensor], inputs: list[torch.Tensor], opts: Any = None) -> Work:
         """Send input i to rank i, receive output j from rank j."""
@@ -348,7 +328,7 @@ class ProcessGroupCNCL(dist.ProcessGroup):
         self._wait("alltoall", self._gloo.alltoall(host_outputs, [_to_host(t) for t in inputs]))
         for tensor, host in zip(outputs, host_outputs):
             _write_back(tensor, host)
-        return _CompletedWork(outputs)
+        return _completed_work(outputs)
 
     def all_to_all_single(
         self,
@@ -363,14 +343,14 @@ class ProcessGroupCNCL(dist.ProcessGroup):
         splits = list(output_split_sizes), list(input_split_sizes)
         self._wait("alltoall_base", self._gloo.alltoall_base(host, _to_host(input), *splits))
         _write_back(output, host)
-        return _CompletedWork([output])
+        return _completed_work([output])
 
     alltoall_base = all_to_all_single
 
     def send(self, tensors: list[torch.Tensor], dst: int, tag: int = 0) -> Work:
         """Send ``tensors`` to rank ``dst`` (completes when delivered)."""
         self._wait("send", self._gloo.send([_to_host(t) for t in tensors], dst, tag))
-        return _CompletedWork(tensors)
+        return _completed_work(tensors)
 
     def recv(self, tensors: list[torch.Tensor], src: int, tag: int = 0) -> Work:
         """Receive into ``tensors`` from rank ``src``."""
@@ -378,14 +358,14 @@ class ProcessGroupCNCL(dist.ProcessGroup):
         self._wait("recv", self._gloo.recv(hosts, src, tag))
         for tensor, host in zip(tensors, hosts):
             _write_back(tensor, host)
-        return _CompletedWork(tensors)
+        return _completed_work(tensors)
 
     def barrier(self, opts: Any = None) -> Work:
         """Wait until every rank reaches the barrier."""
         options = dist.BarrierOptions()
         options.timeout = self._timeout
         self._wait("barrier", self._gloo.barrier(options))
-        return _CompletedWork([])
+        return _completed_work([])
 
 
 # NOTE: staging through host memory is the emulation's own doing (NCCL and CNCL move

@@ -327,10 +327,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> native_batch_norm(
     if (!t.has_value() || !t->defined()) return t;
     return host_alias(*t);
   };
+  auto host_input = host_alias(input);
+#ifdef EMULATED_MLU_LEGACY_TORCH
+  // torch 2.1's CPU batch norm has no fp16 kernel; the card's has (autocast leaves batch norm
+  // to run in the input's dtype): computed in fp32, the output rounded back to fp16.
+  if (host_input.scalar_type() == at::kHalf) host_input = host_input.to(at::kFloat);
+#endif
   auto [out, mean, invstd] =
-      at::native_batch_norm(host_alias(input), alias(weight), alias(bias),
+      at::native_batch_norm(host_input, alias(weight), alias(bias),
                             alias(running_mean), alias(running_var), training, momentum, eps);
-  return {out.to(input.device()), mean.to(input.device()), invstd.to(input.device())};
+  return {out.to(input.device(), input.scalar_type()), mean.to(input.device()), invstd.to(input.device())};
 }
 
 // ------------------------------------------------------------------ RNG
@@ -379,11 +385,78 @@ void warn_if_no_kernel(const c10::OperatorHandle& op) {
              " This may have performance implications.");
 }
 
+#ifdef EMULATED_MLU_LEGACY_TORCH
+// torch 2.1's CPU kernels lack fp16 for many ops the card runs in fp16 under autocast
+// (pooling, activations, their backwards). Such a call is rerun in fp32 and its results
+// rounded back to fp16, where every floating-point tensor argument is fp16 (then the card's
+// results are fp16 too). Arguments written in place (`out=` tensors: on the device, torch
+// 2.1 runs structured ops such as max_pool2d through their out= variant) get the fp32
+// results copied back into them, and the op returns them.
+bool all_floating_half(const std::vector<c10::IValue>& args) {
+  bool any = false;
+  for (const auto& value : args) {
+    if (value.isTensorList()) return false;
+    if (!value.isTensor() || !value.toTensor().defined()) continue;
+    const auto type = value.toTensor().scalar_type();
+    if (!at::isFloatingType(type)) continue;
+    if (type != at::kHalf) return false;
+    any = true;
+  }
+  return any;
+}
+
+bool is_half(const c10::IValue& value) {
+  return value.isTensor() && value.toTensor().defined() && value.toTensor().scalar_type() == at::kHalf;
+}
+
+void cpu_fallback_half_in_fp32(const c10::OperatorHandle& op, torch::jit::Stack* stack) {
+  const auto& schema = op.schema();
+  const auto num_args = schema.arguments().size();
+  const std::vector<c10::IValue> args(stack->end() - num_args, stack->end());
+  try {
+    at::native::cpu_fallback(op, stack);
+    return;
+  } catch (const c10::Error& err) {
+    if (std::string(err.what()).find("not implemented for 'Half'") == std::string::npos || !all_floating_half(args)) {
+      throw;
+    }
+  }
+  stack->resize(stack->size() - std::min(stack->size(), num_args));
+  std::vector<c10::IValue> converted;
+  for (const auto& value : args) converted.emplace_back(is_half(value) ? value.toTensor().to(at::kFloat) : value);
+  for (const auto& value : converted) stack->push_back(value);
+  at::native::cpu_fallback(op, stack);
+  for (size_t j = 0; j < num_args; ++j) {
+    const auto* info = schema.arguments()[j].alias_info();
+    if (info != nullptr && info->isWrite() && is_half(args[j])) args[j].toTensor().copy_(converted[j].toTensor());
+  }
+  const auto num_returns = schema.returns().size();
+  for (size_t k = 0; k < num_returns; ++k) {
+    auto& value = (*stack)[stack->size() - num_returns + k];
+    const auto* info = schema.returns()[k].alias_info();
+    bool aliased = false;
+    for (size_t j = 0; info != nullptr && j < num_args && !aliased; ++j) {
+      const auto* arg_info = schema.arguments()[j].alias_info();
+      if (arg_info != nullptr && arg_info->beforeSets() == info->beforeSets()) {
+        value = args[j];
+        aliased = true;
+      }
+    }
+    if (!aliased && value.isTensor() && value.toTensor().defined() && value.toTensor().scalar_type() == at::kFloat) {
+      value = value.toTensor().to(at::kHalf);
+    }
+  }
+}
+#define EMULATED_MLU_CPU_FALLBACK cpu_fallback_half_in_fp32
+#else
+#define EMULATED_MLU_CPU_FALLBACK at::native::cpu_fallback
+#endif
+
 void mlu_cpu_fallback(const c10::OperatorHandle& op, torch::jit::Stack* stack) {
   const InternalScope internal;
   warn_if_no_kernel(op);
   if (!op.hasTag(at::Tag::nondeterministic_seeded)) {
-    at::native::cpu_fallback(op, stack);
+    EMULATED_MLU_CPU_FALLBACK(op, stack);
     return;
   }
   const c10::DeviceIndex device = device_of(op, stack);
@@ -401,7 +474,7 @@ void mlu_cpu_fallback(const c10::OperatorHandle& op, torch::jit::Stack* stack) {
     cpu.set_state(saved);
   };
   try {
-    at::native::cpu_fallback(op, stack);
+    EMULATED_MLU_CPU_FALLBACK(op, stack);
   } catch (...) {
     restore();
     throw;
@@ -438,6 +511,27 @@ void mlu_conv_fallback(const c10::OperatorHandle& op, torch::jit::Stack* stack) 
 }
 
 #ifdef EMULATED_MLU_LEGACY_TORCH
+// The backward of an fp16 batch norm: in fp32 as the forward (above). Only the input's
+// gradient follows the input's dtype; the weight's and bias's keep the parameters' fp32.
+void mlu_half_batch_norm_backward(const c10::OperatorHandle& op, torch::jit::Stack* stack) {
+  const InternalScope internal;
+  const auto num_args = op.schema().arguments().size();
+  bool half = false;
+  for (auto i = stack->size() - num_args; i < stack->size(); ++i) {
+    auto& value = (*stack)[i];
+    if (value.isTensor() && value.toTensor().defined() && value.toTensor().scalar_type() == at::kHalf) {
+      half = true;
+      value = value.toTensor().to(at::kFloat);
+    }
+  }
+  at::native::cpu_fallback(op, stack);
+  const auto num_returns = op.schema().returns().size();
+  auto& grad_input = (*stack)[stack->size() - num_returns];
+  if (half && grad_input.isTensor() && grad_input.toTensor().defined()) {
+    grad_input = grad_input.toTensor().to(at::kHalf);
+  }
+}
+
 // torch 2.1 has the loss scaler's two kernels for CUDA only (the CPU got them in 2.3), so
 // the fallback has nothing to run: they are written here, on host aliases of device memory.
 void amp_non_finite_check_and_unscale(at::TensorList grads, at::Tensor& found_inf,
@@ -506,6 +600,8 @@ TORCH_LIBRARY_IMPL(aten, PrivateUse1, m) {
                            "_log_softmax", "_softmax_backward_data", "_log_softmax_backward_data"}) {
     m.impl(name, torch::CppFunction::makeFromBoxedFunction<&mlu_conv_fallback>());
   }
+  m.impl("native_batch_norm_backward",
+         torch::CppFunction::makeFromBoxedFunction<&mlu_half_batch_norm_backward>());
 #endif
 }
 
@@ -538,21 +634,49 @@ namespace at {
 namespace {
 TORCH_LIBRARY_IMPL(aten, AutocastPrivateUse1, m) {
 #ifdef EMULATED_MLU_LEGACY_TORCH
-  // torch before 2.4 has no op-list macros in its header: the ops a classifier meets.
-  KERNEL_PRIVATEUSEONE(conv1d, lower_precision_fp)
-  KERNEL_PRIVATEUSEONE(conv2d, lower_precision_fp)
-  KERNEL_PRIVATEUSEONE(conv3d, lower_precision_fp)
-  KERNEL_PRIVATEUSEONE(linear, lower_precision_fp)
-  KERNEL_PRIVATEUSEONE(matmul, lower_precision_fp)
-  KERNEL_PRIVATEUSEONE(mm, lower_precision_fp)
-  KERNEL_PRIVATEUSEONE(bmm, lower_precision_fp)
-  KERNEL_PRIVATEUSEONE(addmm, lower_precision_fp)
-  KERNEL_PRIVATEUSEONE(baddbmm, lower_precision_fp)
-  KERNEL_PRIVATEUSEONE(layer_norm, fp32)
-  KERNEL_PRIVATEUSEONE(group_norm, fp32)
-  KERNEL_PRIVATEUSEONE(nll_loss, fp32)
-  KERNEL_PRIVATEUSEONE(mse_loss, fp32)
-  KERNEL_PRIVATEUSEONE(binary_cross_entropy_with_logits, fp32)
+  // torch before 2.4 has no op-list macros in its header, so the list is spelled out here.
+  // NOTE: the ops and policies torch_mlu's pt2.1 line registers for AutocastPrivateUse1
+  // (torch_mlu/csrc/aten/autocast_mode.cpp on r1.22_pt2.1.0; CUDA's list of torch 2.1), less
+  // its three fp32_append_dtype `norm` overloads and its binary_cross_entropy ban.
+#define LOW(OP) KERNEL_PRIVATEUSEONE(OP, lower_precision_fp)
+#define LOW2(OP, OVERLOAD) KERNEL_PRIVATEUSEONE2(OP, OVERLOAD, lower_precision_fp)
+#define F32(OP) KERNEL_PRIVATEUSEONE(OP, fp32)
+#define F32_2(OP, OVERLOAD) KERNEL_PRIVATEUSEONE2(OP, OVERLOAD, fp32)
+#define OPT(OP) KERNEL_PRIVATEUSEONE(OP, fp32_set_opt_dtype)
+#define OPT2(OP, OVERLOAD) KERNEL_PRIVATEUSEONE2(OP, OVERLOAD, fp32_set_opt_dtype)
+#define PROMOTE(OP) KERNEL_PRIVATEUSEONE(OP, promote)
+  LOW2(_convolution, deprecated) LOW(_convolution) LOW(conv1d) LOW(conv2d) LOW(conv3d) LOW(conv_tbc)
+  LOW(conv_transpose1d) LOW2(conv_transpose2d, input) LOW2(conv_transpose3d, input) LOW(convolution)
+  LOW(cudnn_convolution) LOW(cudnn_convolution_transpose) LOW(prelu)
+  LOW(addmm) LOW(addmv) LOW(addr) LOW(matmul) LOW(einsum) LOW(mm) LOW(mv) LOW(linear)
+  LOW(addbmm) LOW(baddbmm) LOW(bmm) LOW(chain_matmul) LOW(linalg_multi_dot)
+  LOW(_thnn_fused_lstm_cell) LOW(_thnn_fused_gru_cell) LOW(lstm_cell) LOW(gru_cell)
+  LOW(rnn_tanh_cell) LOW(rnn_relu_cell)
+  LOW(_scaled_dot_product_flash_attention) LOW(scaled_dot_product_attention)
+  F32(acos) F32(asin) F32(cosh) F32(erfinv) F32(exp) F32(expm1) F32(log) F32(log10) F32(log2)
+  F32(log1p) F32(reciprocal) F32(rsqrt) F32(sinh) F32(tan)
+  F32_2(pow, Tensor_Scalar) F32_2(pow, Tensor_Tensor) F32_2(pow, Scalar) F32(softplus)
+  F32(layer_norm) F32(native_layer_norm) F32(group_norm)
+  F32_2(frobenius_norm, dim) F32(nuclear_norm) F32_2(nuclear_norm, dim) F32(cosine_similarity)
+  F32(poisson_nll_loss) F32(cosine_embedding_loss) F32(nll_loss) F32(nll_loss2d) F32(hinge_embedding_loss)
+  F32(kl_div) F32(l1_loss) F32(smooth_l1_loss) F32(huber_loss) F32(mse_loss) F32(margin_ranking_loss)
+  F32(multilabel_margin_loss) F32(soft_margin_loss) F32(triplet_margin_loss) F32(multi_margin_loss)
+  F32(binary_cross_entropy_with_logits)
+  F32(dist) F32(pdist) F32(cdist) F32(renorm) F32(logsumexp)
+  OPT(prod) OPT2(prod, dim_int) OPT2(prod, dim_Dimname)
+  OPT2(softmax, int) OPT2(softmax, Dimname) OPT2(log_softmax, int) OPT2(log_softmax, Dimname)
+  OPT(cumprod) OPT2(cumprod, dimname) OPT(cumsum) OPT2(cumsum, dimname)
+  OPT(linalg_vector_norm) OPT(linalg_matrix_norm) OPT2(linalg_matrix_norm, str_ord)
+  OPT(sum) OPT2(sum, dim_IntList) OPT2(sum, dim_DimnameList)
+  PROMOTE(addcdiv) PROMOTE(addcmul) PROMOTE(atan2) PROMOTE(bilinear) PROMOTE(cross) PROMOTE(dot)
+  PROMOTE(grid_sampler) PROMOTE(index_put) PROMOTE(tensordot) PROMOTE(scatter_add)
+#undef LOW
+#undef LOW2
+#undef F32
+#undef F32_2
+#undef OPT
+#undef OPT2
+#undef PROMOTE
 #else
   AT_FORALL_LOWER_PRECISION_FP(MLU_LOWER_PRECISION)
   AT_FORALL_FP32(MLU_FP32)
