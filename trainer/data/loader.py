@@ -21,7 +21,7 @@ from trainer.data.resize import train_size_at
 from trainer.data.sampler import EpochOrderSampler
 from trainer.data.sources import class_names, create_reader, create_stream_reader, get_source
 from trainer.data.worker_memory import bound_worker_heap
-from trainer.data.worker_signals import SERVER_INIT, detach_worker
+from trainer.data.worker_signals import SERVER_INIT, detach_worker, kill_workers_at_exit
 
 BUILTIN_DATASETS = {"digits": write_digits}
 
@@ -291,6 +291,7 @@ def worker_context() -> multiprocessing.context.BaseContext:
     """
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload(WORKER_PRELOAD)
+    kill_workers_at_exit()
     return context
 
 

@@ -30,8 +30,11 @@ its "alive" pipe: multiprocessing/forkserver.py).
 
 from __future__ import annotations
 
+import atexit
 import ctypes
+import multiprocessing
 import signal
+from multiprocessing.context import ForkServerProcess
 
 STOP_SIGNALS = frozenset({signal.SIGINT, signal.SIGTERM})
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
@@ -51,6 +54,33 @@ def restore_stop_signals() -> None:
     end on them (`check-data`'s pool)."""
     signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def kill_workers_at_exit() -> None:
+    """From now on, the training process SIGKILLs its loader workers still alive when it exits.
+
+    NOTE: multiprocessing's own exit handler (`_exit_function`, multiprocessing/util.py)
+    ends daemonic children with `terminate()` (SIGTERM) and then joins them: a worker that
+    ignores SIGTERM would keep the training process waiting for ever. That happens when a
+    run ends with an error while a loader iterator is still alive (seen: `data.on_error:
+    raise` printed its one line, then the process hung at exit). atexit runs handlers last
+    registered first, so this one, registered after multiprocessing's, runs before it.
+    Registered once per process.
+    """
+    global _exit_hook_registered
+    if not _exit_hook_registered:
+        atexit.register(_kill_loader_workers)
+        _exit_hook_registered = True
+
+
+_exit_hook_registered = False
+
+
+def _kill_loader_workers() -> None:
+    for child in multiprocessing.active_children():
+        if isinstance(child, ForkServerProcess) and child.daemon:
+            child.kill()
+            child.join(timeout=5)
 
 
 def detach_worker() -> bool:
