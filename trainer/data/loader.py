@@ -194,11 +194,10 @@ def create_datasets(
         DataError: for a missing root or split, or val classes absent from train; the
             message names the path and the expected layout.
     """
-    cfg = data
     start_worker_server(loader.workers)
-    if cfg.create_if_missing and not Path(cfg.root).expanduser().exists():
-        BUILTIN_DATASETS[cfg.create_if_missing](Path(cfg.root).expanduser())
-    source = get_source(cfg.source)
+    if data.create_if_missing and not Path(data.root).expanduser().exists():
+        BUILTIN_DATASETS[data.create_if_missing](Path(data.root).expanduser())
+    source = get_source(data.source)
     input_cfg = resolve_input_config(input, model_name)
     test_size = input.test_img_size or input_cfg["input_size"][-1]
     # a resumed run resizes on its first epoch
@@ -210,37 +209,37 @@ def create_datasets(
         normalize_on_device=loader.normalize_on_device,
         train_size=size,
     )
-    val_split = source.val_split(cfg)
+    val_split = source.val_split(data)
 
     def decoder(transform: Any, draft_size: int, classes: list[str]) -> _SampleDecoder:
         num_outputs = effective_num_classes(num_classes, classes)
-        return _SampleDecoder(transform, num_outputs, draft_size if loader.draft_decode else None, cfg.on_error, seed)
+        return _SampleDecoder(transform, num_outputs, draft_size if loader.draft_decode else None, data.on_error, seed)
 
-    if cfg.streaming:
+    if data.streaming:
         if aug.repeated_aug > 1:
             raise ConfigError(
                 f"aug.repeated_aug: {aug.repeated_aug} needs an indexed source; a "
                 "stream cannot repeat its images (set data.streaming=false)"
             )
         train_reader = create_stream_reader(
-            cfg, cfg.train_split, rank, world_size, seed, shuffle=True, num_classes=num_classes
+            data, data.train_split, rank, world_size, seed, shuffle=True, num_classes=num_classes
         )
         classes = train_reader.classes
-        val_reader = create_stream_reader(cfg, val_split, rank, world_size, seed, shuffle=False, classes=classes)
+        val_reader = create_stream_reader(data, val_split, rank, world_size, seed, shuffle=False, classes=classes)
         train_ds = StreamingImageDataset(train_reader, decoder(train_tf, size, classes)) if train else None
         val_ds = StreamingImageDataset(val_reader, decoder(val_tf, int(test_size / input_cfg["crop_pct"]), classes))
         return Datasets(
             train_ds, val_ds, classes, None, input_cfg, train_reader.num_samples, val_reader.num_samples, streamed=True
         )
 
-    classes = None if train else class_names(cfg)
+    classes = None if train else class_names(data)
     train_reader = (
-        SpreadSubset.of(create_reader(cfg, cfg.train_split, rank=rank), cfg.max_train_samples)
+        SpreadSubset.of(create_reader(data, data.train_split, rank=rank), data.max_train_samples)
         if train or classes is None
         else None
     )
     classes = classes or train_reader.classes
-    val_reader = SpreadSubset.of(create_reader(cfg, val_split, classes=classes, rank=rank), cfg.max_val_samples)
+    val_reader = SpreadSubset.of(create_reader(data, val_split, classes=classes, rank=rank), data.max_val_samples)
     val_ds = ImageDataset(val_reader, decoder(val_tf, int(test_size / input_cfg["crop_pct"]), classes))
     if not train:
         return Datasets(None, val_ds, classes, None, input_cfg, 0, len(val_reader))
