@@ -185,7 +185,8 @@ def test_cli_train_says_which_head_it_reinitialised(model_folder, tmp_path):
     _, folder = model_folder
     root = helpers.make_image_folder(tmp_path / "data", classes=2)
     overrides = [f"model.name={NAME}", f"model.pretrained={folder}", f"data.root={root}", "data.create_if_missing="]
-    overrides += ["input.img_size=16", "loader.workers=0", "train.epochs=1", "train.max_steps_per_epoch=1"]
+    overrides += ["input.img_size=16", "loader.workers=0", "loader.batch_size_per_device=4", "train.epochs=1"]
+    overrides += ["train.max_steps_per_epoch=1"]
     overrides += ["train.precision=fp32", f"output.dir={tmp_path / 'runs'}", "output.plots=false"]
     cmd = [sys.executable, "-m", "trainer", "train", *overrides, "output.progress=log"]
     done = subprocess.run(cmd, capture_output=True, text=True, cwd=helpers.REPO)

@@ -32,9 +32,12 @@ class EpochTally:
     def start(self, carried: dict[str, float]) -> None:
         """A new epoch, or the rest of one: `carried` is the snapshot its checkpoint stored ({} for none).
 
-        The totals are all-process sums, so the main process alone takes them back (the end
-        of the epoch adds every process's sums again); the clip norms are the same on every
-        process (norms of the all-reduced gradients), so each takes them back.
+        The totals are all-process sums, so the main process alone takes the counts back (the
+        end of the epoch adds every process's sums again). The float sums go on from their
+        compensated pairs: each process from its own when the process count is the checkpoint's
+        (the epoch then ends bit for bit as an uninterrupted one), else the main process from
+        their sum. The clip norms are the same on every process (norms of the all-reduced
+        gradients), so each takes them back.
         """
         self.sums.reset()
         self.window.reset()
@@ -42,9 +45,18 @@ class EpochTally:
         if self.clip:
             self.clip.reset()
             if carried:
-                self.clip.norms.load(dict(zip(self.clip.norms.names, (carried.get(k, 0.0) for k in NORM_KEYS))))
-        if carried and self.accelerator.is_main_process:
-            self.sums.load(carried)
+                norms = dict(zip(self.clip.norms.names, (carried.get(k, 0.0) for k in NORM_KEYS)))
+                self.clip.norms.load({**norms, **_unprefixed(carried, "clip:")})
+        if not carried:
+            return
+        acc = self.accelerator
+        own = _unprefixed(carried, f"kahan:{acc.process_index}:")
+        if carried.get("kahan_processes") == acc.num_processes:
+            counts = {name: carried.get(name, 0.0) for name in SUMS} if acc.is_main_process else {}
+            self.sums.load({**{name: 0.0 for name in SUMS}, **counts, **own})
+        elif acc.is_main_process:
+            self.sums.load({name: value for name, value in carried.items() if not name.startswith("kahan:")})
+        if acc.is_main_process:
             self.skipped = int(carried["skipped"])
 
     def read_window(self) -> dict[str, float]:
@@ -67,14 +79,22 @@ class EpochTally:
         return totals
 
     def _reduced_kahan_state(self) -> dict[str, float]:
-        """`RunningSums.kahan_state` added up over processes (exactly this process's on one), for the carry."""
+        """The compensated pairs of the float sums, for the carry: their sum over processes, each
+        process's own (`kahan:<process>:...`, for a resume on as many processes), and the clip
+        norms' (`clip:...`, the same on every process)."""
         import torch
 
+        carry = {f"clip:{k}": v for k, v in self.clip.norms.kahan_state().items()} if self.clip else {}
         state = self.sums.kahan_state()
         if not state:
-            return {}
+            return carry
         values = torch.tensor(list(state.values()), dtype=torch.float32, device=self.accelerator.device)
-        return dict(zip(state, self.accelerator.reduce(values, "sum").tolist()))
+        gathered = self.accelerator.gather(values).reshape(self.accelerator.num_processes, -1).tolist()
+        carry["kahan_processes"] = self.accelerator.num_processes
+        for process, row in enumerate(gathered):
+            carry.update({f"kahan:{process}:{name}": value for name, value in zip(state, row)})
+        summed = torch.tensor(gathered, dtype=torch.float64).sum(dim=0).tolist()
+        return {**carry, **dict(zip(state, summed))}
 
     def epoch_metrics(self, elapsed_s: float) -> tuple[dict[str, float], dict[str, float]]:
         """(the epoch's train metrics, the snapshot they come from); every process must call it."""
@@ -90,3 +110,7 @@ class EpochTally:
             "train_samples": int(totals["n"]),
         }
         return metrics, totals
+
+
+def _unprefixed(carried: dict[str, float], prefix: str) -> dict[str, float]:
+    return {name[len(prefix) :]: value for name, value in carried.items() if name.startswith(prefix)}
