@@ -226,9 +226,7 @@ def create_pipeline_for(cfg, datasets, accelerator, pin_memory: bool, channels_l
 
     return create_pipeline(
         datasets,
-        loader=cfg.loader,
-        input=cfg.input,
-        aug=cfg.aug,
+        **cfg.pipeline_sections(),
         accelerator=accelerator,
         pin_kwargs={"pin_memory": pin_memory} if pin_memory else {},
         channels_last=channels_last,

@@ -88,9 +88,7 @@ def build_training(cfg: Config) -> TrainingParts:
     # a stuck loader worker is named too, not waited for
     pipeline = create_pipeline(
         data,
-        loader=cfg.loader,
-        input=cfg.input,
-        aug=cfg.aug,
+        **cfg.pipeline_sections(),
         accelerator=acc,
         pin_kwargs=backend.pin_memory_kwargs(cfg.loader.pin_memory),
         channels_last=t.channels_last,

@@ -160,9 +160,7 @@ def eval_command(
         model = model.to(memory_format=torch.channels_last)
     pipeline = create_pipeline(
         data,
-        loader=cfg.loader,
-        input=cfg.input,
-        aug=cfg.aug,
+        **cfg.pipeline_sections(),
         accelerator=acc,
         pin_kwargs=backend.pin_memory_kwargs(cfg.loader.pin_memory),
         channels_last=cfg.train.channels_last,

@@ -288,7 +288,11 @@ class Config:
 
     def data_sections(self) -> dict[str, Any]:
         """The four sections the input pipeline takes, as keyword arguments (`create_datasets(**...)`)."""
-        return {"data": self.data, "loader": self.loader, "input": self.input, "aug": self.aug}
+        return {"data": self.data, **self.pipeline_sections()}
+
+    def pipeline_sections(self) -> dict[str, Any]:
+        """The three sections the loaders take, as keyword arguments (`create_pipeline(data, **...)`)."""
+        return {"loader": self.loader, "input": self.input, "aug": self.aug}
 
     @property
     def run_dir(self) -> Path:
